@@ -1,0 +1,368 @@
+"""Tree norms: global p-norms, per-leaf norms and AGC's unit-wise norms.
+
+Every norm here is *overflow-safe*: it accumulates in float32 (float64 when
+a leaf is float64) and, when the fast accumulation of ``|x|**p`` overflows or
+underflows, recomputes it scaled by the largest magnitude, so that a finite
+fp16, bf16 or float32 input always gives its true, finite norm. The rescaled
+path sits behind a single ``lax.cond`` per call and runs only on such steps.
+
+Conventions shared by every function in this module:
+
+* ``None`` leaves are not leaves in JAX and are skipped.
+* Integer, boolean and ``float0`` leaves carry no gradient and are ignored:
+  they contribute nothing to a norm (``leaf_norms`` gives them 0).
+* Complex leaves use the modulus ``|z|``.
+* ``axis_name`` (a mesh axis name or a tuple of them, valid inside
+  ``shard_map`` or ``pmap``) combines the partial norms across that axis:
+  a ``psum`` of the p-th powers for finite p, a ``pmax`` for ``ord=inf``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = ["global_norm", "leaf_norms", "unitwise_norm", "unitwise_axes"]
+
+PyTree = Any
+AxisName = Hashable | tuple[Hashable, ...] | None
+Ord = Any  # 1, 2, math.inf, 'inf' or any real p >= 1
+
+
+class _DefaultOrd:
+    """The default ``ord``: 2, as an object that is not an ``int``.
+
+    ``optax.inject_hyperparams`` turns every numeric argument, defaults
+    included, into a traced array; ``ord`` decides the shape of the
+    computation and must stay static, so its default is not numeric.
+    """
+
+    def __repr__(self) -> str:
+        return "2"
+
+
+L2 = _DefaultOrd()
+
+
+def check_ord(ord: Ord) -> float:
+    """Returns ``ord`` as a float p >= 1 (``math.inf`` for the max norm).
+
+    Raises:
+      ValueError: if ``ord`` is not 1, 2, ``inf`` or a real number >= 1.
+    """
+    if isinstance(ord, _DefaultOrd):
+        return 2.0
+    if isinstance(ord, (jax.Array, jax.core.Tracer)):
+        raise ValueError(
+            "ord must be a Python number, not an array. Under optax.inject_hyperparams, "
+            "name it in static_args: optax.inject_hyperparams(optclip.clip_by_global_norm, "
+            "static_args=('ord',))."
+        )
+    if isinstance(ord, str) and ord.lower() in ("inf", "max"):
+        return math.inf
+    if isinstance(ord, bool) or not isinstance(ord, (int, float, np.integer, np.floating)):
+        raise ValueError(
+            f"ord must be a real number p >= 1 (1, 2, math.inf, or any p such as 3.5); "
+            f"got {ord!r} of type {type(ord).__name__}."
+        )
+    p = float(ord)
+    if math.isnan(p) or p < 1:
+        raise ValueError(f"ord must be a real number p >= 1 (1, 2, math.inf, ...); got {ord!r}.")
+    return p
+
+
+def is_float_leaf(x: Any) -> bool:
+    """True for a leaf that carries a gradient: a real or complex float array."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return isinstance(x, (float, complex))
+    return jnp.issubdtype(dtype, jnp.inexact)
+
+
+def float_leaves(tree: PyTree) -> list[jax.Array]:
+    """The float (real or complex) leaves of ``tree``, as arrays."""
+    return [jnp.asarray(x) for x in jax.tree_util.tree_leaves(tree) if is_float_leaf(x)]
+
+
+def acc_dtype(xs: Sequence[Any]) -> jnp.dtype:
+    """float64 when any leaf is 64-bit, else float32."""
+    for x in xs:
+        if jnp.dtype(x.dtype) in (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128)):
+            return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
+
+
+def _magnitude(x: jax.Array, acc: jnp.dtype) -> jax.Array:
+    if jnp.iscomplexobj(x):
+        return jnp.abs(x).astype(acc)
+    return x.astype(acc)
+
+
+def _pow_sum(m: jax.Array, p: float, axis: Any) -> jax.Array:
+    """sum(|m|**p) over ``axis`` (keepdims when an axis is given)."""
+    keep = axis is not None
+    if p == 2:
+        return jnp.sum(m * m, axis=axis, keepdims=keep)
+    if p == 1:
+        return jnp.sum(jnp.abs(m), axis=axis, keepdims=keep)
+    return jnp.sum(jnp.abs(m) ** p, axis=axis, keepdims=keep)
+
+
+def _abs_max(m: jax.Array, axis: Any) -> jax.Array:
+    return jnp.max(jnp.abs(m), axis=axis, keepdims=axis is not None, initial=0.0)
+
+
+def safe_root(s: jax.Array, p: float) -> jax.Array:
+    """``s ** (1/p)`` with a finite derivative at ``s == 0`` (NaN stays NaN)."""
+    zero = s == 0
+    safe = jnp.where(zero, jnp.ones_like(s), s)
+    if p == 1:
+        root = safe
+    elif p == 2:
+        root = jnp.sqrt(safe)
+    else:
+        root = safe ** (1.0 / p)
+    return jnp.where(zero, jnp.zeros_like(s), root)
+
+
+def _pow2_scale(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Powers of two ``(down, up)`` that bring ``m`` into [2, 4) and back.
+
+    Scaling by a power of two is exact. The target [2, 4), rather than
+    [1, 2), keeps ``down`` a normal number even for ``m`` near float32's
+    largest value: a subnormal factor would be flushed to zero by XLA on CPU.
+    Both are 1 where ``m`` is 0 or not finite.
+    """
+    ok = (m > 0) & jnp.isfinite(m)
+    _, e = jnp.frexp(jnp.where(ok, m, jnp.ones_like(m)))
+    e = jnp.where(ok, e - 2, 0)
+    one = jnp.ones_like(m)
+    return lax.stop_gradient(jnp.ldexp(one, -e)), lax.stop_gradient(jnp.ldexp(one, e))
+
+
+def _scaled_norm(m: jax.Array, s_fn, p: float) -> jax.Array:
+    """The norm computed at the scale of its largest magnitude ``m``.
+
+    ``s_fn(down)`` returns the sum of ``|x * down| ** p``.
+    """
+    down, up = _pow2_scale(m)
+    root = safe_root(s_fn(down), p)
+    return jnp.where(m == 0, jnp.zeros_like(m), root * up)
+
+
+def _reduce_size(x: jax.Array, axis: Any) -> int:
+    if axis is None:
+        return int(x.size)
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+
+
+def _psum(x: Any, axis_name: AxisName) -> Any:
+    return x if axis_name is None else lax.psum(x, axis_name)
+
+
+def _pmax(x: Any, axis_name: AxisName) -> Any:
+    return x if axis_name is None else lax.pmax(x, axis_name)
+
+
+def norm_core(
+    xs: Sequence[jax.Array],
+    p: float,
+    *,
+    axes: Sequence[Any] | None = None,
+    combine: bool = False,
+    axis_name: AxisName = None,
+) -> tuple[list[jax.Array], jax.Array]:
+    """The one norm kernel behind every public norm and clipper.
+
+    Args:
+      xs: float arrays.
+      p: the norm order, already checked by :func:`check_ord`.
+      axes: per array, the axes to reduce (``None``: all of them). With an
+        axis the result keeps its dims, so that it broadcasts against ``x``.
+      combine: reduce all arrays into one global norm (``axes`` must be None).
+      axis_name: mesh axes across which the partial norms are combined.
+
+    Returns:
+      ``(norms, nonfinite)``: a list with one norm per array (one in all when
+      ``combine``), in the accumulation dtype, and a bool scalar that is True
+      when any element of ``xs`` is NaN or infinite.
+    """
+    xs = list(xs)
+    acc = acc_dtype(xs)
+    if not xs:
+        return [jnp.zeros((), acc)], jnp.zeros((), bool)
+    axes = [None] * len(xs) if axes is None else list(axes)
+    mags = [_magnitude(x, acc) for x in xs]
+
+    def maxes() -> list[jax.Array]:
+        ms = [_abs_max(m, ax) for m, ax in zip(mags, axes, strict=True)]
+        if combine:
+            ms = [jnp.max(jnp.stack(ms))]
+        return _pmax(ms, axis_name)
+
+    if p == math.inf:
+        ms = maxes()
+        nonfinite = jnp.any(jnp.stack([~jnp.all(jnp.isfinite(m)) for m in ms]))
+        return ms, nonfinite
+
+    parts = [_pow_sum(m, p, ax) for m, ax in zip(mags, axes, strict=True)]
+    sizes = [_reduce_size(x, ax) for x, ax in zip(xs, axes, strict=True)]
+    if combine:
+        parts = [jnp.sum(jnp.stack(parts))] if len(parts) > 1 else parts
+        sizes = [sum(sizes)]
+    parts = _psum(parts, axis_name)
+    info = jnp.finfo(acc)
+    # Below this, terms |x|**p may have lost precision as subnormals.
+    lows = [float(info.tiny) / float(info.eps) * max(n, 1) for n in sizes]
+    need = jnp.any(
+        jnp.stack(
+            [jnp.any(~jnp.isfinite(s) | (s < lo)) for s, lo in zip(parts, lows, strict=True)]
+        )
+    )
+
+    def fast() -> tuple[list[jax.Array], jax.Array]:
+        return [safe_root(s, p) for s in parts], jnp.zeros((), bool)
+
+    def rescue() -> tuple[list[jax.Array], jax.Array]:
+        ms = maxes()
+        if combine:
+            norms = [_scaled_norm(ms[0], lambda d: _psum(
+                sum(_pow_sum(mg * d, p, None) for mg in mags), axis_name), p)]
+        else:
+            norms = [
+                _scaled_norm(m, lambda d, mg=mg, ax=ax: _psum(_pow_sum(mg * d, p, ax), axis_name),
+                             p)
+                for m, mg, ax in zip(ms, mags, axes, strict=True)
+            ]
+        nonfinite = jnp.any(jnp.stack([~jnp.all(jnp.isfinite(m)) for m in ms]))
+        return norms, nonfinite
+
+    return lax.cond(need, rescue, fast)
+
+
+def combine_norms(norms: jax.Array, p: float) -> jax.Array:
+    """The p-norm of a vector of partial p-norms, overflow-safe (a small vector)."""
+    if norms.size == 0:
+        return jnp.zeros((), norms.dtype)
+    if p == math.inf:
+        return jnp.max(norms)
+    m = jnp.max(norms)
+    return _scaled_norm(m, lambda d: _pow_sum(norms * d, p, None), p)
+
+
+def global_norm_and_flag(
+    tree: PyTree, ord: Ord = 2, *, axis_name: AxisName = None
+) -> tuple[jax.Array, jax.Array]:
+    """``(global_norm(tree, ord), nonfinite)`` from one pass over the leaves."""
+    p = check_ord(ord)
+    norms, nonfinite = norm_core(float_leaves(tree), p, combine=True, axis_name=axis_name)
+    return norms[0], nonfinite
+
+
+def global_norm(tree: PyTree, ord: Ord = 2, *, axis_name: AxisName = None) -> jax.Array:
+    """The p-norm of all the float leaves of a pytree taken together.
+
+    Unlike ``optax.global_norm``, the sum of powers is accumulated in float32
+    (float64 for float64 leaves) and rescaled when it would overflow, so a
+    finite fp16 or bf16 tree gives its true norm, never ``inf``.
+
+    Args:
+      tree: a pytree of arrays. ``None``, integer and ``float0`` leaves are
+        ignored; complex leaves use ``|z|``.
+      ord: 1, 2, ``math.inf`` (or ``"inf"``), or any real p >= 1.
+      axis_name: a mesh axis name, or a tuple of them, across which the
+        partial norms of a tree sharded inside ``shard_map`` or ``pmap`` are
+        combined. ``None`` under plain ``jit`` (sharded or not).
+
+    Returns:
+      A float32 scalar (float64 when a leaf is float64); 0 for an empty tree.
+
+    Raises:
+      ValueError: for an ``ord`` below 1 or not a number.
+
+    Example:
+      >>> import jax.numpy as jnp, optclip
+      >>> float(optclip.global_norm({"a": jnp.full((1000,), 300.0, jnp.float16)}))
+      9486.83...
+      >>> float(optclip.global_norm([jnp.array([3.0, -4.0])], ord=1))
+      7.0
+    """
+    return global_norm_and_flag(tree, ord, axis_name=axis_name)[0]
+
+
+def leaf_norms(tree: PyTree, ord: Ord = 2, *, axis_name: AxisName = None) -> PyTree:
+    """The p-norm of each leaf on its own, as a pytree of scalars.
+
+    This is the per-layer diagnostic: a leaf whose norm shrinks towards 0 over
+    training while the others do not is the signature of vanishing gradients,
+    which clipping does not fix.
+
+    Args:
+      tree: a pytree of arrays; integer and ``float0`` leaves give 0.
+      ord: 1, 2, ``math.inf`` or any real p >= 1.
+      axis_name: mesh axes across which every leaf's partial norm is combined
+        (every leaf is taken to be sharded along it).
+
+    Returns:
+      A pytree of the same structure whose leaves are float32 scalars.
+
+    Example:
+      >>> import jax.numpy as jnp, optclip
+      >>> optclip.leaf_norms({"w": jnp.array([3.0, 4.0]), "b": jnp.zeros(2)})
+      {'b': Array(0., dtype=float32), 'w': Array(5., dtype=float32)}
+    """
+    p = check_ord(ord)
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    idx = [i for i, x in enumerate(leaves) if is_float_leaf(x)]
+    norms, _ = norm_core([jnp.asarray(leaves[i]) for i in idx], p, axis_name=axis_name)
+    out = [jnp.zeros((), jnp.float32)] * len(leaves)
+    for i, n in zip(idx, norms, strict=False):
+        out[i] = n
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def unitwise_axes(x: Any, axis: int | Sequence[int] | None = None) -> tuple[int, ...] | None:
+    """The axes that AGC reduces for one array, in Flax's layouts.
+
+    Scalars and vectors (biases, scales) are one unit (``None``: all axes).
+    A 2-D ``(in, out)`` kernel has one unit per output: axis 0. A conv kernel
+    ``(..., in, out)`` has one unit per output channel: all axes but the last.
+    An explicit ``axis`` wins.
+    """
+    if axis is not None:
+        return (axis,) if isinstance(axis, int) else tuple(axis)
+    ndim = jnp.ndim(x)
+    if ndim <= 1:
+        return None
+    return tuple(range(ndim - 1))
+
+
+def unitwise_norm(x: jax.Array, axis: int | Sequence[int] | None = None) -> jax.Array:
+    """The L2 norm of each unit of ``x``, as in AGC (Brock et al. 2021).
+
+    Args:
+      x: one array. For Flax's ``(in, out)`` Dense kernels the units are the
+        output columns; for conv kernels ``(h, w, in, out)`` the output
+        channels; a bias or a scalar is a single unit.
+      axis: the axes to reduce instead of the default above.
+
+    Returns:
+      The unit norms with the reduced axes kept (size 1), so that the result
+      broadcasts against ``x``; float32 (float64 for float64 input).
+
+    Example:
+      >>> import jax.numpy as jnp, optclip
+      >>> optclip.unitwise_norm(jnp.array([[3.0, 0.0], [4.0, 1.0]]))
+      Array([[5., 1.]], dtype=float32)
+    """
+    x = jnp.asarray(x)
+    norms, _ = norm_core([x], 2.0, axes=[unitwise_axes(x, axis)])
+    n = norms[0]
+    return jnp.broadcast_to(n, (1,) * x.ndim) if x.ndim and n.ndim == 0 else n

@@ -1,0 +1,412 @@
+"""Static clippers: global p-norm, per-element value, per-leaf norm, block RMS.
+
+Each returns an ``optax.GradientTransformation`` whose state holds a step
+``count`` (for schedules) and a :class:`~optclip.ClipStats` record.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optclip import norms as _n
+from optclip._common import (
+    Threshold,
+    check_threshold,
+    f32,
+    increment,
+    is_python_number,
+    maybe_raise_nonfinite,
+    resolve,
+    scale_leaf,
+)
+from optclip.norms import AxisName, Ord
+from optclip.stats import ClipStats
+
+__all__ = [
+    "ClipState",
+    "clip_by_global_norm",
+    "clip_by_value",
+    "clip_by_leaf_norm",
+    "clip_by_block_rms",
+]
+
+
+class ClipState(NamedTuple):
+    """State of a static clipper.
+
+    Attributes:
+      count: int32 scalar, the number of updates so far (drives schedules).
+      stats: the latest :class:`ClipStats`.
+    """
+
+    count: jax.Array
+    stats: ClipStats
+
+
+class GlobalNormClipState(ClipState):
+    optclip_name = "clip_by_global_norm"
+
+
+class ValueClipState(ClipState):
+    optclip_name = "clip_by_value"
+
+
+class LeafNormClipState(ClipState):
+    optclip_name = "clip_by_leaf_norm"
+
+
+class BlockRMSClipState(ClipState):
+    optclip_name = "clip_by_block_rms"
+
+
+def _init_fn(state_cls: type[ClipState]):
+    def init_fn(params: Any) -> ClipState:
+        del params
+        return state_cls(count=jnp.zeros((), jnp.int32), stats=ClipStats.zeros())
+
+    return init_fn
+
+
+def global_scale(
+    norm: jax.Array, max_norm: jax.Array, min_norm: jax.Array | None = None
+) -> jax.Array:
+    """``min(1, max_norm / norm)`` (and the ``min_norm`` lift), NaN-free at 0.
+
+    Both divisions go through a ``where`` whose untaken branch divides by 1,
+    so the value and the derivative are finite at ``norm == 0`` and with a
+    zero threshold.
+    """
+    max_norm = max_norm.astype(norm.dtype)
+    over = norm > max_norm
+    scale = jnp.where(over, max_norm / jnp.where(over, norm, 1), 1)
+    if min_norm is not None:
+        min_norm = min_norm.astype(norm.dtype)
+        under = (norm > 0) & (norm < min_norm)
+        scale = jnp.where(under, min_norm / jnp.where(under, norm, 1), scale)
+    return scale.astype(norm.dtype)
+
+
+def clip_by_global_norm(
+    max_norm: Threshold,
+    *,
+    ord: Ord = _n.L2,
+    min_norm: Threshold | None = None,
+    axis_name: AxisName = None,
+    error_if_nonfinite: bool = False,
+) -> optax.GradientTransformation:
+    """Scales all updates together so that their global p-norm is at most ``max_norm``.
+
+    The updates are multiplied by ``scale = min(1, max_norm / g)``, where ``g``
+    is the global p-norm of all float leaves, as proposed by Pascanu, Mikolov
+    and Bengio, *On the difficulty of training recurrent neural networks*,
+    ICML 2013 (https://arxiv.org/abs/1211.5063). The direction is kept.
+
+    Where this differs from ``optax.clip_by_global_norm``:
+
+    * the norm is accumulated in float32 and overflow-safe, so fp16 and bf16
+      gradients are clipped by their true norm (Optax gets ``inf`` and
+      returns all zeros);
+    * a zero gradient with ``max_norm=0`` gives zeros, not NaN, and the
+      derivative of the update at ``g = 0`` is finite;
+    * any p-norm, a schedule as threshold, and stats in the state.
+
+    Like ``torch.nn.utils.clip_grad_norm_``, any ``ord`` is accepted and the
+    total norm is returned (in the stats); torch adds 1e-6 to the norm in its
+    divisor, optclip divides by the exact norm.
+
+    Args:
+      max_norm: the largest global norm let through: a float >= 0, a JAX
+        scalar, or an Optax schedule of the step count. ``inf`` never clips.
+      ord: the norm: 1, 2 (default), ``math.inf`` or any real p >= 1.
+      min_norm: if set, non-zero updates whose norm is below it are scaled
+        *up* to ``min_norm``. This is normalisation; it does not cure
+        vanishing gradients, whose direction is as uninformative after the
+        rescale as before it. A zero update stays zero.
+      axis_name: inside ``shard_map`` or ``pmap``, the mesh axis (or tuple of
+        axes) across which the tree is sharded; the partial norms are summed
+        across it so that every shard is scaled by the same global norm.
+        Leave ``None`` under plain ``jit``, sharded or not.
+      error_if_nonfinite: raise ``FloatingPointError`` (through
+        ``jax.debug.callback``) when the updates hold NaN or inf. For
+        debugging: it costs one device-to-host copy per step.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a
+      :class:`GlobalNormClipState` with the step count and the stats.
+
+    Raises:
+      ValueError: for a negative or NaN threshold, ``min_norm > max_norm``,
+        or an unknown ``ord``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optclip
+      >>> tx = optclip.clip_by_global_norm(1.0)
+      >>> state = tx.init(None)
+      >>> updates, state = tx.update({"w": jnp.array([3.0, 4.0])}, state)
+      >>> updates["w"]
+      Array([0.6, 0.8], dtype=float32)
+      >>> float(state.stats.grad_norm), bool(state.stats.clipped)
+      (5.0, True)
+    """
+    check_threshold("max_norm", max_norm)
+    check_threshold("min_norm", min_norm, allow_none=True)
+    if (is_python_number(min_norm) and is_python_number(max_norm)
+            and min_norm > max_norm):
+        raise ValueError(
+            f"min_norm must be <= max_norm (min_norm={min_norm!r}, max_norm={max_norm!r})."
+        )
+    p = _n.check_ord(ord)
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm, nonfinite = _n.global_norm_and_flag(updates, p, axis_name=axis_name)
+        maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_global_norm")
+        max_n = resolve(max_norm, state.count, norm.dtype)
+        min_n = None if min_norm is None else resolve(min_norm, state.count, norm.dtype)
+        scale = global_scale(norm, max_n, min_n)
+        updates = jax.tree.map(lambda x: scale_leaf(x, scale), updates)
+        stats = ClipStats(grad_norm=f32(norm), threshold=f32(max_n), scale=f32(scale),
+                          clipped=scale != 1, nonfinite=nonfinite)
+        return updates, GlobalNormClipState(count=increment(state.count), stats=stats)
+
+    return optax.GradientTransformation(_init_fn(GlobalNormClipState), update_fn)
+
+
+def _clip_leaf(x: Any, lo: jax.Array, hi: jax.Array) -> Any:
+    if not _n.is_float_leaf(x):
+        return x
+    x = jnp.asarray(x)
+    if jnp.iscomplexobj(x):
+        return jax.lax.complex(_clip_leaf(x.real, lo, hi), _clip_leaf(x.imag, lo, hi))
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return jnp.clip(wide, lo.astype(wide.dtype), hi.astype(wide.dtype)).astype(x.dtype)
+
+
+def _outside(x: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    if jnp.iscomplexobj(x):
+        return _outside(x.real, lo, hi) | _outside(x.imag, lo, hi)
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return jnp.any((wide > hi.astype(wide.dtype)) | (wide < lo.astype(wide.dtype)))
+
+
+def clip_by_value(
+    max_value: Threshold,
+    min_value: Threshold | None = None,
+    *,
+    error_if_nonfinite: bool = False,
+) -> optax.GradientTransformation:
+    """Clamps every element of the updates to ``[min_value, max_value]``.
+
+    Per-element clipping, as in Mikolov's RNN language models and Keras's
+    ``clipvalue``. Unlike norm clipping it changes the direction of the
+    update. Complex leaves are clamped part by part (real and imaginary).
+    The comparison is done in float32 or wider, so a bound beyond fp16's range
+    simply never clips an fp16 leaf.
+
+    Args:
+      max_value: the upper bound: a float, a JAX scalar, or a schedule.
+      min_value: the lower bound; defaults to ``-max_value``.
+      error_if_nonfinite: raise on NaN or inf updates (see
+        :func:`clip_by_global_norm`).
+
+    Returns:
+      An ``optax.GradientTransformation`` with a :class:`ValueClipState`. Its
+      stats hold the global L2 norm before the clamp, ``max_value`` as the
+      threshold, the ratio of the norms after and before as the scale, and
+      whether any element was clamped.
+
+    Raises:
+      ValueError: for a NaN bound, a negative ``max_value`` without
+        ``min_value``, or ``min_value > max_value``.
+
+    Example:
+      >>> import jax.numpy as jnp, optclip
+      >>> tx = optclip.clip_by_value(1.0)
+      >>> updates, _ = tx.update(jnp.array([-3.0, 0.5, 2.0]), tx.init(None))
+      >>> updates
+      Array([-1. ,  0.5,  1. ], dtype=float32)
+    """
+    if min_value is None:
+        check_threshold("max_value", max_value)
+    else:
+        for name, v in (("max_value", max_value), ("min_value", min_value)):
+            if is_python_number(v) and math.isnan(v):
+                raise ValueError(f"{name} must not be NaN.")
+            if not (is_python_number(v) or callable(v) or isinstance(v, jax.Array)):
+                raise ValueError(f"{name} must be a number, a JAX scalar or a schedule; "
+                                 f"got {v!r}.")
+        if is_python_number(min_value) and is_python_number(max_value) and min_value > max_value:
+            raise ValueError(
+                f"min_value must be <= max_value; got min_value={min_value!r}, "
+                f"max_value={max_value!r}."
+            )
+
+    def update_fn(updates, state, params=None):
+        del params
+        hi = resolve(max_value, state.count)
+        lo = -hi if min_value is None else resolve(min_value, state.count)
+        before, nonfinite = _n.global_norm_and_flag(updates)
+        maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_value")
+        leaves = _n.float_leaves(updates)
+        clipped = jnp.any(jnp.stack([_outside(x, lo, hi) for x in leaves])) if leaves else \
+            jnp.zeros((), bool)
+        updates = jax.tree.map(lambda x: _clip_leaf(x, lo, hi), updates)
+        after = _n.global_norm(updates)
+        ratio = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), 1)
+        stats = ClipStats(grad_norm=f32(before), threshold=f32(hi), scale=f32(ratio),
+                          clipped=clipped, nonfinite=nonfinite)
+        return updates, ValueClipState(count=increment(state.count), stats=stats)
+
+    return optax.GradientTransformation(_init_fn(ValueClipState), update_fn)
+
+
+def per_leaf_clip(
+    updates: Any,
+    leaf_scale: Any,
+    p: float,
+    *,
+    axis_name: AxisName = None,
+) -> tuple[Any, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Shared body of the per-leaf clippers.
+
+    ``leaf_scale(norms, sizes)`` maps the vector of leaf p-norms (and the leaf
+    sizes) to a vector of scales. Returns the scaled updates, the global norm,
+    the ratio of norms after and before, whether any leaf was scaled, and the
+    non-finite flag.
+    """
+    flat, treedef = jax.tree_util.tree_flatten(updates)
+    idx = [i for i, x in enumerate(flat) if _n.is_float_leaf(x)]
+    xs = [jnp.asarray(flat[i]) for i in idx]
+    if not xs:
+        z = jnp.zeros((), jnp.float32)
+        return updates, z, jnp.ones((), jnp.float32), jnp.zeros((), bool), jnp.zeros((), bool)
+    norms_list, nonfinite = _n.norm_core(xs, p, axis_name=axis_name)
+    norms = jnp.stack(norms_list)
+    sizes = jnp.asarray([x.size for x in xs], norms.dtype)
+    if axis_name is not None:
+        sizes = jax.lax.psum(sizes, axis_name)
+    scales = leaf_scale(norms, sizes).astype(norms.dtype)
+    out = list(flat)
+    for j, i in enumerate(idx):
+        out[i] = scale_leaf(flat[i], scales[j])
+    before = _n.combine_norms(norms, p)
+    after = _n.combine_norms(norms * scales, p)
+    ratio = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), 1)
+    return (jax.tree_util.tree_unflatten(treedef, out), before, ratio, jnp.any(scales != 1),
+            nonfinite)
+
+
+def clip_by_leaf_norm(
+    max_norm: Threshold,
+    *,
+    ord: Ord = _n.L2,
+    axis_name: AxisName = None,
+    error_if_nonfinite: bool = False,
+) -> optax.GradientTransformation:
+    """Clips the p-norm of each leaf on its own to ``max_norm``.
+
+    Each leaf ``g_i`` is scaled by ``min(1, max_norm / ||g_i||)``, like Keras's
+    ``clipnorm`` and ``optax.clip_by_block_rms`` without the RMS. It changes
+    the overall direction when leaves are clipped by different factors.
+
+    Args:
+      max_norm: the largest per-leaf norm: a float >= 0, a JAX scalar, or a
+        schedule.
+      ord: 1, 2 (default), ``math.inf`` or any real p >= 1.
+      axis_name: inside ``shard_map``/``pmap``, the mesh axes along which
+        *every* float leaf is sharded; each leaf's partial norm is combined
+        across them. Replicated leaves must not be combined: clip them with a
+        separate ``optax.masked`` instance without ``axis_name``.
+      error_if_nonfinite: raise on NaN or inf updates.
+
+    Returns:
+      An ``optax.GradientTransformation`` with a :class:`LeafNormClipState`.
+      Its stats hold the global p-norm before, the ratio of global norms
+      after and before, and whether any leaf was clipped.
+
+    Raises:
+      ValueError: for a negative or NaN ``max_norm`` or an unknown ``ord``.
+
+    Example:
+      >>> import jax.numpy as jnp, optclip
+      >>> tx = optclip.clip_by_leaf_norm(1.0)
+      >>> u, _ = tx.update({"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.1])}, tx.init(None))
+      >>> u["a"], u["b"]
+      (Array([0.6, 0.8], dtype=float32), Array([0.1], dtype=float32))
+    """
+    check_threshold("max_norm", max_norm)
+    p = _n.check_ord(ord)
+
+    def update_fn(updates, state, params=None):
+        del params
+        max_n = resolve(max_norm, state.count)
+
+        def leaf_scale(norms, sizes):
+            del sizes
+            return global_scale(norms, max_n)
+
+        updates, before, ratio, clipped, nonfinite = per_leaf_clip(
+            updates, leaf_scale, p, axis_name=axis_name)
+        maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_leaf_norm")
+        stats = ClipStats(grad_norm=f32(before), threshold=f32(max_n), scale=f32(ratio),
+                          clipped=clipped, nonfinite=nonfinite)
+        return updates, LeafNormClipState(count=increment(state.count), stats=stats)
+
+    return optax.GradientTransformation(_init_fn(LeafNormClipState), update_fn)
+
+
+def clip_by_block_rms(
+    threshold: Threshold,
+    *,
+    axis_name: AxisName = None,
+    error_if_nonfinite: bool = False,
+) -> optax.GradientTransformation:
+    """Clips the root-mean-square of each leaf (block) to ``threshold``.
+
+    Each leaf is scaled by ``min(1, threshold / rms(g_i))`` with
+    ``rms(g_i) = ||g_i||_2 / sqrt(size_i)``, as ``optax.clip_by_block_rms``
+    (from Shazeer & Stern, *Adafactor*, 2018, https://arxiv.org/abs/1804.04235,
+    which clips the update's RMS), but overflow-safe and with stats.
+
+    Args:
+      threshold: the largest RMS per leaf: a float >= 0, a JAX scalar or a
+        schedule.
+      axis_name: as in :func:`clip_by_leaf_norm`: every float leaf is sharded
+        along these axes, and both its norm and its size are combined.
+      error_if_nonfinite: raise on NaN or inf updates.
+
+    Returns:
+      An ``optax.GradientTransformation`` with a :class:`BlockRMSClipState`.
+
+    Raises:
+      ValueError: for a negative or NaN ``threshold``.
+
+    Example:
+      >>> import jax.numpy as jnp, optclip
+      >>> tx = optclip.clip_by_block_rms(1.0)
+      >>> u, _ = tx.update({"a": jnp.full((4,), 2.0)}, tx.init(None))
+      >>> u["a"]
+      Array([1., 1., 1., 1.], dtype=float32)
+    """
+    check_threshold("threshold", threshold)
+
+    def update_fn(updates, state, params=None):
+        del params
+        t = resolve(threshold, state.count)
+
+        def leaf_scale(norms, sizes):
+            return global_scale(norms, t * jnp.sqrt(sizes))
+
+        updates, before, ratio, clipped, nonfinite = per_leaf_clip(
+            updates, leaf_scale, 2.0, axis_name=axis_name)
+        maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_block_rms")
+        stats = ClipStats(grad_norm=f32(before), threshold=f32(t), scale=f32(ratio),
+                          clipped=clipped, nonfinite=nonfinite)
+        return updates, BlockRMSClipState(count=increment(state.count), stats=stats)
+
+    return optax.GradientTransformation(_init_fn(BlockRMSClipState), update_fn)

@@ -184,7 +184,9 @@ def _clip_leaf(x: Any, lo: jax.Array, hi: jax.Array) -> Any:
     if jnp.iscomplexobj(x):
         return jax.lax.complex(_clip_leaf(x.real, lo, hi), _clip_leaf(x.imag, lo, hi))
     wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return jnp.clip(wide, lo.astype(wide.dtype), hi.astype(wide.dtype)).astype(x.dtype)
+    clipped = jnp.clip(wide, lo.astype(wide.dtype), hi.astype(wide.dtype))
+    # NaN and inf are not clamped into plausible values: they stay visible.
+    return jnp.where(jnp.isfinite(wide), clipped, wide).astype(x.dtype)
 
 
 def _outside(x: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
@@ -205,6 +207,9 @@ def clip_by_value(
     Per-element clipping, as in Mikolov's RNN language models and Keras's
     ``clipvalue``. Unlike norm clipping it changes the direction of the
     update. Complex leaves are clamped part by part (real and imaginary).
+    Unlike ``optax.clip``, NaN and inf elements are not clamped into finite,
+    plausible values: they pass through, and the stats flag them (wrap the
+    optimizer in :func:`optclip.skip_nonfinite` to skip such steps).
     The comparison is done in float32 or wider, so a bound beyond fp16's range
     simply never clips an fp16 leaf.
 

@@ -1,0 +1,149 @@
+"""optclip.norms against float64 NumPy."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from refs import np_leaves, pnorm
+from strategies import arrays, ords, trees
+
+import optclip
+
+global_norm_jit = jax.jit(optclip.global_norm, static_argnames="ord")
+
+
+@given(trees(dtypes=("float32", "float16", "bfloat16")), ords)
+def test_global_norm_matches_numpy(tree, p):
+    ref = pnorm(np_leaves(jax.tree.leaves(tree)), p)
+    got = float(optclip.global_norm(tree, ord=p))
+    if math.isinf(ref):  # beyond float32's range: inf is the right answer
+        assert math.isinf(got)
+    else:
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=0)
+
+
+@given(trees(), ords)
+def test_jit_equals_eager(tree, p):
+    np.testing.assert_allclose(float(global_norm_jit(tree, ord=p)),
+                               float(optclip.global_norm(tree, ord=p)), rtol=1e-6)
+
+
+def test_fp16_does_not_overflow():
+    x = jnp.full((1000,), 300.0, jnp.float16)
+    assert not np.isfinite(float(optax.global_norm(x)))  # Optax overflows in fp16
+    np.testing.assert_allclose(float(optclip.global_norm(x)), 300 * math.sqrt(1000), rtol=1e-6)
+    assert optclip.global_norm(x).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("value,dtype", [(1e38, jnp.bfloat16), (1e38, jnp.float32),
+                                         (6e4, jnp.float16), (1e-30, jnp.float32),
+                                         (1e-37, jnp.float32), (1e-30, jnp.bfloat16)])
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_extremes_give_true_norm(value, dtype, p):
+    x = jnp.full((10,), value, dtype)
+    ref = float(np.asarray(x[0], np.float64)) * 10 ** (1 / p)
+    if ref > float(jnp.finfo(jnp.float32).max):
+        pytest.skip("true norm beyond float32")
+    np.testing.assert_allclose(float(global_norm_jit(x, ord=p)), ref, rtol=1e-5)
+
+
+def test_beyond_float32_is_inf_not_nan():
+    x = jnp.full((10,), 3e38, jnp.float32)
+    assert float(optclip.global_norm(x)) == math.inf
+
+
+def test_ignored_leaves_and_complex():
+    f0 = np.zeros((3,), dtype=jax.dtypes.float0)
+    tree = {"a": jnp.array([3.0]), "i": jnp.arange(5), "n": None, "f0": f0,
+            "c": jnp.array([3.0 + 4.0j])}
+    np.testing.assert_allclose(float(optclip.global_norm(tree)), math.sqrt(9 + 25), rtol=1e-6)
+    norms = optclip.leaf_norms(tree)
+    assert float(norms["i"]) == 0.0 and float(norms["c"]) == 5.0 and norms["n"] is None
+
+
+def test_empty_tree_is_zero():
+    assert float(optclip.global_norm({})) == 0.0
+    assert float(optclip.global_norm([jnp.zeros((0, 3))])) == 0.0
+
+
+def test_float64_accumulates_in_float64():
+    with jax.enable_x64(True):
+        x = jnp.array([1.0, 1e-10], jnp.float64)
+        n = optclip.global_norm([x, jnp.ones(1, jnp.float32)])
+        assert n.dtype == jnp.float64
+        assert float(n) == math.sqrt(2.0 + 1e-20)
+
+
+def test_nonfinite_is_visible():
+    assert math.isnan(float(optclip.global_norm(jnp.array([1.0, jnp.nan]))))
+    assert float(optclip.global_norm(jnp.array([1.0, jnp.inf]))) == math.inf
+    assert math.isnan(float(optclip.global_norm(jnp.array([jnp.nan]), ord=math.inf)))
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf])
+def test_gradient_of_norm_is_finite_at_zero(p):
+    g = jax.grad(lambda x: optclip.global_norm(x, ord=p))(jnp.zeros(4))
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_gradient_of_norm_is_right():
+    x = jnp.array([3.0, -4.0])
+    np.testing.assert_allclose(jax.grad(optclip.global_norm)(x), [0.6, -0.8], rtol=1e-6)
+
+
+@given(trees(dtypes=("float32", "bfloat16")), ords)
+def test_leaf_norms_match_numpy(tree, p):
+    got = optclip.leaf_norms(tree, ord=p)
+    for k, x in tree.items():
+        ref = pnorm(np_leaves([x]), p)
+        if math.isinf(ref):
+            assert math.isinf(float(got[k]))
+        else:
+            np.testing.assert_allclose(float(got[k]), ref, rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "shape,axes",
+    [((), None), ((5,), None), ((3, 4), (0,)), ((3, 3, 2, 4), (0, 1, 2)), ((2, 3, 4), (0, 1))],
+)
+def test_unitwise_norm_layouts(shape, axes):
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    got = np.asarray(optclip.unitwise_norm(jnp.asarray(x)))
+    ref = np.sqrt(np.sum(np.square(x.astype(np.float64)), axis=axes, keepdims=True))
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+def test_unitwise_norm_explicit_axis_and_overflow():
+    x = jnp.full((3, 4), 1e20, jnp.float32)
+    np.testing.assert_allclose(optclip.unitwise_norm(x, axis=1), np.full((3, 1), 2e20), rtol=1e-6)
+
+
+@given(arrays("float32"))
+def test_unitwise_norm_of_a_vector_is_its_l2_norm(x):
+    x = x.reshape(-1)
+    got = optclip.unitwise_norm(x)
+    assert got.shape == (1,)
+    ref = pnorm(np_leaves([x]), 2)
+    if math.isinf(ref):
+        assert math.isinf(float(got[0]))
+    else:
+        np.testing.assert_allclose(float(got[0]), ref, rtol=2e-5)
+
+
+@pytest.mark.parametrize("bad", [0.5, 0, -1, float("nan"), "l2", None, True])
+def test_bad_ord_raises(bad):
+    with pytest.raises(ValueError, match="ord must be"):
+        optclip.global_norm([jnp.ones(2)], ord=bad)
+
+
+@given(st.floats(1.0, 50.0))
+def test_general_p_between_l1_and_linf(p):
+    x = [jnp.array([1.0, -2.0, 3.0])]
+    n = float(optclip.global_norm(x, ord=p))
+    assert 3.0 * (1 - 1e-6) <= n <= 6.0 * (1 + 1e-6)

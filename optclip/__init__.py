@@ -6,7 +6,17 @@ Every clipper is an ``optax.GradientTransformation``::
     optclip.stats(state)  # {"grad_norm", "threshold", "scale", "clipped"}
 """
 
-from optclip.guards import SkipNonfiniteState, skip_nonfinite
+from optclip.adaptive import (
+    AdaGCState,
+    AGCState,
+    AutoClipState,
+    ZClipState,
+    adagc,
+    agc,
+    autoclip,
+    zclip,
+)
+from optclip.guards import SkipNonfiniteState, SkipOnSpikeState, skip_nonfinite, skip_on_spike
 from optclip.norms import global_norm, leaf_norms, unitwise_norm
 from optclip.static import (
     BlockRMSClipState,
@@ -24,6 +34,16 @@ from optclip.stats import ClipStats, GuardStats, stats, stats_records
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGCState",
+    "AdaGCState",
+    "AutoClipState",
+    "SkipOnSpikeState",
+    "ZClipState",
+    "adagc",
+    "agc",
+    "autoclip",
+    "skip_on_spike",
+    "zclip",
     "BlockRMSClipState",
     "ClipState",
     "ClipStats",

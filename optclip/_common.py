@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ import numpy as np
 
 from optclip.norms import is_float_leaf
 
-Threshold = Union[float, jax.Array, Callable[[jax.Array], Any]]
+Threshold = float | jax.Array | Callable[[jax.Array], Any]
 """A Python float, a JAX scalar, or an Optax schedule (a callable of the step count)."""
 
 _NUMBER = (int, float, np.integer, np.floating)

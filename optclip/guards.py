@@ -18,7 +18,7 @@ from optclip._common import f32
 from optclip.norms import AxisName
 from optclip.stats import GuardStats
 
-__all__ = ["SkipNonfiniteState", "skip_nonfinite"]
+__all__ = ["SkipNonfiniteState", "SkipOnSpikeState", "skip_nonfinite", "skip_on_spike"]
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -84,5 +84,106 @@ def skip_nonfinite(
         stats = GuardStats(grad_norm=f32(norm), threshold=state.stats.threshold,
                            skipped=nonfinite, skip_count=count, nonfinite=nonfinite)
         return out, SkipNonfiniteState(inner_state=inner_state, stats=stats)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class SkipOnSpikeState(NamedTuple):
+    """State of :func:`skip_on_spike`.
+
+    Attributes:
+      inner_state: the wrapped optimizer's state, untouched on skipped steps.
+      ema: the global norm's running statistics (see ``optclip.adaptive.EMAStats``).
+      stats: the latest :class:`GuardStats` (with the running ``skip_count``).
+    """
+
+    inner_state: Any
+    ema: Any
+    stats: GuardStats
+
+    optclip_name = "skip_on_spike"
+
+
+def skip_on_spike(
+    inner: optax.GradientTransformation,
+    *,
+    z_thresh: float = 4.0,
+    alpha: float = 0.97,
+    warmup_steps: int = 25,
+    eps: float = 1e-6,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformation:
+    """Skips a whole step when the global norm is a spike, or not finite.
+
+    The global L2 norm's mean and variance are tracked as in
+    :func:`optclip.zclip` (Welford over the first ``warmup_steps`` norms,
+    then an EMA with decay ``alpha``). After warm-up, a step whose z-score
+    ``(g - mean) / (std + eps)`` exceeds ``z_thresh`` is skipped: the updates
+    are zeros and the inner state is bit-identical. A non-finite norm is
+    always skipped. On a skipped spike the statistics record the threshold
+    ``mean + z_thresh * (std + eps)`` rather than the spike, so that a
+    lasting change of scale is absorbed after a few skips instead of
+    stalling training, while a lone spike barely moves them.
+
+    This is the "skip the batch" remedy of large-model training (for
+    example PaLM, Chowdhery et al. 2022, restarted and skipped batches
+    around spikes); unlike clipping, it drops the step's information.
+
+    Args:
+      inner: the optimizer to guard.
+      z_thresh: the z-score above which a step is skipped (> 0).
+      alpha: the EMA's decay, in [0, 1).
+      warmup_steps: norms recorded before any step can be skipped (>= 1).
+      eps: added to the standard deviation in the z-score.
+      axis_name: mesh axes across which the gradients are sharded.
+
+    Returns:
+      An ``optax.GradientTransformation`` with a :class:`SkipOnSpikeState`.
+
+    Raises:
+      ValueError: for an alpha outside [0, 1), ``warmup_steps < 1`` or a
+        non-positive ``z_thresh``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optclip
+      >>> tx = optclip.skip_on_spike(optax.sgd(1.0), warmup_steps=3)
+      >>> state = tx.init(jnp.zeros(1))
+      >>> for g in (1.0, 1.1, 0.9, 1.0, 100.0):
+      ...     u, state = tx.update(jnp.array([g]), state, jnp.zeros(1))
+      >>> u, int(state.stats.skip_count)
+      (Array([0.], dtype=float32), 1)
+    """
+    from optclip import adaptive as _a
+    from optclip._common import check_threshold
+
+    _a._check_alpha("alpha", alpha)
+    check_threshold("z_thresh", z_thresh)
+    if isinstance(z_thresh, (int, float)) and z_thresh == 0:
+        raise ValueError("z_thresh must be > 0; got 0.")
+    _a._check_warmup(warmup_steps)
+    check_threshold("eps", eps)
+
+    def init_fn(params):
+        return SkipOnSpikeState(inner_state=inner.init(params), ema=_a.EMAStats.zeros(),
+                                stats=GuardStats.zeros())
+
+    def update_fn(updates, state, params=None, **extra_args):
+        norm, nonfinite = _n.global_norm_and_flag(updates, axis_name=axis_name)
+        g = f32(norm)
+        ema = state.ema
+        zt = jnp.asarray(z_thresh, jnp.float32)
+        warm = _a.ema_warm(ema, warmup_steps)
+        std = jnp.sqrt(jnp.maximum(ema.var, 0.0))
+        bound = ema.mean + zt * (std + eps)
+        spike = warm & ((g - ema.mean) / (std + eps) > zt)
+        skip = spike | ~jnp.isfinite(g)
+        new_ema = _a.ema_record(ema, jnp.where(spike, bound, g), warmup_steps,
+                                jnp.asarray(alpha, jnp.float32), jnp.isfinite(g))
+        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+        out, inner_state = select_step(skip, new_updates, new_inner, state.inner_state)
+        stats = GuardStats(grad_norm=g, threshold=f32(jnp.where(warm, bound, jnp.inf)),
+                           skipped=skip, skip_count=state.stats.skip_count + skip.astype(jnp.int32),
+                           nonfinite=nonfinite)
+        return out, SkipOnSpikeState(inner_state=inner_state, ema=new_ema, stats=stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

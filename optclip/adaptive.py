@@ -89,6 +89,8 @@ def agc(
     eps: float = 1e-3,
     axis: int | tuple[int, ...] | None = None,
     *,
+    axis_name: AxisName = None,
+    partition_specs: Any = None,
     error_if_nonfinite: bool = False,
 ) -> optax.GradientTransformation:
     """Adaptive gradient clipping, unit-wise against the parameters' norms.
@@ -114,6 +116,13 @@ def agc(
         parameters can move.
       axis: reduce these axes for every leaf of 2 or more dimensions instead
         of Flax's defaults; vectors and scalars stay a single unit.
+      axis_name: inside ``shard_map``/``pmap``, mesh axes along which every
+        leaf is split *along a reduced dim* (FSDP on the input dim): the unit
+        norms of gradients and parameters are combined across them.
+      partition_specs: inside ``shard_map``, every leaf's ``PartitionSpec``;
+        a unit norm is combined only across the mesh axes that split a
+        reduced dim, so tensor parallelism over output units needs no
+        communication. Wins over ``axis_name``.
       error_if_nonfinite: raise on NaN or inf updates (see
         :func:`optclip.clip_by_global_norm`).
 
@@ -157,19 +166,30 @@ def agc(
         c = resolve(clipping, state.count)
         if not gs:
             return updates, AGCState(count=increment(state.count), stats=state.stats)
-        g_norms, nonfinite = _n.norm_core(gs, 2.0, axes=axes)
-        w_norms, _ = _n.norm_core(ws, 2.0, axes=axes)
+        mesh_axes = _n.leaf_axes(updates, axis_name, partition_specs,
+                                 reduce_axes=[tuple(range(g.ndim)) if a is None else a
+                                              for g, a in zip(gs, axes, strict=True)])
+        full_axes = _n.leaf_axes(updates, axis_name, partition_specs) or [None] * len(gs)
+        flag_axes = _n.union_axes(full_axes)
+        g_norms, nonfinite = _n.norm_core(gs, 2.0, axes=axes, axes_per_leaf=mesh_axes,
+                                          flag_axes=flag_axes)
+        w_norms, _ = _n.norm_core(ws, 2.0, axes=axes, axes_per_leaf=mesh_axes,
+                                  flag_axes=flag_axes)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "agc")
         out = list(flat)
-        any_clip, after = [], []
+        any_clip, before, after = [], [], []
         for j, i in enumerate(idx):
             max_norm = c.astype(g_norms[j].dtype) * jnp.maximum(w_norms[j], eps)
             s = global_scale(g_norms[j], max_norm)
             out[i] = scale_leaf(flat[i], s)
-            any_clip.append(jnp.any(s != 1))
-            after.append((g_norms[j] * s).ravel())
-        before = _n.combine_norms(jnp.concatenate([b.ravel() for b in g_norms]), 2.0)
-        after = _n.combine_norms(jnp.concatenate(after), 2.0)
+            # units split across devices (tensor parallelism) are gathered for the stats only
+            red = set(_n.union_axes([mesh_axes[j]] if mesh_axes else []))
+            other = tuple(a for a in _n.union_axes([full_axes[j]]) if a not in red)
+            any_clip.append(_n.any_across(jnp.any(s != 1), other))
+            before.append(_n.norm_across(_n.combine_norms(g_norms[j].ravel(), 2.0), other))
+            after.append(_n.norm_across(_n.combine_norms((g_norms[j] * s).ravel(), 2.0), other))
+        before = _n.combine_norms(jnp.stack(before), 2.0)
+        after = _n.combine_norms(jnp.stack(after), 2.0)
         stats = ClipStats(grad_norm=f32(before), threshold=f32(c), scale=f32(_ratio(after, before)),
                           clipped=jnp.any(jnp.stack(any_clip)), nonfinite=nonfinite)
         return (jax.tree_util.tree_unflatten(treedef, out),
@@ -256,6 +276,7 @@ def autoclip(
     history: int | None = None,
     *,
     axis_name: AxisName = None,
+    partition_specs: Any = None,
     error_if_nonfinite: bool = False,
 ) -> optax.GradientTransformation:
     """AutoClip: clip the global norm to a percentile of the norms seen so far.
@@ -286,6 +307,9 @@ def autoclip(
       history: the window W (an int >= 1), or None for the whole history.
       axis_name: mesh axes across which the gradients are sharded, inside
         ``shard_map``/``pmap``.
+      partition_specs: inside ``shard_map``, the ``PartitionSpec`` of every leaf
+        (None for replicated ones), for trees of mixed layouts; see
+        :func:`optclip.global_norm`. Wins over ``axis_name``.
       error_if_nonfinite: raise on NaN or inf updates.
 
     Returns:
@@ -320,7 +344,8 @@ def autoclip(
 
     def update_fn(updates, state, params=None):
         del params
-        norm, nonfinite = _n.global_norm_and_flag(updates, axis_name=axis_name)
+        norm, nonfinite = _n.global_norm_and_flag(updates, axis_name=axis_name,
+            partition_specs=partition_specs)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "autoclip")
         g = f32(norm)
         record = jnp.isfinite(g)
@@ -432,6 +457,7 @@ def zclip(
     max_norm: Threshold | None = None,
     skip_update_on_spike: bool = False,
     axis_name: AxisName = None,
+    partition_specs: Any = None,
     *,
     eps: float = 1e-6,
     error_if_nonfinite: bool = False,
@@ -473,6 +499,9 @@ def zclip(
         scalar or a schedule.
       skip_update_on_spike: leave the statistics untouched on spikes.
       axis_name: mesh axes across which the gradients are sharded.
+      partition_specs: inside ``shard_map``, the ``PartitionSpec`` of every leaf
+        (None for replicated ones), for trees of mixed layouts; see
+        :func:`optclip.global_norm`. Wins over ``axis_name``.
       eps: added to the standard deviation in the z-score.
       error_if_nonfinite: raise on NaN or inf updates.
 
@@ -515,7 +544,8 @@ def zclip(
 
     def update_fn(updates, state, params=None):
         del params
-        norm, nonfinite = _n.global_norm_and_flag(updates, axis_name=axis_name)
+        norm, nonfinite = _n.global_norm_and_flag(updates, axis_name=axis_name,
+            partition_specs=partition_specs)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "zclip")
         g = f32(norm)
         ema = state.ema
@@ -581,6 +611,7 @@ def adagc(
     lambda_abs: Threshold = 1.0,
     *,
     axis_name: AxisName = None,
+    partition_specs: Any = None,
     error_if_nonfinite: bool = False,
 ) -> optax.GradientTransformation:
     """AdaGC: per-tensor adaptive clipping against each tensor's EMA norm.
@@ -604,6 +635,9 @@ def adagc(
       lambda_abs: the global-norm threshold during warm-up (>= 0).
       axis_name: inside ``shard_map``/``pmap``, the mesh axes along which
         *every* float leaf is sharded (see :func:`optclip.clip_by_leaf_norm`).
+      partition_specs: inside ``shard_map``, the ``PartitionSpec`` of every leaf
+        (None for replicated ones), for trees of mixed layouts; see
+        :func:`optclip.global_norm`. Wins over ``axis_name``.
       error_if_nonfinite: raise on NaN or inf updates.
 
     Returns:
@@ -645,7 +679,8 @@ def adagc(
         if not idx:
             return updates, state._replace(count=increment(state.count))
         xs = [jnp.asarray(flat[i]) for i in idx]
-        norms_list, nonfinite = _n.norm_core(xs, 2.0, axis_name=axis_name)
+        norms_list, nonfinite = _n.norm_core(
+            xs, 2.0, axes_per_leaf=_n.leaf_axes(updates, axis_name, partition_specs))
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "adagc")
         norms = jnp.stack(norms_list)
         gnorm = _n.combine_norms(norms, 2.0)

@@ -46,7 +46,8 @@ def select_step(skip: jax.Array, new_updates: Any, new_inner: Any, old_inner: An
 
 
 def skip_nonfinite(
-    inner: optax.GradientTransformation, *, axis_name: AxisName = None
+    inner: optax.GradientTransformation, *, axis_name: AxisName = None,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformation:
     """Skips every step whose gradients hold a NaN or an inf.
 
@@ -60,6 +61,9 @@ def skip_nonfinite(
       inner: the optimizer to guard, e.g. ``optax.chain(clipper, adam)``.
       axis_name: inside ``shard_map``/``pmap``, the mesh axes across which the
         gradients are sharded, so that every shard takes the same decision.
+      partition_specs: inside ``shard_map``, the ``PartitionSpec`` of every leaf
+        (None for replicated ones), for trees of mixed layouts; see
+        :func:`optclip.global_norm`. Wins over ``axis_name``.
 
     Returns:
       An ``optax.GradientTransformation`` with a :class:`SkipNonfiniteState`.
@@ -77,7 +81,8 @@ def skip_nonfinite(
         return SkipNonfiniteState(inner_state=inner.init(params), stats=GuardStats.zeros())
 
     def update_fn(updates, state, params=None, **extra_args):
-        norm, nonfinite = _n.global_norm_and_flag(updates, axis_name=axis_name)
+        norm, nonfinite = _n.global_norm_and_flag(updates, axis_name=axis_name,
+            partition_specs=partition_specs)
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
         out, inner_state = select_step(nonfinite, new_updates, new_inner, state.inner_state)
         count = state.stats.skip_count + nonfinite.astype(jnp.int32)
@@ -112,6 +117,7 @@ def skip_on_spike(
     warmup_steps: int = 25,
     eps: float = 1e-6,
     axis_name: AxisName = None,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformation:
     """Skips a whole step when the global norm is a spike, or not finite.
 
@@ -136,6 +142,9 @@ def skip_on_spike(
       warmup_steps: norms recorded before any step can be skipped (>= 1).
       eps: added to the standard deviation in the z-score.
       axis_name: mesh axes across which the gradients are sharded.
+      partition_specs: inside ``shard_map``, the ``PartitionSpec`` of every leaf
+        (None for replicated ones), for trees of mixed layouts; see
+        :func:`optclip.global_norm`. Wins over ``axis_name``.
 
     Returns:
       An ``optax.GradientTransformation`` with a :class:`SkipOnSpikeState`.
@@ -168,7 +177,8 @@ def skip_on_spike(
                                 stats=GuardStats.zeros())
 
     def update_fn(updates, state, params=None, **extra_args):
-        norm, nonfinite = _n.global_norm_and_flag(updates, axis_name=axis_name)
+        norm, nonfinite = _n.global_norm_and_flag(updates, axis_name=axis_name,
+            partition_specs=partition_specs)
         g = f32(norm)
         ema = state.ema
         zt = jnp.asarray(z_thresh, jnp.float32)

@@ -146,16 +146,6 @@ def _pow2_scale(m: jax.Array) -> tuple[jax.Array, jax.Array]:
     return lax.stop_gradient(jnp.ldexp(one, -e)), lax.stop_gradient(jnp.ldexp(one, e))
 
 
-def _scaled_norm(m: jax.Array, s_fn, p: float) -> jax.Array:
-    """The norm computed at the scale of its largest magnitude ``m``.
-
-    ``s_fn(down)`` returns the sum of ``|x * down| ** p``.
-    """
-    down, up = _pow2_scale(m)
-    root = safe_root(s_fn(down), p)
-    return jnp.where(m == 0, jnp.zeros_like(m), root * up)
-
-
 def _reduce_size(x: jax.Array, axis: Any) -> int:
     if axis is None:
         return int(x.size)
@@ -163,12 +153,114 @@ def _reduce_size(x: jax.Array, axis: Any) -> int:
     return int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
 
 
-def _psum(x: Any, axis_name: AxisName) -> Any:
-    return x if axis_name is None else lax.psum(x, axis_name)
+def collect(parts: list[jax.Array], leaf_axes: Sequence[AxisName] | None, op) -> list[jax.Array]:
+    """Combines each array's partial result across its own mesh axes (None: replicated).
+
+    Arrays that share axes are combined in one collective.
+    """
+    if leaf_axes is None:
+        return parts
+    out = list(parts)
+    groups: dict[Any, list[int]] = {}
+    for i, ax in enumerate(leaf_axes):
+        if ax is not None and ax != ():
+            groups.setdefault(ax, []).append(i)
+    for ax, ids in groups.items():
+        reduced = op([parts[i] for i in ids], ax)
+        for i, r in zip(ids, reduced, strict=True):
+            out[i] = r
+    return out
 
 
-def _pmax(x: Any, axis_name: AxisName) -> Any:
-    return x if axis_name is None else lax.pmax(x, axis_name)
+def union_axes(axes_per_leaf: Sequence[AxisName] | None) -> tuple[Hashable, ...]:
+    """Every mesh axis named in ``axes_per_leaf``, once each, in order."""
+    names: list[Hashable] = []
+    for ax in axes_per_leaf or ():
+        for name in (ax if isinstance(ax, tuple) else () if ax is None else (ax,)):
+            if name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+def any_across(flag: jax.Array, axes: tuple[Hashable, ...]) -> jax.Array:
+    """``flag`` OR-ed across mesh ``axes`` (unchanged when there are none)."""
+    if not axes:
+        return flag
+    return lax.pmax(flag.astype(jnp.int32), axes) > 0
+
+
+def norm_across(norm: jax.Array, axes: tuple[Hashable, ...]) -> jax.Array:
+    """The L2 combination of per-device L2 norms across mesh ``axes``, overflow-safe."""
+    if not axes:
+        return norm
+    m = lax.pmax(norm, axes)
+    down, up = _pow2_scale(m)
+    s = lax.psum((norm * down) ** 2, axes)
+    return jnp.where(m == 0, jnp.zeros_like(m), safe_root(s, 2.0) * up)
+
+
+def _spec_axes(spec: Any, ndim: int, reduce_axes: Any) -> AxisName:
+    """The mesh axes that split the reduced dims of an array laid out as ``spec``."""
+    if spec is None:
+        return None
+    dims = range(ndim) if reduce_axes is None else reduce_axes
+    names: list[Hashable] = []
+    for d in dims:
+        entry = spec[d] if d < len(spec) else None
+        if entry is None:
+            continue
+        for name in (entry if isinstance(entry, tuple) else (entry,)):
+            if name not in names:
+                names.append(name)
+    if not names:
+        return None
+    return names[0] if len(names) == 1 else tuple(names)
+
+
+def leaf_axes(
+    tree: Any,
+    axis_name: AxisName = None,
+    partition_specs: Any = None,
+    reduce_axes: Sequence[Any] | None = None,
+) -> list[AxisName] | None:
+    """Per float leaf of ``tree``, the mesh axes across which its partial norms combine.
+
+    Args:
+      tree: the updates.
+      axis_name: every float leaf is split along these axes.
+      partition_specs: a pytree with the structure of ``tree`` whose leaves are
+        ``PartitionSpec`` (or None for replicated leaves), as given to
+        ``shard_map``'s ``in_specs``; a leaf is combined across the mesh axes
+        that split the dims being reduced. Wins over ``axis_name``.
+      reduce_axes: per float leaf, the reduced dims (None: all of them).
+    """
+    if partition_specs is None:
+        if axis_name is None:
+            return None
+        n = sum(1 for x in jax.tree_util.tree_leaves(tree) if is_float_leaf(x))
+        return [axis_name] * n
+    from jax.sharding import PartitionSpec
+
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    specs = jax.tree.map(lambda s: s, partition_specs,
+                         is_leaf=lambda x: x is None or isinstance(x, PartitionSpec))
+    try:
+        flat_specs = treedef.flatten_up_to(
+            jax.tree.map(lambda s: PartitionSpec() if s is None else s, specs,
+                         is_leaf=lambda x: x is None or isinstance(x, PartitionSpec)))
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            "partition_specs must have the structure of the updates, with a PartitionSpec "
+            f"(or None) for every leaf: {e}"
+        ) from None
+    out = []
+    j = 0
+    for x, spec in zip(leaves, flat_specs, strict=True):
+        if is_float_leaf(x):
+            red = None if reduce_axes is None else reduce_axes[j]
+            out.append(_spec_axes(spec, jnp.ndim(x), red))
+            j += 1
+    return out
 
 
 def norm_core(
@@ -177,7 +269,8 @@ def norm_core(
     *,
     axes: Sequence[Any] | None = None,
     combine: bool = False,
-    axis_name: AxisName = None,
+    axes_per_leaf: Sequence[AxisName] | None = None,
+    flag_axes: tuple[Hashable, ...] = (),
 ) -> tuple[list[jax.Array], jax.Array]:
     """The one norm kernel behind every public norm and clipper.
 
@@ -187,7 +280,11 @@ def norm_core(
       axes: per array, the axes to reduce (``None``: all of them). With an
         axis the result keeps its dims, so that it broadcasts against ``x``.
       combine: reduce all arrays into one global norm (``axes`` must be None).
-      axis_name: mesh axes across which the partial norms are combined.
+      axes_per_leaf: per array, the mesh axes across which its partial norm is
+        combined (None for a replicated array); see :func:`leaf_axes`.
+      flag_axes: mesh axes across which the results may still differ (units
+        split across devices); the overflow check and the non-finite flag are
+        OR-ed across them, so that every device takes the same branch.
 
     Returns:
       ``(norms, nonfinite)``: a list with one norm per array (one in all when
@@ -203,21 +300,26 @@ def norm_core(
 
     def maxes() -> list[jax.Array]:
         ms = [_abs_max(m, ax) for m, ax in zip(mags, axes, strict=True)]
-        if combine:
-            ms = [jnp.max(jnp.stack(ms))]
-        return _pmax(ms, axis_name)
+        ms = collect(ms, axes_per_leaf, lax.pmax)
+        return [jnp.max(jnp.stack(ms))] if combine else ms
+
+    def powsums(scale: list[Any]) -> list[jax.Array]:
+        ps = [_pow_sum(m * sc if sc is not None else m, p, ax)
+              for m, sc, ax in zip(mags, scale, axes, strict=True)]
+        ps = collect(ps, axes_per_leaf, lax.psum)
+        if combine and len(ps) > 1:
+            return [jnp.sum(jnp.stack(ps))]
+        return ps
 
     if p == math.inf:
         ms = maxes()
         nonfinite = jnp.any(jnp.stack([~jnp.all(jnp.isfinite(m)) for m in ms]))
-        return ms, nonfinite
+        return ms, any_across(nonfinite, flag_axes)
 
-    parts = [_pow_sum(m, p, ax) for m, ax in zip(mags, axes, strict=True)]
+    parts = powsums([None] * len(mags))
     sizes = [_reduce_size(x, ax) for x, ax in zip(xs, axes, strict=True)]
     if combine:
-        parts = [jnp.sum(jnp.stack(parts))] if len(parts) > 1 else parts
         sizes = [sum(sizes)]
-    parts = _psum(parts, axis_name)
     info = jnp.finfo(acc)
     # Below this, terms |x|**p may have lost precision as subnormals.
     lows = [float(info.tiny) / float(info.eps) * max(n, 1) for n in sizes]
@@ -226,23 +328,23 @@ def norm_core(
             [jnp.any(~jnp.isfinite(s) | (s < lo)) for s, lo in zip(parts, lows, strict=True)]
         )
     )
+    need = any_across(need, flag_axes)
 
     def fast() -> tuple[list[jax.Array], jax.Array]:
-        return [safe_root(s, p) for s in parts], jnp.zeros((), bool)
+        # False here, but computed from the data so that inside shard_map its type
+        # (which devices it may vary over) matches the rescue branch's flag.
+        nonfinite = jnp.any(jnp.stack([jnp.any(~jnp.isfinite(s)) for s in parts]))
+        return [safe_root(s, p) for s in parts], any_across(nonfinite, flag_axes)
 
     def rescue() -> tuple[list[jax.Array], jax.Array]:
         ms = maxes()
-        if combine:
-            norms = [_scaled_norm(ms[0], lambda d: _psum(
-                sum(_pow_sum(mg * d, p, None) for mg in mags), axis_name), p)]
-        else:
-            norms = [
-                _scaled_norm(m, lambda d, mg=mg, ax=ax: _psum(_pow_sum(mg * d, p, ax), axis_name),
-                             p)
-                for m, mg, ax in zip(ms, mags, axes, strict=True)
-            ]
+        scales = [_pow2_scale(m) for m in ms]
+        downs = [scales[0][0]] * len(mags) if combine else [d for d, _ in scales]
+        s = powsums(downs)
+        norms = [jnp.where(m == 0, jnp.zeros_like(m), safe_root(si, p) * up)
+                 for m, si, (_, up) in zip(ms, s, scales, strict=True)]
         nonfinite = jnp.any(jnp.stack([~jnp.all(jnp.isfinite(m)) for m in ms]))
-        return norms, nonfinite
+        return norms, any_across(nonfinite, flag_axes)
 
     return lax.cond(need, rescue, fast)
 
@@ -254,19 +356,23 @@ def combine_norms(norms: jax.Array, p: float) -> jax.Array:
     if p == math.inf:
         return jnp.max(norms)
     m = jnp.max(norms)
-    return _scaled_norm(m, lambda d: _pow_sum(norms * d, p, None), p)
+    down, up = _pow2_scale(m)
+    return jnp.where(m == 0, jnp.zeros_like(m), safe_root(_pow_sum(norms * down, p, None), p) * up)
 
 
 def global_norm_and_flag(
-    tree: PyTree, ord: Ord = 2, *, axis_name: AxisName = None
+    tree: PyTree, ord: Ord = 2, *, axis_name: AxisName = None, partition_specs: Any = None
 ) -> tuple[jax.Array, jax.Array]:
     """``(global_norm(tree, ord), nonfinite)`` from one pass over the leaves."""
     p = check_ord(ord)
-    norms, nonfinite = norm_core(float_leaves(tree), p, combine=True, axis_name=axis_name)
+    norms, nonfinite = norm_core(float_leaves(tree), p, combine=True,
+                                 axes_per_leaf=leaf_axes(tree, axis_name, partition_specs))
     return norms[0], nonfinite
 
 
-def global_norm(tree: PyTree, ord: Ord = 2, *, axis_name: AxisName = None) -> jax.Array:
+def global_norm(
+    tree: PyTree, ord: Ord = 2, *, axis_name: AxisName = None, partition_specs: Any = None
+) -> jax.Array:
     """The p-norm of all the float leaves of a pytree taken together.
 
     Unlike ``optax.global_norm``, the sum of powers is accumulated in float32
@@ -279,7 +385,13 @@ def global_norm(tree: PyTree, ord: Ord = 2, *, axis_name: AxisName = None) -> ja
       ord: 1, 2, ``math.inf`` (or ``"inf"``), or any real p >= 1.
       axis_name: a mesh axis name, or a tuple of them, across which the
         partial norms of a tree sharded inside ``shard_map`` or ``pmap`` are
-        combined. ``None`` under plain ``jit`` (sharded or not).
+        combined: every float leaf is taken to be split along it. ``None``
+        under plain ``jit`` (sharded or not): XLA then sees the whole arrays.
+      partition_specs: for a tree of mixed layouts inside ``shard_map``, the
+        ``PartitionSpec`` of every leaf (the ``in_specs`` you gave
+        ``shard_map``; None or ``P()`` for replicated leaves). Each leaf's
+        partial norm is combined across the mesh axes named in its spec, and
+        a replicated leaf is counted once. Wins over ``axis_name``.
 
     Returns:
       A float32 scalar (float64 when a leaf is float64); 0 for an empty tree.
@@ -294,10 +406,13 @@ def global_norm(tree: PyTree, ord: Ord = 2, *, axis_name: AxisName = None) -> ja
       >>> float(optclip.global_norm([jnp.array([3.0, -4.0])], ord=1))
       7.0
     """
-    return global_norm_and_flag(tree, ord, axis_name=axis_name)[0]
+    return global_norm_and_flag(tree, ord, axis_name=axis_name,
+                                partition_specs=partition_specs)[0]
 
 
-def leaf_norms(tree: PyTree, ord: Ord = 2, *, axis_name: AxisName = None) -> PyTree:
+def leaf_norms(
+    tree: PyTree, ord: Ord = 2, *, axis_name: AxisName = None, partition_specs: Any = None
+) -> PyTree:
     """The p-norm of each leaf on its own, as a pytree of scalars.
 
     This is the per-layer diagnostic: a leaf whose norm shrinks towards 0 over
@@ -309,6 +424,8 @@ def leaf_norms(tree: PyTree, ord: Ord = 2, *, axis_name: AxisName = None) -> PyT
       ord: 1, 2, ``math.inf`` or any real p >= 1.
       axis_name: mesh axes across which every leaf's partial norm is combined
         (every leaf is taken to be sharded along it).
+      partition_specs: per leaf, its ``PartitionSpec`` inside ``shard_map``
+        (see :func:`global_norm`).
 
     Returns:
       A pytree of the same structure whose leaves are float32 scalars.
@@ -321,7 +438,8 @@ def leaf_norms(tree: PyTree, ord: Ord = 2, *, axis_name: AxisName = None) -> PyT
     p = check_ord(ord)
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     idx = [i for i, x in enumerate(leaves) if is_float_leaf(x)]
-    norms, _ = norm_core([jnp.asarray(leaves[i]) for i in idx], p, axis_name=axis_name)
+    norms, _ = norm_core([jnp.asarray(leaves[i]) for i in idx], p,
+                         axes_per_leaf=leaf_axes(tree, axis_name, partition_specs))
     out = [jnp.zeros((), jnp.float32)] * len(leaves)
     for i, n in zip(idx, norms, strict=False):
         out[i] = n

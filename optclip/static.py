@@ -97,6 +97,7 @@ def clip_by_global_norm(
     ord: Ord = _n.L2,
     min_norm: Threshold | None = None,
     axis_name: AxisName = None,
+    partition_specs: Any = None,
     error_if_nonfinite: bool = False,
 ) -> optax.GradientTransformation:
     """Scales all updates together so that their global p-norm is at most ``max_norm``.
@@ -131,6 +132,9 @@ def clip_by_global_norm(
         axes) across which the tree is sharded; the partial norms are summed
         across it so that every shard is scaled by the same global norm.
         Leave ``None`` under plain ``jit``, sharded or not.
+      partition_specs: inside ``shard_map``, the ``PartitionSpec`` of every leaf
+        (None for replicated ones), for trees of mixed layouts; see
+        :func:`optclip.global_norm`. Wins over ``axis_name``.
       error_if_nonfinite: raise ``FloatingPointError`` (through
         ``jax.debug.callback``) when the updates hold NaN or inf. For
         debugging: it costs one device-to-host copy per step.
@@ -164,7 +168,8 @@ def clip_by_global_norm(
 
     def update_fn(updates, state, params=None):
         del params
-        norm, nonfinite = _n.global_norm_and_flag(updates, p, axis_name=axis_name)
+        norm, nonfinite = _n.global_norm_and_flag(updates, p, axis_name=axis_name,
+            partition_specs=partition_specs)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_global_norm")
         max_n = resolve(max_norm, state.count, norm.dtype)
         min_n = None if min_norm is None else resolve(min_norm, state.count, norm.dtype)
@@ -200,6 +205,8 @@ def clip_by_value(
     max_value: Threshold,
     min_value: Threshold | None = None,
     *,
+    axis_name: AxisName = None,
+    partition_specs: Any = None,
     error_if_nonfinite: bool = False,
 ) -> optax.GradientTransformation:
     """Clamps every element of the updates to ``[min_value, max_value]``.
@@ -216,6 +223,11 @@ def clip_by_value(
     Args:
       max_value: the upper bound: a float, a JAX scalar, or a schedule.
       min_value: the lower bound; defaults to ``-max_value``.
+      axis_name: inside ``shard_map``/``pmap``, the mesh axes along which the
+        leaves are split. The clamp itself is element-wise and needs none:
+        this only makes the stats global.
+      partition_specs: per leaf, its ``PartitionSpec`` (see
+        :func:`optclip.global_norm`), for the same purpose.
       error_if_nonfinite: raise on NaN or inf updates (see
         :func:`clip_by_global_norm`).
 
@@ -255,13 +267,16 @@ def clip_by_value(
         del params
         hi = resolve(max_value, state.count)
         lo = -hi if min_value is None else resolve(min_value, state.count)
-        before, nonfinite = _n.global_norm_and_flag(updates)
+        shard = {"axis_name": axis_name, "partition_specs": partition_specs}
+        before, nonfinite = _n.global_norm_and_flag(updates, **shard)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_value")
         leaves = _n.float_leaves(updates)
         clipped = jnp.any(jnp.stack([_outside(x, lo, hi) for x in leaves])) if leaves else \
             jnp.zeros((), bool)
+        clipped = _n.any_across(clipped, _n.union_axes(
+            _n.leaf_axes(updates, axis_name, partition_specs)))
         updates = jax.tree.map(lambda x: _clip_leaf(x, lo, hi), updates)
-        after = _n.global_norm(updates)
+        after = _n.global_norm(updates, **shard)
         ratio = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), 1)
         stats = ClipStats(grad_norm=f32(before), threshold=f32(hi), scale=f32(ratio),
                           clipped=clipped, nonfinite=nonfinite)
@@ -276,6 +291,7 @@ def per_leaf_clip(
     p: float,
     *,
     axis_name: AxisName = None,
+    partition_specs: Any = None,
 ) -> tuple[Any, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Shared body of the per-leaf clippers.
 
@@ -290,11 +306,11 @@ def per_leaf_clip(
     if not xs:
         z = jnp.zeros((), jnp.float32)
         return updates, z, jnp.ones((), jnp.float32), jnp.zeros((), bool), jnp.zeros((), bool)
-    norms_list, nonfinite = _n.norm_core(xs, p, axis_name=axis_name)
+    axes = _n.leaf_axes(updates, axis_name, partition_specs)
+    norms_list, nonfinite = _n.norm_core(xs, p, axes_per_leaf=axes)
     norms = jnp.stack(norms_list)
-    sizes = jnp.asarray([x.size for x in xs], norms.dtype)
-    if axis_name is not None:
-        sizes = jax.lax.psum(sizes, axis_name)
+    sizes = _n.collect([jnp.asarray(x.size, norms.dtype) for x in xs], axes, jax.lax.psum)
+    sizes = jnp.stack(sizes)
     scales = leaf_scale(norms, sizes).astype(norms.dtype)
     out = list(flat)
     for j, i in enumerate(idx):
@@ -311,6 +327,7 @@ def clip_by_leaf_norm(
     *,
     ord: Ord = _n.L2,
     axis_name: AxisName = None,
+    partition_specs: Any = None,
     error_if_nonfinite: bool = False,
 ) -> optax.GradientTransformation:
     """Clips the p-norm of each leaf on its own to ``max_norm``.
@@ -327,6 +344,9 @@ def clip_by_leaf_norm(
         *every* float leaf is sharded; each leaf's partial norm is combined
         across them. Replicated leaves must not be combined: clip them with a
         separate ``optax.masked`` instance without ``axis_name``.
+      partition_specs: inside ``shard_map``, the ``PartitionSpec`` of every leaf
+        (None for replicated ones), for trees of mixed layouts; see
+        :func:`optclip.global_norm`. Wins over ``axis_name``.
       error_if_nonfinite: raise on NaN or inf updates.
 
     Returns:
@@ -356,7 +376,8 @@ def clip_by_leaf_norm(
             return global_scale(norms, max_n)
 
         updates, before, ratio, clipped, nonfinite = per_leaf_clip(
-            updates, leaf_scale, p, axis_name=axis_name)
+            updates, leaf_scale, p, axis_name=axis_name,
+            partition_specs=partition_specs)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_leaf_norm")
         stats = ClipStats(grad_norm=f32(before), threshold=f32(max_n), scale=f32(ratio),
                           clipped=clipped, nonfinite=nonfinite)
@@ -369,6 +390,7 @@ def clip_by_block_rms(
     threshold: Threshold,
     *,
     axis_name: AxisName = None,
+    partition_specs: Any = None,
     error_if_nonfinite: bool = False,
 ) -> optax.GradientTransformation:
     """Clips the root-mean-square of each leaf (block) to ``threshold``.
@@ -383,6 +405,9 @@ def clip_by_block_rms(
         schedule.
       axis_name: as in :func:`clip_by_leaf_norm`: every float leaf is sharded
         along these axes, and both its norm and its size are combined.
+      partition_specs: inside ``shard_map``, the ``PartitionSpec`` of every leaf
+        (None for replicated ones), for trees of mixed layouts; see
+        :func:`optclip.global_norm`. Wins over ``axis_name``.
       error_if_nonfinite: raise on NaN or inf updates.
 
     Returns:
@@ -408,7 +433,8 @@ def clip_by_block_rms(
             return global_scale(norms, t * jnp.sqrt(sizes))
 
         updates, before, ratio, clipped, nonfinite = per_leaf_clip(
-            updates, leaf_scale, 2.0, axis_name=axis_name)
+            updates, leaf_scale, 2.0, axis_name=axis_name,
+            partition_specs=partition_specs)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_block_rms")
         stats = ClipStats(grad_norm=f32(before), threshold=f32(t), scale=f32(ratio),
                           clipped=clipped, nonfinite=nonfinite)

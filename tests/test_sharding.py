@@ -1,0 +1,178 @@
+"""Every clipper sharded across 8 simulated CPU devices equals the unsharded one.
+
+tests/conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optclip
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
+
+SHAPES = {"dense": (16, 8), "bias": (8,), "out": (8, 16), "conv": (3, 3, 8, 8)}
+
+
+def grads_at(step):
+    rng = np.random.default_rng(step)
+    scale = [1.0, 1.3, 0.9, 20.0][step % 4]  # the last step is a spike
+    return {k: jnp.asarray(rng.normal(size=s) * scale, jnp.float32) for k, s in SHAPES.items()}
+
+
+PARAMS = {k: jnp.asarray(np.random.default_rng(99).normal(size=s) * 0.1, jnp.float32)
+          for k, s in SHAPES.items()}
+
+# Each entry builds the clipper given the sharding keyword arguments.
+CLIPPERS = {
+    "global_norm": lambda **kw: optclip.clip_by_global_norm(1.0, **kw),
+    "global_norm_l1": lambda **kw: optclip.clip_by_global_norm(5.0, ord=1, **kw),
+    "global_norm_linf": lambda **kw: optclip.clip_by_global_norm(0.5, ord=math.inf, **kw),
+    "value": lambda **kw: optclip.clip_by_value(0.5, **kw),
+    "leaf_norm": lambda **kw: optclip.clip_by_leaf_norm(1.0, **kw),
+    "block_rms": lambda **kw: optclip.clip_by_block_rms(0.5, **kw),
+    "agc": lambda **kw: optclip.agc(0.05, **kw),
+    "autoclip": lambda **kw: optclip.autoclip(50.0, **kw),
+    "zclip": lambda **kw: optclip.zclip(warmup_steps=2, **kw),
+    "adagc": lambda **kw: optclip.adagc(warmup_steps=2, lambda_abs=5.0, **kw),
+    "skip_nonfinite": lambda **kw: optclip.skip_nonfinite(optax.identity(), **kw),
+    "skip_on_spike": lambda **kw: optclip.skip_on_spike(optax.identity(), warmup_steps=2,
+                                                        z_thresh=1.0, **kw),
+}
+STEPS = 4
+
+
+def run(tx, step_fn=None):
+    """Updates and flat stats for STEPS steps; step_fn defaults to a plain jit."""
+    step_fn = step_fn or jax.jit(tx.update)
+    state = tx.init(PARAMS)
+    outs = []
+    for t in range(STEPS):
+        u, state = step_fn(grads_at(t), state, PARAMS)
+        outs.append((jax.device_get(u), jax.device_get(optclip.stats(state))))
+    return outs
+
+
+REFERENCE = {}
+
+
+def reference(name):
+    if name not in REFERENCE:
+        REFERENCE[name] = run(CLIPPERS[name]())
+    return REFERENCE[name]
+
+
+def assert_same(got, want):
+    for (u1, s1), (u2, s2) in zip(got, want, strict=True):
+        for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+        assert s1.keys() == s2.keys()
+        for k in s1:
+            np.testing.assert_allclose(np.asarray(s1[k]), np.asarray(s2[k]), rtol=1e-6, err_msg=k)
+
+
+def test_reference_has_clips():
+    # the sequence is such that the global clip engages: the comparisons below are not vacuous
+    assert any(bool(s["clipped"]) for _, s in reference("global_norm"))
+    assert any(bool(s["clipped"]) for _, s in reference("zclip"))
+    assert any(bool(s["skipped"]) for _, s in reference("skip_on_spike"))
+
+
+# --- jit with NamedSharding: no axis_name needed ------------------------------------------------
+
+def fsdp_specs(mesh_axis="data"):
+    return {"dense": P(mesh_axis), "bias": P(mesh_axis), "out": P(mesh_axis),
+            "conv": P(None, None, mesh_axis)}
+
+
+def tp_specs():
+    return {"dense": P("data", "model"), "bias": P("model"), "out": P("model", "data"),
+            "conv": P(None, None, "data", "model")}
+
+
+def sharded_step(tx, mesh, specs):
+    shard = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+
+    def step(g, s, p):
+        g = jax.device_put(g, shard)
+        p = jax.device_put(p, shard)
+        return jax.jit(tx.update)(g, s, p)
+
+    return step
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "tp"])
+@pytest.mark.parametrize("name", sorted(CLIPPERS))
+def test_jit_named_sharding_equals_unsharded(name, layout):
+    devs = np.array(jax.devices()[:8])
+    if layout == "fsdp":
+        mesh, specs = Mesh(devs, ("data",)), fsdp_specs()
+    else:
+        mesh, specs = Mesh(devs.reshape(2, 4), ("data", "model")), tp_specs()
+    tx = CLIPPERS[name]()
+    assert_same(run(tx, sharded_step(tx, mesh, specs)), reference(name))
+
+
+# --- shard_map with axis_name / partition_specs ---------------------------------------------
+
+def shard_map_step(tx, mesh, specs):
+    def body(g, s, p):
+        return tx.update(g, s, p)
+
+    # out_specs P() for the state: shard_map checks that it is replicated on every device
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(specs, P(), specs),
+                              out_specs=(specs, P())))
+    return f
+
+
+@pytest.mark.parametrize("name", sorted(CLIPPERS))
+def test_shard_map_one_axis(name):
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    tx = CLIPPERS[name](axis_name="data")
+    assert_same(run(tx, shard_map_step(tx, mesh, fsdp_specs())), reference(name))
+
+
+@pytest.mark.parametrize("name", sorted(CLIPPERS))
+def test_shard_map_tuple_of_axes(name):
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    specs = fsdp_specs(("data", "model"))
+    tx = CLIPPERS[name](axis_name=("data", "model"))
+    assert_same(run(tx, shard_map_step(tx, mesh, specs)), reference(name))
+
+
+@pytest.mark.parametrize("name", sorted(CLIPPERS))
+def test_shard_map_mixed_layout_partition_specs(name):
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    specs = tp_specs()
+    specs["bias"] = P()  # replicated: counted once, not eight times
+    tx = CLIPPERS[name](partition_specs=specs)
+    assert_same(run(tx, shard_map_step(tx, mesh, specs)), reference(name))
+
+
+def test_shard_map_without_axis_name_gives_local_norms():
+    # the bug this guards against: inside shard_map a plain norm is per device
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    g = grads_at(0)
+    local = jax.jit(jax.shard_map(lambda g: optclip.global_norm(g)[None], mesh=mesh,
+                                  in_specs=(fsdp_specs(),), out_specs=P("data")))(g)
+    combined = jax.jit(jax.shard_map(lambda g: optclip.global_norm(g, axis_name="data"),
+                                     mesh=mesh, in_specs=(fsdp_specs(),), out_specs=P()))(g)
+    assert len(set(np.asarray(local).round(5).tolist())) > 1
+    np.testing.assert_allclose(float(combined), float(optclip.global_norm(g)), rtol=1e-6)
+
+
+def test_pmap_axis_name():
+    g = {"w": jnp.arange(16.0).reshape(8, 2)}
+    out = jax.pmap(lambda g: optclip.global_norm(g, axis_name="i"), axis_name="i")(g)
+    np.testing.assert_allclose(np.asarray(out), float(optclip.global_norm(g)), rtol=1e-6)
+
+
+def test_bad_partition_specs():
+    with pytest.raises(ValueError, match="structure of the updates"):
+        optclip.global_norm({"a": jnp.ones(2), "b": jnp.ones(2)}, partition_specs={"a": P()})

@@ -18,3 +18,10 @@ def test_quickstart_runs_and_prints_stats():
     assert "grad_norm" in r.stdout and "clipped on" in r.stdout
     clipped = int(r.stdout.split("clipped on ")[1].split()[0])
     assert 0 < clipped < 200  # the clip engaged at the start, then let go
+
+
+def test_sharded_training_matches_one_device():
+    r = run_example("sharded_training.py")
+    assert r.returncode == 0, r.stderr
+    assert "8 devices" in r.stdout
+    assert "match the one-device run: True" in r.stdout

@@ -1,0 +1,1 @@
+"""optclip's benchmark harness: ``python -m bench``."""

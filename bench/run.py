@@ -45,14 +45,16 @@ def compile_time(fn: Callable, *args) -> tuple[Any, float]:
     return compiled, time.perf_counter() - t0
 
 
-def step_time(compiled, carry: tuple, rest: tuple, reps: int, warmup: int = 1) -> float:
-    """Median seconds of ``carry = compiled(*carry, *rest)``, chaining donated carries."""
+def step_time(compiled, carry: tuple, rest: tuple, reps: int, warmup: int = 1,
+              chain: bool = True) -> float:
+    """Median seconds of ``carry = compiled(*carry, *rest)``, chaining (donated) carries."""
     times = []
     for i in range(warmup + reps):
         t0 = time.perf_counter()
         out = _block(compiled(*carry, *rest))
         dt = time.perf_counter() - t0
-        carry = out if isinstance(out, tuple) else (out,)
+        if chain:
+            carry = out if isinstance(out, tuple) else (out,)
         if i >= warmup:
             times.append(dt)
     return statistics.median(times)
@@ -97,19 +99,19 @@ def bench_tree(name: str, reps: int, full: bool) -> dict:
     res: dict[str, Any] = {"tree": name, "leaves": len(shapes), "params": n_params(shapes),
                            "step_s": {}, "compile_s": {}, "temp_bytes": {}}
 
-    def record(key, fn, carry, rest, donate_carry=True):
+    def record(key, fn, carry, rest, donate_carry=True, chain=True):
         compiled, ct = compile_time(fn, *carry, *rest)
         res["compile_s"][key] = ct
         res["temp_bytes"][key] = temp_bytes(compiled)
         if full:
             copy = jax.tree.map(jnp.copy, carry) if donate_carry else carry
-            res["step_s"][key] = step_time(compiled, copy, rest, reps)
+            res["step_s"][key] = step_time(compiled, copy, rest, reps, chain=chain)
         print(f"  {name:>10} {key:<42} compile {ct:7.2f} s"
               + (f"   step {res['step_s'][key] * 1e3:9.2f} ms" if full else ""), flush=True)
 
     # memory floors: read once; read and write once, in place
     read = jax.jit(lambda g: sum(jnp.sum(x) for x in jax.tree.leaves(g)))
-    record("floor_read", read, (grads,), (), donate_carry=False)
+    record("floor_read", read, (grads,), (), donate_carry=False, chain=False)
     rw = jax.jit(lambda g: jax.tree.map(lambda x: x * 0.999, g), donate_argnums=0)
     record("floor_read_write", rw, (grads,), ())
 
@@ -126,10 +128,10 @@ def bench_tree(name: str, reps: int, full: bool) -> dict:
 
     for key, (make, counterpart) in clip_fns().items():
         f, carry = clip_alone_step(make())
-        record(f"alone/{key}", lambda g, s, p, f=f: f(g, s, p), carry, (params,))
+        record(f"alone/{key}", f, carry, (params,))
         if counterpart:
             f, carry = clip_alone_step(OPTAX[counterpart]())
-            record(f"alone/{counterpart}", lambda g, s, p, f=f: f(g, s, p), carry, (params,))
+            record(f"alone/{counterpart}", f, carry, (params,))
 
     # chain(clipper, adam) against adam alone; donated params and state, and not donated
     def train_step(tx, donate):

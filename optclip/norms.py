@@ -114,6 +114,62 @@ def _pow_sum(m: jax.Array, p: float, axis: Any) -> jax.Array:
     return jnp.sum(jnp.abs(m) ** p, axis=axis, keepdims=keep)
 
 
+def _pow_terms(m: jax.Array, p: float) -> jax.Array:
+    """``|m| ** p`` element-wise."""
+    if p == 2:
+        return m * m
+    if p == 1:
+        return jnp.abs(m)
+    return jnp.abs(m) ** p
+
+
+# Leaves up to this many elements are reduced together rather than one by one: XLA:CPU's
+# compile time grows much faster than linearly in the number of separate reductions, while
+# a concatenation of small leaves compiles in linear time (and usually fuses, with no copy).
+SMALL_LEAF = 1 << 16
+
+
+def _grouped_total(vals: list[jax.Array], scale: Any, term, red) -> jax.Array:
+    """``red(term(v, scale))`` over every element of every array: large arrays one by one,
+    the small ones concatenated first (raw, so that the concatenation has plain operands)."""
+    big = [red(term(v, scale)) for v in vals if v.size > SMALL_LEAF]
+    small = [v.ravel() for v in vals if 0 < v.size <= SMALL_LEAF]
+    if small:
+        flat = small[0] if len(small) == 1 else jnp.concatenate(small)
+        big.append(red(term(flat, scale)))
+    if not big:
+        return jnp.zeros((), vals[0].dtype)
+    return red(jnp.stack(big)) if len(big) > 1 else big[0]
+
+
+def _grouped_per_leaf(vals: list[jax.Array], axes: list[Any], scales: list[Any], term,
+                      red) -> list[jax.Array]:
+    """``red(term(v, scale))`` of each array over its ``axes`` (keepdims). Small whole-array
+    reductions of equal size are stacked and done as one."""
+    out: list[Any] = [None] * len(vals)
+    by_size: dict[int, list[int]] = {}
+    for i, (v, ax, sc) in enumerate(zip(vals, axes, scales, strict=True)):
+        if ax is not None:
+            out[i] = red(term(v, sc), axis=ax, keepdims=True)
+        elif v.size == 0:
+            out[i] = jnp.zeros((), v.dtype)
+        elif v.size > SMALL_LEAF:
+            out[i] = red(term(v, sc))
+        else:
+            by_size.setdefault(int(v.size), []).append(i)
+    for ids in by_size.values():
+        if len(ids) == 1:
+            i = ids[0]
+            out[i] = red(term(vals[i], scales[i]))
+            continue
+        rows = jnp.stack([vals[i].ravel() for i in ids])
+        sc = None if scales[ids[0]] is None else jnp.stack([scales[i] for i in ids])[:, None]
+        rows = red(term(rows, sc), axis=1)
+        for k, i in enumerate(ids):
+            out[i] = rows[k]
+    return out
+
+
 def _abs_max(m: jax.Array, axis: Any) -> jax.Array:
     return jnp.max(jnp.abs(m), axis=axis, keepdims=axis is not None, initial=0.0)
 
@@ -135,15 +191,26 @@ def _pow2_scale(m: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Powers of two ``(down, up)`` that bring ``m`` into [2, 4) and back.
 
     Scaling by a power of two is exact. The target [2, 4), rather than
-    [1, 2), keeps ``down`` a normal number even for ``m`` near float32's
-    largest value: a subnormal factor would be flushed to zero by XLA on CPU.
-    Both are 1 where ``m`` is 0 or not finite.
+    [1, 2), keeps ``down`` a normal number even for ``m`` near the largest
+    float: a subnormal factor would be flushed to zero by XLA on CPU. Both
+    are 1 where ``m`` is 0 or not finite. Built from the exponent bits: a
+    handful of integer ops, cheap to compile even when a tree has thousands
+    of leaves (``frexp``/``ldexp`` made compile time explode).
     """
-    ok = (m > 0) & jnp.isfinite(m)
-    _, e = jnp.frexp(jnp.where(ok, m, jnp.ones_like(m)))
-    e = jnp.where(ok, e - 2, 0)
-    one = jnp.ones_like(m)
-    return lax.stop_gradient(jnp.ldexp(one, -e)), lax.stop_gradient(jnp.ldexp(one, e))
+    info = jnp.finfo(m.dtype)
+    nm = info.nmant
+    bias = info.maxexp - 1
+    itype = jnp.int64 if m.dtype == jnp.float64 else jnp.int32
+    bits = lax.bitcast_convert_type(m, itype)
+    e = (bits >> nm) & ((1 << info.nexp) - 1)  # the biased exponent: m in [2^(e-bias), ...)
+    ok = ((e > 0) & (e < 2 * bias + 1) & (m > 0)).astype(itype)
+    # integer blends rather than selects: XLA compiles a select that feeds thousands of
+    # per-leaf fusions very slowly
+    down_e = ok * (2 * bias + 1 - e) + (1 - ok) * bias
+    up_e = ok * (e - 1) + (1 - ok) * bias
+    down = lax.bitcast_convert_type(down_e.astype(itype) << nm, m.dtype)
+    up = lax.bitcast_convert_type(up_e.astype(itype) << nm, m.dtype)
+    return lax.stop_gradient(down), lax.stop_gradient(up)
 
 
 def _reduce_size(x: jax.Array, axis: Any) -> int:
@@ -297,19 +364,35 @@ def norm_core(
         return [jnp.zeros((), acc)], jnp.zeros((), bool)
     axes = [None] * len(xs) if axes is None else list(axes)
     mags = [_magnitude(x, acc) for x in xs]
+    mesh = [None] * len(xs) if axes_per_leaf is None else list(axes_per_leaf)
+
+    def reduce(kind: str, scales: list[Any] | None = None) -> list[jax.Array]:
+        """Per array (or, with ``combine``, one in all): the sum of ``|x * scale| ** p``, or
+        the max of ``|x|``; combined across the mesh axes."""
+        if kind == "sum":
+            red, coll = jnp.sum, lax.psum
+            term = lambda v, sc: _pow_terms(v if sc is None else v * sc, p)  # noqa: E731
+        else:
+            red, coll = jnp.max, lax.pmax
+            term = lambda v, sc: jnp.abs(v)  # noqa: E731
+        scales = [None] * len(mags) if scales is None else scales
+        if not combine:
+            out = _grouped_per_leaf(mags, axes, scales, term, red)
+            return collect(out, axes_per_leaf, coll)
+        groups: dict[Any, list[int]] = {}
+        for i, ax in enumerate(mesh):
+            groups.setdefault(ax, []).append(i)
+        parts = []
+        for ax, ids in groups.items():
+            part = _grouped_total([mags[i] for i in ids], scales[0], term, red)
+            parts.append(part if ax is None or ax == () else coll(part, ax))
+        return [red(jnp.stack(parts))] if len(parts) > 1 else parts
 
     def maxes() -> list[jax.Array]:
-        ms = [_abs_max(m, ax) for m, ax in zip(mags, axes, strict=True)]
-        ms = collect(ms, axes_per_leaf, lax.pmax)
-        return [jnp.max(jnp.stack(ms))] if combine else ms
+        return reduce("max")
 
-    def powsums(scale: list[Any]) -> list[jax.Array]:
-        ps = [_pow_sum(m * sc if sc is not None else m, p, ax)
-              for m, sc, ax in zip(mags, scale, axes, strict=True)]
-        ps = collect(ps, axes_per_leaf, lax.psum)
-        if combine and len(ps) > 1:
-            return [jnp.sum(jnp.stack(ps))]
-        return ps
+    def powsums(scales: list[Any]) -> list[jax.Array]:
+        return reduce("sum", scales)
 
     if p == math.inf:
         ms = maxes()
@@ -339,8 +422,7 @@ def norm_core(
     def rescue() -> tuple[list[jax.Array], jax.Array]:
         ms = maxes()
         scales = [_pow2_scale(m) for m in ms]
-        downs = [scales[0][0]] * len(mags) if combine else [d for d, _ in scales]
-        s = powsums(downs)
+        s = powsums([scales[0][0]] * len(mags) if combine else [d for d, _ in scales])
         norms = [jnp.where(m == 0, jnp.zeros_like(m), safe_root(si, p) * up)
                  for m, si, (_, up) in zip(ms, s, scales, strict=True)]
         nonfinite = jnp.any(jnp.stack([~jnp.all(jnp.isfinite(m)) for m in ms]))

@@ -129,7 +129,7 @@ def _pow_terms(m: jax.Array, p: float) -> jax.Array:
 SMALL_LEAF = 1 << 16
 
 
-def _grouped_total(vals: list[jax.Array], scale: Any, term, red) -> jax.Array:
+def grouped_total(vals: list[jax.Array], scale: Any, term, red) -> jax.Array:
     """``red(term(v, scale))`` over every element of every array: large arrays one by one,
     the small ones concatenated first (raw, so that the concatenation has plain operands)."""
     big = [red(term(v, scale)) for v in vals if v.size > SMALL_LEAF]
@@ -384,7 +384,7 @@ def norm_core(
             groups.setdefault(ax, []).append(i)
         parts = []
         for ax, ids in groups.items():
-            part = _grouped_total([mags[i] for i in ids], scales[0], term, red)
+            part = grouped_total([mags[i] for i in ids], scales[0], term, red)
             parts.append(part if ax is None or ax == () else coll(part, ax))
         return [red(jnp.stack(parts))] if len(parts) > 1 else parts
 

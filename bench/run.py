@@ -256,8 +256,10 @@ def main(argv=None) -> list[dict]:
     if args.backend:
         jax.config.update("jax_platforms", args.backend)
     trees = (args.trees or ("tiny" if args.quick else "gpt2,resnet50")).split(",")
-    ctrees = (args.compile_trees or ("tiny_leaves" if args.quick else
-                                     "leaves1000,leaves2000,leaves4000,leaves10000")).split(",")
+    if args.compile_trees is None:
+        args.compile_trees = ("tiny_leaves" if args.quick else
+                              "leaves1000,leaves2000,leaves4000,leaves10000")
+    ctrees = args.compile_trees.split(",")
     ctrees = [t for t in ctrees if t]
     print(f"jax {jax.__version__}, optax {optax.__version__}, device {jax.devices()[0]}, "
           f"{platform.machine()}", flush=True)

@@ -31,6 +31,14 @@ def _pyplot():
     return plt
 
 
+def _finish(fig, path: Any, title: str | None):
+    if title:
+        fig.suptitle(title)
+    if path is not None:
+        fig.savefig(path, dpi=72)
+    return fig
+
+
 def _colours(names: Sequence[str]) -> dict[str, Any]:
     plt = _pyplot()
     cmap = plt.get_cmap("tab10")
@@ -164,11 +172,7 @@ def plot_training(
     if diverged_at is not None:
         ax_loss.text(0.01, 0.01, "a diverged seed is drawn up to its divergence, marked x",
                      transform=ax_loss.transAxes, fontsize=8, color="0.3")
-    if title:
-        fig.suptitle(title)
-    if path is not None:
-        fig.savefig(path, dpi=90)
-    return fig
+    return _finish(fig, path, title)
 
 
 def plot_divergence_sweep(
@@ -210,11 +214,7 @@ def plot_divergence_sweep(
                 ylabel="median final loss (seeds that did not diverge)",
                 title="final loss against learning rate")
         ax2.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    if path is not None:
-        fig.savefig(path, dpi=90)
-    return fig
+    return _finish(fig, path, title)
 
 
 def descend(
@@ -308,8 +308,4 @@ def plot_gradient_field(
         ax.plot(pp[0, 0], pp[0, 1], "s", color="tab:red", ms=7)
         ax.set(xlim=xlim, ylim=ylim, title=name, xlabel="w1", ylabel="w2")
         ax.legend(loc="upper right", fontsize=8)
-    if title:
-        fig.suptitle(title)
-    if path is not None:
-        fig.savefig(path, dpi=90)
-    return fig, raw_path, clip_path
+    return _finish(fig, path, title), raw_path, clip_path

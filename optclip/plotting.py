@@ -203,7 +203,8 @@ def plot_divergence_sweep(
     ax = axes[0, 0]
     for i, (m, frac) in enumerate(diverged.items()):
         ax.plot(lrs, np.asarray(frac) + 0.01 * i, "o-", color=colours[m], label=m)
-    ax.set(xscale="log", xlabel="learning rate", ylabel="fraction of seeds diverged",
+    ax.set(xscale="log", xlabel="learning rate",
+           ylabel="fraction of seeds diverged (lines offset by 0.01 each)",
            ylim=(-0.05, 1.1), title="divergence against learning rate")
     ax.legend(fontsize=8)
     if final_loss is not None:

@@ -104,16 +104,6 @@ def _magnitude(x: jax.Array, acc: jnp.dtype) -> jax.Array:
     return x.astype(acc)
 
 
-def _pow_sum(m: jax.Array, p: float, axis: Any) -> jax.Array:
-    """sum(|m|**p) over ``axis`` (keepdims when an axis is given)."""
-    keep = axis is not None
-    if p == 2:
-        return jnp.sum(m * m, axis=axis, keepdims=keep)
-    if p == 1:
-        return jnp.sum(jnp.abs(m), axis=axis, keepdims=keep)
-    return jnp.sum(jnp.abs(m) ** p, axis=axis, keepdims=keep)
-
-
 def _pow_terms(m: jax.Array, p: float) -> jax.Array:
     """``|m| ** p`` element-wise."""
     if p == 2:
@@ -168,10 +158,6 @@ def _grouped_per_leaf(vals: list[jax.Array], axes: list[Any], scales: list[Any],
         for k, i in enumerate(ids):
             out[i] = rows[k]
     return out
-
-
-def _abs_max(m: jax.Array, axis: Any) -> jax.Array:
-    return jnp.max(jnp.abs(m), axis=axis, keepdims=axis is not None, initial=0.0)
 
 
 def safe_root(s: jax.Array, p: float) -> jax.Array:
@@ -439,7 +425,8 @@ def combine_norms(norms: jax.Array, p: float) -> jax.Array:
         return jnp.max(norms)
     m = jnp.max(norms)
     down, up = _pow2_scale(m)
-    return jnp.where(m == 0, jnp.zeros_like(m), safe_root(_pow_sum(norms * down, p, None), p) * up)
+    root = safe_root(jnp.sum(_pow_terms(norms * down, p)), p)
+    return jnp.where(m == 0, jnp.zeros_like(m), root * up)
 
 
 def global_norm_and_flag(

@@ -58,15 +58,15 @@ ALL_METHODS = ("none", "global_norm", "value", "leaf_norm", "agc", "autoclip", "
 def make_clipper(method: str) -> optax.GradientTransformation | None:
     """The clipper each method name stands for (recorded in summary.json's config)."""
     return {
-        "none": None,
-        "global_norm": optclip.clip_by_global_norm(1.0),
-        "value": optclip.clip_by_value(0.1),
-        "leaf_norm": optclip.clip_by_leaf_norm(1.0),
-        "agc": optclip.agc(0.01),
-        "autoclip": optclip.autoclip(10.0),
-        "zclip": optclip.zclip(),
-        "adagc": optclip.adagc(),
-    }[method]
+        "none": lambda: None,
+        "global_norm": lambda: optclip.clip_by_global_norm(1.0),
+        "value": lambda: optclip.clip_by_value(0.1),
+        "leaf_norm": lambda: optclip.clip_by_leaf_norm(1.0),
+        "agc": lambda: optclip.agc(0.01),
+        "autoclip": lambda: optclip.autoclip(10.0),
+        "zclip": lambda: optclip.zclip(),
+        "adagc": lambda: optclip.adagc(),
+    }[method]()
 
 
 CLIPPER_SETTINGS = {

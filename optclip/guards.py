@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optclip import adaptive as _a
 from optclip import norms as _n
-from optclip._common import f32
+from optclip._common import check_threshold, f32
 from optclip.norms import AxisName
 from optclip.stats import GuardStats
 
@@ -162,9 +163,6 @@ def skip_on_spike(
       >>> u, int(state.stats.skip_count)
       (Array([0.], dtype=float32), 1)
     """
-    from optclip import adaptive as _a
-    from optclip._common import check_threshold
-
     _a._check_alpha("alpha", alpha)
     check_threshold("z_thresh", z_thresh)
     if isinstance(z_thresh, (int, float)) and z_thresh == 0:

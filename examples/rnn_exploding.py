@@ -142,7 +142,8 @@ class Trainer:
             loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
             updates, opt_state = make_tx(lr).update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-            s = optclip.stats(opt_state)  # what the clipper saw: no second pass over grads
+            # what the clipper saw: no second pass over grads ("none" has no clipper)
+            s = optclip.stats(opt_state) if clipper is not None else {}
             leaf = jax.tree_util.tree_flatten_with_path(optclip.leaf_norms(grads))[0]
             rec = {
                 "loss": loss,

@@ -29,7 +29,7 @@ from optclip.static import (
     clip_by_leaf_norm,
     clip_by_value,
 )
-from optclip.stats import ClipStats, GuardStats, stats, stats_records
+from optclip.stats import ClipStats, GuardStats, reset_peaks, stats, stats_records
 
 __version__ = "0.1.0"
 
@@ -62,5 +62,6 @@ __all__ = [
     "skip_nonfinite",
     "stats",
     "stats_records",
+    "reset_peaks",
     "unitwise_norm",
 ]

@@ -190,7 +190,7 @@ def agc(
             after.append(_n.norm_across(_n.combine_norms((g_norms[j] * s).ravel(), 2.0), other))
         before = _n.combine_norms(jnp.stack(before), 2.0)
         after = _n.combine_norms(jnp.stack(after), 2.0)
-        stats = ClipStats(grad_norm=f32(before), threshold=f32(c), scale=f32(_ratio(after, before)),
+        stats = state.stats.advance(grad_norm=f32(before), threshold=f32(c), scale=f32(_ratio(after, before)),
                           clipped=jnp.any(jnp.stack(any_clip)), nonfinite=nonfinite)
         return (jax.tree_util.tree_unflatten(treedef, out),
                 AGCState(count=increment(state.count), stats=stats))
@@ -365,7 +365,7 @@ def autoclip(
         thr = jnp.where(n > 0, thr, jnp.inf)
         scale = global_scale(norm, thr)
         updates = jax.tree.map(lambda x: scale_leaf(x, scale), updates)
-        stats = ClipStats(grad_norm=g, threshold=f32(thr), scale=f32(scale), clipped=scale != 1,
+        stats = state.stats.advance(grad_norm=g, threshold=f32(thr), scale=f32(scale), clipped=scale != 1,
                           nonfinite=nonfinite)
         return updates, AutoClipState(count=count, history=hist, stats=stats)
 
@@ -576,7 +576,7 @@ def zclip(
         do = jnp.isfinite(g) & ~(spike & skip_update_on_spike)
         new_ema = ema_record(ema, record_value, warmup_steps, a, do)
         shown = jnp.where(scale != 1, thr, jnp.where(warm, jnp.minimum(bound, cap), cap))
-        stats = ClipStats(grad_norm=g, threshold=f32(shown), scale=f32(scale),
+        stats = state.stats.advance(grad_norm=g, threshold=f32(shown), scale=f32(scale),
                           clipped=scale != 1, nonfinite=nonfinite)
         return updates, ZClipState(ema=new_ema, stats=stats)
 
@@ -700,7 +700,7 @@ def adagc(
             out[i] = scale_leaf(flat[i], h[j])
         after = _n.combine_norms(norms * h, 2.0)
         thr = jnp.where(warm, lam_abs, _n.combine_norms(rel_thr, 2.0))
-        stats = ClipStats(grad_norm=f32(gnorm), threshold=f32(thr),
+        stats = state.stats.advance(grad_norm=f32(gnorm), threshold=f32(thr),
                           scale=f32(_ratio(after, gnorm)), clipped=jnp.any(h != 1),
                           nonfinite=nonfinite)
         return (jax.tree_util.tree_unflatten(treedef, out),

@@ -86,9 +86,8 @@ def skip_nonfinite(
             partition_specs=partition_specs)
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
         out, inner_state = select_step(nonfinite, new_updates, new_inner, state.inner_state)
-        count = state.stats.skip_count + nonfinite.astype(jnp.int32)
-        stats = GuardStats(grad_norm=f32(norm), threshold=state.stats.threshold,
-                           skipped=nonfinite, skip_count=count, nonfinite=nonfinite)
+        stats = state.stats.advance(grad_norm=norm, threshold=state.stats.threshold,
+                                    skipped=nonfinite, nonfinite=nonfinite)
         return out, SkipNonfiniteState(inner_state=inner_state, stats=stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -189,9 +188,8 @@ def skip_on_spike(
                                 jnp.asarray(alpha, jnp.float32), jnp.isfinite(g))
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
         out, inner_state = select_step(skip, new_updates, new_inner, state.inner_state)
-        stats = GuardStats(grad_norm=g, threshold=f32(jnp.where(warm, bound, jnp.inf)),
-                           skipped=skip, skip_count=state.stats.skip_count + skip.astype(jnp.int32),
-                           nonfinite=nonfinite)
+        stats = state.stats.advance(grad_norm=g, threshold=jnp.where(warm, bound, jnp.inf),
+                                    skipped=skip, nonfinite=nonfinite)
         return out, SkipOnSpikeState(inner_state=inner_state, ema=new_ema, stats=stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

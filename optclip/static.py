@@ -175,7 +175,7 @@ def clip_by_global_norm(
         min_n = None if min_norm is None else resolve(min_norm, state.count, norm.dtype)
         scale = global_scale(norm, max_n, min_n)
         updates = jax.tree.map(lambda x: scale_leaf(x, scale), updates)
-        stats = ClipStats(grad_norm=f32(norm), threshold=f32(max_n), scale=f32(scale),
+        stats = state.stats.advance(grad_norm=f32(norm), threshold=f32(max_n), scale=f32(scale),
                           clipped=scale != 1, nonfinite=nonfinite)
         return updates, GlobalNormClipState(count=increment(state.count), stats=stats)
 
@@ -290,7 +290,7 @@ def clip_by_value(
         updates = jax.tree.map(lambda x: _clip_leaf(x, lo, hi), updates)
         after = _n.global_norm(updates, **shard)
         ratio = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), 1)
-        stats = ClipStats(grad_norm=f32(before), threshold=f32(hi), scale=f32(ratio),
+        stats = state.stats.advance(grad_norm=f32(before), threshold=f32(hi), scale=f32(ratio),
                           clipped=clipped, nonfinite=nonfinite)
         return updates, ValueClipState(count=increment(state.count), stats=stats)
 
@@ -391,7 +391,7 @@ def clip_by_leaf_norm(
             updates, leaf_scale, p, axis_name=axis_name,
             partition_specs=partition_specs)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_leaf_norm")
-        stats = ClipStats(grad_norm=f32(before), threshold=f32(max_n), scale=f32(ratio),
+        stats = state.stats.advance(grad_norm=f32(before), threshold=f32(max_n), scale=f32(ratio),
                           clipped=clipped, nonfinite=nonfinite)
         return updates, LeafNormClipState(count=increment(state.count), stats=stats)
 
@@ -448,7 +448,7 @@ def clip_by_block_rms(
             updates, leaf_scale, 2.0, axis_name=axis_name,
             partition_specs=partition_specs)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_block_rms")
-        stats = ClipStats(grad_norm=f32(before), threshold=f32(t), scale=f32(ratio),
+        stats = state.stats.advance(grad_norm=f32(before), threshold=f32(t), scale=f32(ratio),
                           clipped=clipped, nonfinite=nonfinite)
         return updates, BlockRMSClipState(count=increment(state.count), stats=stats)
 

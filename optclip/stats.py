@@ -3,28 +3,47 @@
 Every optclip transformation keeps a small record in its state, written by
 the same ``update`` that clipped, from the same norm: reading it costs no
 second pass over the gradients and no host sync until you convert it.
+
+Besides the latest step, every record keeps running counters (steps clipped,
+non-finite steps, the peak norm), updated in the same pass, so that a logger
+that reads the stats every N steps still sees a spike that happened between
+two reads.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ClipStats", "GuardStats", "stats", "stats_records"]
+__all__ = ["ClipStats", "GuardStats", "reset_peaks", "stats", "stats_records"]
 
-CLIP_KEYS = ("grad_norm", "threshold", "scale", "clipped")
-GUARD_KEYS = ("grad_norm", "threshold", "skipped", "skip_count")
+
+def _saturating_inc(count: jax.Array, by: jax.Array) -> jax.Array:
+    """``count + by`` (by is a bool), saturating at int32's max instead of wrapping."""
+    top = jnp.iinfo(jnp.int32).max
+    return jnp.where(by & (count < top), count + 1, count).astype(jnp.int32)
+
+
+def _f32(x: Any) -> jax.Array:
+    return jnp.asarray(x).astype(jnp.float32)
+
+
+def _flag(x: Any) -> jax.Array:
+    return jnp.asarray(x).astype(bool)
 
 
 class ClipStats(NamedTuple):
-    """The latest step of one clipper. Every field is a scalar.
+    """One clipper's record: its latest step and running counters. Every field is a scalar.
 
     Attributes:
       grad_norm: float32, the pre-clip global norm of the incoming updates:
         the very value that decided the clip for global clippers. For
-        per-leaf and per-unit clippers, the global L2 norm (diagnostic).
+        per-leaf and per-unit clippers, the global norm of the same order as
+        the per-leaf norms (the global p-norm for ``clip_by_leaf_norm``, L2
+        for the others), a diagnostic.
       threshold: float32, the threshold in force at this step (after any
         schedule, or as computed by an adaptive clipper).
       scale: float32, the norm of the outgoing updates divided by the norm of
@@ -33,6 +52,14 @@ class ClipStats(NamedTuple):
       clipped: bool, whether this step changed the updates.
       nonfinite: bool, whether any incoming element was NaN or infinite.
         ``grad_norm`` is then NaN or inf as well.
+      invalid_threshold: bool, whether a threshold given at run time (by a
+        schedule or a traced array) was negative or NaN at this step. Such a
+        threshold acts as 0: the updates are zeroed, never sign-flipped and
+        never let through unclipped.
+      clip_count: int32, the number of steps clipped since ``init``.
+      nonfinite_count: int32, the number of steps with NaN or inf updates.
+      peak_grad_norm: float32, the largest ``grad_norm`` since ``init`` or
+        the last :func:`reset_peaks` (inf counts, NaN does not).
     """
 
     grad_norm: jax.Array
@@ -40,17 +67,55 @@ class ClipStats(NamedTuple):
     scale: jax.Array
     clipped: jax.Array
     nonfinite: jax.Array
+    invalid_threshold: jax.Array
+    clip_count: jax.Array
+    nonfinite_count: jax.Array
+    peak_grad_norm: jax.Array
 
     @classmethod
     def zeros(cls) -> ClipStats:
-        f = jnp.zeros((), jnp.float32)
-        b = jnp.zeros((), bool)
-        return cls(grad_norm=f, threshold=f, scale=jnp.ones((), jnp.float32), clipped=b,
-                   nonfinite=b)
+        """A fresh record. Every field is its own buffer, so a fresh state can be donated."""
+        return cls(
+            grad_norm=jnp.zeros((), jnp.float32),
+            threshold=jnp.zeros((), jnp.float32),
+            scale=jnp.ones((), jnp.float32),
+            clipped=jnp.zeros((), bool),
+            nonfinite=jnp.zeros((), bool),
+            invalid_threshold=jnp.zeros((), bool),
+            clip_count=jnp.zeros((), jnp.int32),
+            nonfinite_count=jnp.zeros((), jnp.int32),
+            peak_grad_norm=jnp.zeros((), jnp.float32),
+        )
+
+    def advance(
+        self,
+        *,
+        grad_norm: Any,
+        threshold: Any,
+        scale: Any,
+        clipped: Any,
+        nonfinite: Any,
+        invalid_threshold: Any = False,
+    ) -> ClipStats:
+        """The record of the next step: the latest values, and the counters carried on."""
+        grad_norm = _f32(grad_norm)
+        clipped = _flag(clipped)
+        nonfinite = _flag(nonfinite)
+        return ClipStats(
+            grad_norm=grad_norm,
+            threshold=_f32(threshold),
+            scale=_f32(scale),
+            clipped=clipped,
+            nonfinite=nonfinite,
+            invalid_threshold=_flag(invalid_threshold),
+            clip_count=_saturating_inc(self.clip_count, clipped),
+            nonfinite_count=_saturating_inc(self.nonfinite_count, nonfinite),
+            peak_grad_norm=jnp.fmax(self.peak_grad_norm, grad_norm),
+        )
 
 
 class GuardStats(NamedTuple):
-    """The latest step of a guard (:func:`optclip.skip_nonfinite`, ...).
+    """The record of a guard (:func:`optclip.skip_nonfinite`, :func:`optclip.skip_on_spike`).
 
     Attributes:
       grad_norm: float32, the global L2 norm the guard looked at.
@@ -59,6 +124,9 @@ class GuardStats(NamedTuple):
       skipped: bool, whether this step was skipped.
       skip_count: int32, how many steps were skipped so far.
       nonfinite: bool, whether any incoming element was NaN or infinite.
+      nonfinite_count: int32, the number of steps with NaN or inf updates.
+      peak_grad_norm: float32, the largest ``grad_norm`` since ``init`` or the
+        last :func:`reset_peaks` (inf counts, NaN does not).
     """
 
     grad_norm: jax.Array
@@ -66,70 +134,139 @@ class GuardStats(NamedTuple):
     skipped: jax.Array
     skip_count: jax.Array
     nonfinite: jax.Array
+    nonfinite_count: jax.Array
+    peak_grad_norm: jax.Array
 
     @classmethod
     def zeros(cls, threshold: float = float("inf")) -> GuardStats:
-        b = jnp.zeros((), bool)
-        return cls(grad_norm=jnp.zeros((), jnp.float32),
-                   threshold=jnp.full((), threshold, jnp.float32), skipped=b,
-                   skip_count=jnp.zeros((), jnp.int32), nonfinite=b)
+        """A fresh record, every field its own buffer."""
+        return cls(
+            grad_norm=jnp.zeros((), jnp.float32),
+            threshold=jnp.full((), threshold, jnp.float32),
+            skipped=jnp.zeros((), bool),
+            skip_count=jnp.zeros((), jnp.int32),
+            nonfinite=jnp.zeros((), bool),
+            nonfinite_count=jnp.zeros((), jnp.int32),
+            peak_grad_norm=jnp.zeros((), jnp.float32),
+        )
+
+    def advance(self, *, grad_norm: Any, threshold: Any, skipped: Any,
+                nonfinite: Any) -> GuardStats:
+        """The record of the next step: the latest values, and the counters carried on."""
+        grad_norm = _f32(grad_norm)
+        skipped = _flag(skipped)
+        nonfinite = _flag(nonfinite)
+        return GuardStats(
+            grad_norm=grad_norm,
+            threshold=_f32(threshold),
+            skipped=skipped,
+            skip_count=_saturating_inc(self.skip_count, skipped),
+            nonfinite=nonfinite,
+            nonfinite_count=_saturating_inc(self.nonfinite_count, nonfinite),
+            peak_grad_norm=jnp.fmax(self.peak_grad_norm, grad_norm),
+        )
 
 
 def _is_record_holder(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(type(x), "optclip_name") and hasattr(x, "stats")
 
 
+def _is_nnx_variable(v: Any) -> bool:
+    return not isinstance(v, (jax.Array, jax.core.Tracer)) and hasattr(v, "get_value")
+
+
 def _unwrap(v: Any) -> Any:
-    # Flax nnx keeps optimizer state in Variables (``OptArray``) that hold ``.value``.
-    if not isinstance(v, (jax.Array, jax.core.Tracer)) and hasattr(v, "value"):
-        return v.value
-    return v
+    # Flax nnx keeps optimizer state in Variables (``OptArray``); read them with the current
+    # API, ``get_value()`` (``.value`` is deprecated).
+    return v.get_value() if _is_nnx_variable(v) else v
 
 
-def stats_records(opt_state: Any) -> list[tuple[str, ClipStats | GuardStats]]:
+def _walk(opt_state: Any) -> list[tuple[str, Any, Any]]:
+    """``(name, record, stale)`` for every record, outermost first. ``stale`` is a bool
+    scalar, True when an enclosing guard skipped the latest step (the record then shows the
+    last step that was taken), or None when no guard encloses it."""
+    found: list[tuple[str, Any, Any]] = []
+
+    def walk(node: Any, stale: Any) -> None:
+        leaves = jax.tree_util.tree_leaves(
+            node, is_leaf=lambda x: _is_record_holder(x) or _is_nnx_variable(x))
+        for holder in leaves:
+            if _is_nnx_variable(holder):
+                walk(holder.get_value(), stale)
+                continue
+            if not _is_record_holder(holder):
+                continue
+            rec = type(holder.stats)(*[_unwrap(v) for v in holder.stats])
+            found.append((type(holder).optclip_name, rec, stale))
+            inner_stale = stale
+            if hasattr(rec, "skipped"):
+                inner_stale = rec.skipped if stale is None else (stale | rec.skipped)
+            for name in holder._fields:
+                if name != "stats":
+                    walk(getattr(holder, name), inner_stale)
+
+    walk(opt_state, None)
+    return found
+
+
+def stats_records(opt_state: Any) -> list[tuple[str, Any]]:
     """Every optclip record in ``opt_state``, outermost first, with its clipper's name.
 
     The walk goes through any pytree: ``optax.chain``, ``inject_hyperparams``,
     ``MultiSteps``, ``masked``, ``multi_transform``, optclip's own guards and
     Flax ``nnx.Optimizer.opt_state``.
     """
-    found: list[tuple[str, Any]] = []
-
-    def walk(node: Any) -> None:
-        for holder in jax.tree_util.tree_leaves(node, is_leaf=_is_record_holder):
-            if not _is_record_holder(holder):
-                continue
-            rec = holder.stats
-            rec = type(rec)(*[_unwrap(v) for v in rec])
-            found.append((type(holder).optclip_name, rec))
-            for name in holder._fields:
-                if name != "stats":
-                    walk(getattr(holder, name))
-
-    walk(opt_state)
-    return found
+    return [(name, rec) for name, rec, _ in _walk(opt_state)]
 
 
-def stats(opt_state: Any) -> dict[str, jax.Array]:
+def _looks_like_optimizer_state(x: Any) -> bool:
+    """True for anything that could hold an optimizer state: any pytree with a leaf, or an
+    Optax state object (``EmptyState``, a tuple of them)."""
+    if jax.tree_util.tree_leaves(x):
+        return True
+    return isinstance(x, tuple)
+
+
+def stats(opt_state: Any, *, prefix: bool = False, host: bool = False) -> dict[str, Any]:
     """A flat dict of the latest stats of every optclip clipper in ``opt_state``.
 
-    With a single clipper the keys are exactly ``grad_norm``, ``threshold``,
-    ``scale`` and ``clipped`` (a guard alone gives ``grad_norm``,
-    ``threshold``, ``skipped`` and ``skip_count``). With several, each key is
-    prefixed by the clipper's name, ``"clip_by_global_norm/grad_norm"``, and
-    by its position among clippers of the same name when that repeats
-    (``"clip_by_value_0/..."``, ``"clip_by_value_1/..."``).
+    The keys of one clipper are the fields of its record (:class:`ClipStats`:
+    ``grad_norm``, ``threshold``, ``scale``, ``clipped``, ``nonfinite``,
+    ``invalid_threshold``, ``clip_count``, ``nonfinite_count``,
+    ``peak_grad_norm``; a guard's :class:`GuardStats`: ``grad_norm``,
+    ``threshold``, ``skipped``, ``skip_count``, ...). A record inside a guard
+    also has ``stale``: True when the guard skipped the latest step, so that
+    the record (kept bit-identical by the skip) shows the last step taken.
+
+    With a single record and ``prefix=False`` the keys are bare. With several,
+    or with ``prefix=True``, each key is prefixed by the clipper's name,
+    ``"clip_by_global_norm/grad_norm"``, and by its position among clippers of
+    the same name when that repeats (``"clip_by_value_0/..."``). Use
+    ``prefix=True`` in logging code: its keys do not change when the optimizer
+    is later wrapped in a guard.
 
     The values are the arrays held in the state: converting them to Python
-    numbers (``float(v)``, ``jax.device_get``) is the only sync, and it can be
-    done every N steps. A NaN or inf ``grad_norm`` means non-finite
-    gradients; :func:`stats_records` also gives the ``nonfinite`` flag.
+    numbers is the only sync, and can be done every N steps; the counters and
+    ``peak_grad_norm`` (see :func:`reset_peaks`) cover the steps in between.
 
     Args:
       opt_state: any optimizer state (see :func:`stats_records`).
+      prefix: always prefix the keys by the clipper's name.
+      host: return plain Python ``float``, ``int`` and ``bool`` values,
+        fetched in one transfer (ready for ``json.dumps`` and loggers).
+        Not inside ``jit``.
 
     Returns:
-      ``{key: scalar array}``; empty when no optclip clipper is present.
+      ``{key: value}``; empty when the state holds no optclip clipper.
+
+    Raises:
+      TypeError: when ``opt_state`` is not an optimizer state at all (a
+        function, a transformation, a number, ``None``).
+
+    Warns:
+      UserWarning: when ``opt_state`` is a pytree that holds no optclip
+        record (say, the state of a plain ``optax.adam``), so that a logger
+        that silently logs nothing is noticed.
 
     Example:
       >>> import jax.numpy as jnp, optax, optclip
@@ -137,23 +274,70 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
       >>> params = {"w": jnp.zeros(2)}
       >>> state = tx.init(params)
       >>> _, state = tx.update({"w": jnp.array([3.0, 4.0])}, state, params)
-      >>> {k: v.item() for k, v in optclip.stats(state).items()}
-      {'grad_norm': 5.0, 'threshold': 1.0, 'scale': 0.2, 'clipped': True}
+      >>> s = optclip.stats(state, host=True)
+      >>> s["grad_norm"], s["scale"], s["clipped"], s["clip_count"]
+      (5.0, 0.2, True, 1)
     """
-    records = stats_records(opt_state)
-    names = [n for n, _ in records]
-    out: dict[str, jax.Array] = {}
+    if opt_state is None or callable(opt_state) or isinstance(opt_state, (int, float, str)):
+        raise TypeError(
+            "optclip.stats reads an optimizer *state* (what tx.init / tx.update return, or "
+            f"nnx.Optimizer.opt_state); got {type(opt_state).__name__}."
+        )
+    found = _walk(opt_state)
+    if not found:
+        warnings.warn(
+            "optclip.stats found no optclip clipper in this optimizer state (is the clipper "
+            "in the chain, and is this the state tx.update returned?); returning {}.",
+            stacklevel=2,
+        )
+        return {}
+    names = [n for n, _, _ in found]
+    out: dict[str, Any] = {}
     seen: dict[str, int] = {}
-    for name, rec in records:
-        keys = CLIP_KEYS if isinstance(rec, ClipStats) else GUARD_KEYS
-        if len(records) == 1:
-            prefix = ""
+    for name, rec, stale in found:
+        if len(found) == 1 and not prefix:
+            pre = ""
         elif names.count(name) > 1:
             i = seen.get(name, 0)
             seen[name] = i + 1
-            prefix = f"{name}_{i}/"
+            pre = f"{name}_{i}/"
         else:
-            prefix = f"{name}/"
-        for k in keys:
-            out[prefix + k] = getattr(rec, k)
+            pre = f"{name}/"
+        for k in rec._fields:
+            out[pre + k] = getattr(rec, k)
+        if stale is not None:
+            out[pre + "stale"] = stale
+    if host:
+        out = {k: v.item() for k, v in jax.device_get(out).items()}
     return out
+
+
+def reset_peaks(opt_state: Any) -> Any:
+    """The same state with every record's ``peak_grad_norm`` set back to 0.
+
+    Call it after each log to read the peak per logging window::
+
+        if step % 100 == 0:
+            log(optclip.stats(state, host=True))
+            state = optclip.reset_peaks(state)
+
+    Works on any state :func:`stats` reads (not on nnx Variables: reset
+    ``optimizer.opt_state`` by assigning the result). Every other field is
+    returned as it was; the reset peaks are new buffers, so the state can
+    still be donated.
+    """
+
+    def fix(x: Any) -> Any:
+        if not _is_record_holder(x):
+            return x
+        fields = {}
+        for name in x._fields:
+            v = getattr(x, name)
+            if name == "stats" and hasattr(v, "peak_grad_norm"):
+                v = v._replace(peak_grad_norm=jnp.zeros((), jnp.float32))
+            else:
+                v = reset_peaks(v)
+            fields[name] = v
+        return type(x)(**fields)
+
+    return jax.tree_util.tree_map(fix, opt_state, is_leaf=_is_record_holder)

@@ -22,24 +22,51 @@ def is_python_number(x: Any) -> bool:
     return isinstance(x, _NUMBER) and not isinstance(x, bool)
 
 
-def check_threshold(name: str, value: Any, *, allow_none: bool = False) -> None:
-    """Validates a threshold at construction, when it is a Python number.
+def concrete_scalar(name: str, value: Any) -> float | None:
+    """The Python value of a concrete scalar threshold (a number or a concrete JAX or NumPy
+    scalar); None for a schedule or a traced array, whose value is not known yet.
 
-    JAX arrays (which may be tracers under ``inject_hyperparams``) and
-    schedules are checked by nobody: their values are not known yet.
+    Raises:
+      ValueError: when ``value`` is an array that is not a scalar.
+    """
+    if callable(value) or isinstance(value, jax.core.Tracer):
+        return None
+    if isinstance(value, (jax.Array, np.ndarray)):
+        if np.shape(value) != ():
+            raise ValueError(
+                f"{name} must be a scalar (a number, a 0-d array or a schedule); got an array "
+                f"of shape {np.shape(value)}."
+            )
+        if not jnp.issubdtype(value.dtype, jnp.number) or jnp.issubdtype(
+                value.dtype, jnp.complexfloating):
+            raise ValueError(f"{name} must be a real number; got dtype {value.dtype}.")
+        return float(value)
+    if is_python_number(value):
+        return float(value)
+    return None
+
+
+def check_threshold(name: str, value: Any, *, allow_none: bool = False) -> None:
+    """Validates a threshold at construction, whenever its value is concrete.
+
+    Python numbers and concrete JAX or NumPy scalars are checked here: a
+    negative or NaN value raises. Schedules and traced arrays (under
+    ``inject_hyperparams`` inside ``jit``) are checked at run time by
+    :func:`resolve_threshold`, which makes an invalid value act as 0 and
+    flags it in the stats.
     """
     if value is None:
         if allow_none:
             return
         raise ValueError(f"{name} must be a number >= 0, a JAX scalar or a schedule; got None.")
-    if callable(value) or isinstance(value, (jax.Array, jax.core.Tracer)):
-        return
-    if isinstance(value, bool) or not is_python_number(value):
+    if isinstance(value, bool) or not (callable(value) or is_python_number(value)
+                                       or isinstance(value, (jax.Array, np.ndarray))):
         raise ValueError(
             f"{name} must be a number >= 0, a JAX scalar or an optax schedule; "
             f"got {value!r} of type {type(value).__name__}."
         )
-    if math.isnan(value) or value < 0:
+    v = concrete_scalar(name, value)
+    if v is not None and (math.isnan(v) or v < 0):
         raise ValueError(f"{name} must be >= 0 (inf disables it); got {value!r}.")
 
 
@@ -56,11 +83,37 @@ def check_range(name: str, value: Any, lo: float, hi: float, *, hi_open: bool = 
         raise ValueError(f"{name} must lie in {interval}; got {value!r}.")
 
 
-def resolve(value: Threshold, count: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-    """The value of a threshold at step ``count``, as a scalar array."""
+def resolve(value: Threshold, count: jax.Array, dtype: Any = jnp.float32,
+            name: str = "threshold") -> jax.Array:
+    """The value of a threshold at step ``count``, as a scalar array.
+
+    Raises:
+      ValueError: when the value (or what a schedule returns) is not a scalar.
+    """
+    what = name
     if callable(value):
         value = value(count)
+        what = f"the schedule given as {name}"
+    shape = jnp.shape(value)
+    if shape != ():
+        raise ValueError(f"{what} must give a scalar; got shape {shape}.")
     return jnp.asarray(value, dtype)
+
+
+def resolve_threshold(value: Threshold, count: jax.Array, dtype: Any = jnp.float32,
+                      name: str = "threshold") -> tuple[jax.Array, jax.Array]:
+    """``(threshold, invalid)`` at step ``count``: a negative or NaN value acts as 0.
+
+    A threshold that a schedule or a traced array makes negative would flip
+    the sign of the update (gradient ascent), and a NaN one would switch
+    clipping off; both act as 0 instead (the update is zeroed), and
+    ``invalid`` is True so that the stats flag it.
+    """
+    t = resolve(value, count, dtype, name)
+    invalid = jnp.isnan(t) | (t < 0)
+    # max(t, 0) rather than a select on ``invalid``: XLA may recompute t in several fusions,
+    # and a comparison in one need not agree with a value in another at t = -1e-8 (FMA)
+    return jnp.where(jnp.isnan(t), jnp.zeros_like(t), jnp.maximum(t, 0)), invalid
 
 
 def increment(count: jax.Array) -> jax.Array:
@@ -68,8 +121,9 @@ def increment(count: jax.Array) -> jax.Array:
     return jnp.where(count < jnp.iinfo(jnp.int32).max, count + 1, count).astype(jnp.int32)
 
 
-def scale_leaf(x: Any, scale: jax.Array) -> Any:
-    """``x * scale`` in at least float32, returned in ``x``'s own dtype.
+def scale_leaf(x: Any, scale: jax.Array, post: jax.Array | None = None) -> Any:
+    """``x * scale`` (``x * scale * post`` with ``post``) in at least float32, returned in
+    ``x``'s own dtype.
 
     Integer and ``float0`` leaves pass through untouched. The scale is a
     scalar or broadcasts against ``x``; multiplying (not dividing) keeps the
@@ -78,10 +132,30 @@ def scale_leaf(x: Any, scale: jax.Array) -> Any:
     if not is_float_leaf(x):
         return x
     x = jnp.asarray(x)
-    if x.dtype.itemsize < 4 and not jnp.iscomplexobj(x):
-        return (x.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype)
-    real = jnp.finfo(x.dtype).dtype
-    return x * scale.astype(real)
+    low = x.dtype.itemsize < 4 and not jnp.iscomplexobj(x)
+    wide = jnp.float32 if low else jnp.finfo(x.dtype).dtype
+    y = x.astype(jnp.float32) if low else x
+    y = y * scale.astype(wide)
+    if post is not None:
+        y = y * post.astype(wide)
+    return y.astype(x.dtype)
+
+
+def check_state(state: Any, state_cls: type, name: str) -> None:
+    """A clear error when ``update`` is given no state, or the state of another clipper."""
+    if isinstance(state, state_cls):
+        return
+    if state is None:
+        raise ValueError(
+            f"optclip.{name}: update got state=None. Pass the state that tx.init(params) "
+            "returned (and then the one each tx.update returns)."
+        )
+    other = getattr(type(state), "optclip_name", None)
+    what = f"the state of optclip.{other}" if other else f"a {type(state).__name__}"
+    raise ValueError(
+        f"optclip.{name}: update got {what} as its state; pass the state that this "
+        f"transformation's own init returned ({state_cls.__name__})."
+    )
 
 
 def f32(x: Any) -> jax.Array:

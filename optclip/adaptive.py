@@ -19,16 +19,19 @@ from optclip import norms as _n
 from optclip._common import (
     Threshold,
     check_range,
+    check_state,
     check_threshold,
+    concrete_scalar,
     f32,
     increment,
     is_python_number,
     maybe_raise_nonfinite,
     resolve,
+    resolve_threshold,
     scale_leaf,
 )
 from optclip.norms import AxisName
-from optclip.static import global_scale
+from optclip.static import applied_scale, global_scale
 from optclip.stats import ClipStats
 
 __all__ = [
@@ -153,17 +156,33 @@ def agc(
         return AGCState(count=jnp.zeros((), jnp.int32), stats=ClipStats.zeros())
 
     def update_fn(updates, state, params=None):
+        check_state(state, AGCState, "agc")
         if params is None:
             raise ValueError(
                 "optclip.agc clips against the parameters' norms and needs them: call "
                 "tx.update(grads, state, params)."
             )
         flat, treedef, idx = _flat_float(updates)
-        pflat = treedef.flatten_up_to(params)
+        try:
+            pflat = treedef.flatten_up_to(params)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                "optclip.agc: params must have the structure of the updates (the gradients "
+                f"of those very params): {e}"
+            ) from None
         gs = [jnp.asarray(flat[i]) for i in idx]
         ws = [jnp.asarray(pflat[i]) for i in idx]
+        for g, w, i in zip(gs, ws, idx, strict=True):
+            if jnp.shape(g) != jnp.shape(w):
+                path = jax.tree_util.keystr(
+                    jax.tree_util.tree_flatten_with_path(updates)[0][i][0])
+                raise ValueError(
+                    f"optclip.agc: the gradient at {path or 'the root'} has shape "
+                    f"{jnp.shape(g)} but its param has shape {jnp.shape(w)}; pass the params "
+                    "the gradients belong to."
+                )
         axes = [_n.unitwise_axes(g, axis if g.ndim >= 2 else None) for g in gs]
-        c = resolve(clipping, state.count)
+        c, invalid = resolve_threshold(clipping, state.count, name="clipping")
         if not gs:
             return updates, AGCState(count=increment(state.count), stats=state.stats)
         mesh_axes = _n.leaf_axes(updates, axis_name, partition_specs,
@@ -171,27 +190,39 @@ def agc(
                                               for g, a in zip(gs, axes, strict=True)])
         full_axes = _n.leaf_axes(updates, axis_name, partition_specs) or [None] * len(gs)
         flag_axes = _n.union_axes(full_axes)
-        g_norms, nonfinite = _n.norm_core(gs, 2.0, axes=axes, axes_per_leaf=mesh_axes,
-                                          flag_axes=flag_axes)
-        w_norms, _ = _n.norm_core(ws, 2.0, axes=axes, axes_per_leaf=mesh_axes,
-                                  flag_axes=flag_axes)
+        n = len(gs)
+        # one kernel (one overflow check, one cond) for the gradients' and the params' units
+        norms, _ = _n.norm_core(gs + ws, 2.0, axes=axes + axes,
+                                axes_per_leaf=None if mesh_axes is None else mesh_axes * 2,
+                                flag_axes=flag_axes)
+        g_norms, w_norms = norms[:n], norms[n:]
+        # a NaN or inf gradient element makes its unit's norm (a sum) NaN or inf
+        nonfinite = _n.any_across(
+            jnp.any(jnp.stack([jnp.any(~jnp.isfinite(v)) for v in g_norms])), flag_axes)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "agc")
         out = list(flat)
-        any_clip, before, after = [], [], []
+        # the stats' global norms, grouped by the mesh axes that still split the units
+        # (tensor parallelism): each group is one vector of unit norms, combined once
+        groups: dict[Any, list[tuple[jax.Array, jax.Array]]] = {}
         for j, i in enumerate(idx):
             max_norm = c.astype(g_norms[j].dtype) * jnp.maximum(w_norms[j], eps)
             s = global_scale(g_norms[j], max_norm)
             out[i] = scale_leaf(flat[i], s)
-            # units split across devices (tensor parallelism) are gathered for the stats only
             red = set(_n.union_axes([mesh_axes[j]] if mesh_axes else []))
             other = tuple(a for a in _n.union_axes([full_axes[j]]) if a not in red)
-            any_clip.append(_n.any_across(jnp.any(s != 1), other))
-            before.append(_n.norm_across(_n.combine_norms(g_norms[j].ravel(), 2.0), other))
-            after.append(_n.norm_across(_n.combine_norms((g_norms[j] * s).ravel(), 2.0), other))
+            groups.setdefault(other, []).append((g_norms[j].ravel(), s.ravel()))
+        before, after, any_clip = [], [], []
+        for other, items in groups.items():
+            gn = jnp.concatenate([g for g, _ in items])
+            sc = jnp.concatenate([jnp.broadcast_to(s, g.shape) for g, s in items])
+            any_clip.append(_n.any_across(jnp.any(sc != 1), other))
+            before.append(_n.norm_across(_n.combine_norms(gn, 2.0), other))
+            after.append(_n.norm_across(_n.combine_norms(gn * sc, 2.0), other))
         before = _n.combine_norms(jnp.stack(before), 2.0)
         after = _n.combine_norms(jnp.stack(after), 2.0)
-        stats = state.stats.advance(grad_norm=f32(before), threshold=f32(c), scale=f32(_ratio(after, before)),
-                          clipped=jnp.any(jnp.stack(any_clip)), nonfinite=nonfinite)
+        stats = state.stats.advance(grad_norm=before, threshold=c, scale=_ratio(after, before),
+                                    clipped=jnp.any(jnp.stack(any_clip)), nonfinite=nonfinite,
+                                    invalid_threshold=invalid)
         return (jax.tree_util.tree_unflatten(treedef, out),
                 AGCState(count=increment(state.count), stats=stats))
 
@@ -221,11 +252,15 @@ class AutoClipState(NamedTuple):
       history: with a window ``W``, float32 [W], the last W norms as a ring
         buffer (slot ``count % W`` is written next). Without one, int32
         [SKETCH_BUCKETS], the counts of the streaming quantile sketch.
+      extremes: [2], the smallest and the largest finite norm recorded (inf and
+        0 before any), so that the 0th and 100th percentiles, and the
+        percentile of a single norm, are exact.
       stats: the latest :class:`ClipStats`.
     """
 
     count: jax.Array
     history: jax.Array
+    extremes: jax.Array
     stats: ClipStats
 
     optclip_name = "autoclip"
@@ -259,16 +294,42 @@ def _sketch_value(i: jax.Array) -> jax.Array:
     return jnp.where(i == 0, 0.0, 2.0 * jnp.exp(k * _LOG_GAMMA) / (_GAMMA + 1.0))
 
 
-def _sketch_percentile(counts: jax.Array, q: jax.Array) -> jax.Array:
-    n = jnp.sum(counts)
-    pos = q / 100.0 * (n - 1).astype(jnp.float32)
+def _sketch_percentile(counts: jax.Array, n: jax.Array, q: jax.Array,
+                       extremes: jax.Array) -> jax.Array:
+    """The linear percentile of the ``n`` values counted in the sketch, exact at the extreme
+    ranks (the smallest and largest values are kept exactly) and clamped between them."""
+    lo_v, hi_v = extremes[0].astype(jnp.float32), extremes[1].astype(jnp.float32)
+    last = jnp.maximum(n - 1, 0)
+    pos = q / 100.0 * last.astype(jnp.float32)
     lo = jnp.floor(pos)
     frac = pos - lo
     cum = jnp.cumsum(counts)
-    # the bucket that holds the item of rank r (0-based) is the first with cum > r
-    lo_b = jnp.searchsorted(cum, lo.astype(cum.dtype), side="right")
-    hi_b = jnp.searchsorted(cum, jnp.minimum(lo + 1, n - 1).astype(cum.dtype), side="right")
-    return _interp(_sketch_value(lo_b), _sketch_value(hi_b), frac)
+    r0 = lo.astype(jnp.int32)
+    r1 = jnp.minimum(r0 + 1, last)
+
+    def value(r):
+        # the bucket that holds the item of rank r (0-based) is the first with cum > r
+        v = jnp.clip(_sketch_value(jnp.searchsorted(cum, r.astype(cum.dtype), side="right")),
+                     lo_v, hi_v)
+        return jnp.where(r <= 0, lo_v, jnp.where(r >= last, hi_v, v))
+
+    return _interp(value(r0), value(r1), frac)
+
+
+def state_dtype(params: Any) -> jnp.dtype:
+    """The float dtype of an adaptive clipper's statistics: the accumulation dtype of the
+    params (float64 for float64 params, so that norms beyond float32's range stay finite),
+    float32 when there are none."""
+    leaves = _n.float_leaves(params) if params is not None else []
+    return _n.acc_dtype(leaves) if leaves else jnp.dtype(jnp.float32)
+
+
+def resolve_percentile(value: Any, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(q, invalid)``: a run-time percentile outside [0, 100] is clamped into it, and a
+    NaN one acts as 0 (the smallest norm: it clips, it never lets a step through)."""
+    q = resolve(value, count, name="percentile")
+    invalid = jnp.isnan(q) | (q < 0) | (q > 100)
+    return jnp.where(jnp.isnan(q), 0.0, jnp.clip(q, 0.0, 100.0)), invalid
 
 
 def autoclip(
@@ -334,40 +395,51 @@ def autoclip(
     _check_static_int("history", history, 1, allow_none=True)
 
     def init_fn(params):
-        del params
+        dt = state_dtype(params)
         if history is None:
             hist = jnp.zeros((SKETCH_BUCKETS,), jnp.int32)
         else:
-            hist = jnp.zeros((history,), jnp.float32)
+            hist = jnp.zeros((history,), dt)
         return AutoClipState(count=jnp.zeros((), jnp.int32), history=hist,
-                             stats=ClipStats.zeros())
+                             extremes=jnp.array([jnp.inf, 0.0], dt), stats=ClipStats.zeros())
 
     def update_fn(updates, state, params=None):
         del params
+        check_state(state, AutoClipState, "autoclip")
         norm, nonfinite = _n.global_norm_and_flag(updates, axis_name=axis_name,
             partition_specs=partition_specs)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "autoclip")
-        g = f32(norm)
+        dt = state.extremes.dtype
+        g = norm.astype(dt)
         record = jnp.isfinite(g)
-        q = resolve(percentile, state.count)
+        q, invalid = resolve_percentile(percentile, state.count)
+        ext = jnp.where(record, jnp.stack([jnp.minimum(state.extremes[0], g),
+                                           jnp.maximum(state.extremes[1], g)]), state.extremes)
         if history is None:
-            hist = state.history.at[_sketch_index(g)].add(record.astype(jnp.int32))
-            n = state.count + record.astype(jnp.int32)
-            thr = _sketch_percentile(hist, q)
+            hist = state.history.at[_sketch_index(f32(g))].add(record.astype(jnp.int32))
+            n = jnp.where(record, increment(state.count), state.count)
+            thr = _sketch_percentile(hist, n, q, ext).astype(dt)
+            count = n
         else:
             slot = state.count % history
             hist = state.history.at[slot].set(jnp.where(record, g, state.history[slot]))
-            n_after = state.count + record.astype(jnp.int32)
-            n = jnp.minimum(n_after, history)
-            thr = _window_percentile(hist, n, q)
-        count = jnp.where(record, increment(state.count), state.count)
+            n = jnp.minimum(jnp.where(record, increment(state.count), state.count), history)
+            thr = _window_percentile(hist, n, q).astype(dt)
+            # the count only places the next slot (count % W) and fills the window: near
+            # int32's max it wraps to an equal slot in [W, 2W) instead of saturating
+            top = jnp.iinfo(jnp.int32).max - history
+            nxt = jnp.where(state.count < top, state.count + 1,
+                            history + (state.count + 1 - history) % history)
+            count = jnp.where(record, nxt, state.count)
         # Before any finite norm, there is nothing to clip to: let the step through.
         thr = jnp.where(n > 0, thr, jnp.inf)
-        scale = global_scale(norm, thr)
+        scale = global_scale(g, thr)
         updates = jax.tree.map(lambda x: scale_leaf(x, scale), updates)
-        stats = state.stats.advance(grad_norm=g, threshold=f32(thr), scale=f32(scale), clipped=scale != 1,
-                          nonfinite=nonfinite)
-        return updates, AutoClipState(count=count, history=hist, stats=stats)
+        shown_scale = applied_scale(g, scale)
+        stats = state.stats.advance(grad_norm=g, threshold=thr, scale=shown_scale,
+                                    clipped=shown_scale != 1,
+                                    nonfinite=nonfinite, invalid_threshold=invalid)
+        return updates, AutoClipState(count=count, history=hist, extremes=ext, stats=stats)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -384,9 +456,10 @@ class EMAStats(NamedTuple):
     var: jax.Array  # float32 [], during warm-up the running sum of squared deviations (M2)
 
     @classmethod
-    def zeros(cls) -> EMAStats:
-        z = jnp.zeros((), jnp.float32)
-        return cls(count=jnp.zeros((), jnp.int32), mean=z, var=z)
+    def zeros(cls, dtype: Any = jnp.float32) -> EMAStats:
+        """Fresh statistics, each field its own buffer (so that the state can be donated)."""
+        return cls(count=jnp.zeros((), jnp.int32), mean=jnp.zeros((), dtype),
+                   var=jnp.zeros((), dtype))
 
 
 def ema_warm(s: EMAStats, warmup_steps: Any) -> jax.Array:
@@ -417,8 +490,8 @@ def ema_record(s: EMAStats, value: jax.Array, warmup_steps: Any, alpha: jax.Arra
     var = jnp.where(warm, e_var, w_var)
     return EMAStats(
         count=jnp.where(do, increment(s.count), s.count),
-        mean=jnp.where(do, mean, s.mean).astype(jnp.float32),
-        var=jnp.where(do, var, s.var).astype(jnp.float32),
+        mean=jnp.where(do, mean, s.mean).astype(s.mean.dtype),
+        var=jnp.where(do, var, s.var).astype(s.var.dtype),
     )
 
 
@@ -529,6 +602,8 @@ def zclip(
         raise ValueError("z_thresh must be > 0; got 0.")
     _check_warmup(warmup_steps)
     check_threshold("clip_factor", clip_factor)
+    if concrete_scalar("clip_factor", clip_factor) == 0:
+        raise ValueError("clip_factor must be > 0; got 0 (it would zero every clipped step).")
     check_threshold("max_norm", max_norm, allow_none=True)
     check_threshold("eps", eps)
     mode = mode.lower() if isinstance(mode, str) else mode
@@ -539,19 +614,23 @@ def zclip(
     clip_option = clip_option.lower()
 
     def init_fn(params):
-        del params
-        return ZClipState(ema=EMAStats.zeros(), stats=ClipStats.zeros())
+        return ZClipState(ema=EMAStats.zeros(state_dtype(params)), stats=ClipStats.zeros())
 
     def update_fn(updates, state, params=None):
         del params
+        check_state(state, ZClipState, "zclip")
         norm, nonfinite = _n.global_norm_and_flag(updates, axis_name=axis_name,
             partition_specs=partition_specs)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "zclip")
-        g = f32(norm)
         ema = state.ema
-        a = jnp.asarray(alpha, jnp.float32)
-        zt = jnp.asarray(z_thresh, jnp.float32)
-        cap = jnp.inf if max_norm is None else resolve(max_norm, ema.count)
+        dt = ema.mean.dtype
+        g = norm.astype(dt)  # the spike test runs in the statistics' dtype
+        a = jnp.asarray(alpha, dt)
+        zt = jnp.asarray(z_thresh, dt)
+        if max_norm is None:
+            cap, invalid = jnp.asarray(jnp.inf, dt), jnp.zeros((), bool)
+        else:
+            cap, invalid = resolve_threshold(max_norm, ema.count, dt, "max_norm")
         warm = ema_warm(ema, warmup_steps)
         std = jnp.sqrt(jnp.maximum(ema.var, 0.0))
         if mode == "percentile":
@@ -570,14 +649,19 @@ def zclip(
         spike = warm & spike & jnp.isfinite(g)
         effective = jnp.minimum(jnp.where(spike, clip_val, g), cap)
         thr = jnp.where(warm, effective, cap)
-        scale = global_scale(norm, thr.astype(norm.dtype))
+        # a clip value made negative or NaN at run time (a traced clip_factor) acts as 0
+        invalid = invalid | jnp.isnan(thr) | (thr < 0)
+        thr = jnp.where(jnp.isnan(thr), jnp.zeros_like(thr), jnp.maximum(thr, 0))
+        scale = global_scale(g, thr)
         updates = jax.tree.map(lambda x: scale_leaf(x, scale), updates)
         record_value = jnp.where(warm & spike, clip_val, g)
         do = jnp.isfinite(g) & ~(spike & skip_update_on_spike)
         new_ema = ema_record(ema, record_value, warmup_steps, a, do)
         shown = jnp.where(scale != 1, thr, jnp.where(warm, jnp.minimum(bound, cap), cap))
-        stats = state.stats.advance(grad_norm=g, threshold=f32(shown), scale=f32(scale),
-                          clipped=scale != 1, nonfinite=nonfinite)
+        shown_scale = applied_scale(g, scale)
+        stats = state.stats.advance(grad_norm=g, threshold=shown, scale=shown_scale,
+                                    clipped=shown_scale != 1, nonfinite=nonfinite,
+                                    invalid_threshold=invalid)
         return updates, ZClipState(ema=new_ema, stats=stats)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -670,6 +754,7 @@ def adagc(
 
     def update_fn(updates, state, params=None):
         del params
+        check_state(state, AdaGCState, "adagc")
         flat, treedef, idx = _flat_float(updates)
         if len(idx) != state.gamma.shape[0]:
             raise ValueError(
@@ -685,10 +770,12 @@ def adagc(
         norms = jnp.stack(norms_list)
         gnorm = _n.combine_norms(norms, 2.0)
         warm = state.count < warmup_steps
-        lam_abs = resolve(lambda_abs, state.count, norms.dtype)
-        lam_rel = resolve(lambda_rel, state.count, norms.dtype)
+        lam_abs, bad_abs = resolve_threshold(lambda_abs, state.count, norms.dtype, "lambda_abs")
+        lam_rel, bad_rel = resolve_threshold(lambda_rel, state.count, norms.dtype, "lambda_rel")
         h_global = global_scale(gnorm, lam_abs)
-        rel_thr = lam_rel * state.gamma.astype(norms.dtype)
+        # gamma is inf before a tensor's first step: 0 * inf is no threshold, 0 is
+        rel_thr = jnp.where(lam_rel == 0, jnp.zeros_like(state.gamma, norms.dtype),
+                            lam_rel * state.gamma.astype(norms.dtype))
         h_local = global_scale(norms, rel_thr)
         h = jnp.where(warm, jnp.broadcast_to(h_global, norms.shape), h_local)
         clipped_norms = (h * norms).astype(jnp.float32)
@@ -700,9 +787,10 @@ def adagc(
             out[i] = scale_leaf(flat[i], h[j])
         after = _n.combine_norms(norms * h, 2.0)
         thr = jnp.where(warm, lam_abs, _n.combine_norms(rel_thr, 2.0))
-        stats = state.stats.advance(grad_norm=f32(gnorm), threshold=f32(thr),
-                          scale=f32(_ratio(after, gnorm)), clipped=jnp.any(h != 1),
-                          nonfinite=nonfinite)
+        stats = state.stats.advance(grad_norm=gnorm, threshold=thr,
+                                    scale=_ratio(after, gnorm), clipped=jnp.any(h != 1),
+                                    nonfinite=nonfinite,
+                                    invalid_threshold=jnp.where(warm, bad_abs, bad_rel))
         return (jax.tree_util.tree_unflatten(treedef, out),
                 AdaGCState(count=increment(state.count), gamma=gamma, stats=stats))
 

@@ -343,6 +343,10 @@ def norm_core(
       ``(norms, nonfinite)``: a list with one norm per array (one in all when
       ``combine``), in the accumulation dtype, and a bool scalar that is True
       when any element of ``xs`` is NaN or infinite.
+
+    The non-finite flag is always read from a *sum* (which propagates NaN and
+    inf through every reduction and every ``psum``), never from a max: a
+    cross-device max, as XLA inserts it for sharded arrays, may drop a NaN.
     """
     xs = list(xs)
     acc = acc_dtype(xs)
@@ -353,13 +357,21 @@ def norm_core(
     mesh = [None] * len(xs) if axes_per_leaf is None else list(axes_per_leaf)
 
     def reduce(kind: str, scales: list[Any] | None = None) -> list[jax.Array]:
-        """Per array (or, with ``combine``, one in all): the sum of ``|x * scale| ** p``, or
-        the max of ``|x|``; combined across the mesh axes."""
+        """Per array (or, with ``combine``, one in all): the sum of ``|x * scale| ** p``
+        (``|x / scale| ** p`` for p > 2), the max of ``|x|``, or the sum of ``|x| * 0``
+        (NaN exactly when an element is NaN or infinite); combined across the mesh axes."""
         if kind == "sum":
             red, coll = jnp.sum, lax.psum
-            term = lambda v, sc: _pow_terms(v if sc is None else v * sc, p)  # noqa: E731
+            if p > 2:
+                term = lambda v, sc: _pow_terms(v if sc is None else v / sc, p)  # noqa: E731
+            else:
+                term = lambda v, sc: _pow_terms(v if sc is None else v * sc, p)  # noqa: E731
+        elif kind == "nan":
+            red, coll = jnp.sum, lax.psum
+            term = lambda v, sc: jnp.abs(v) * 0  # noqa: E731
         else:
-            red, coll = jnp.max, lax.pmax
+            # |x| >= 0, so 0 is the identity of the max, and empty arrays reduce to 0
+            red, coll = _max0, lax.pmax
             term = lambda v, sc: jnp.abs(v)  # noqa: E731
         scales = [None] * len(mags) if scales is None else scales
         if not combine:
@@ -374,27 +386,30 @@ def norm_core(
             parts.append(part if ax is None or ax == () else coll(part, ax))
         return [red(jnp.stack(parts))] if len(parts) > 1 else parts
 
-    def maxes() -> list[jax.Array]:
-        return reduce("max")
-
-    def powsums(scales: list[Any]) -> list[jax.Array]:
-        return reduce("sum", scales)
+    def any_nonfinite(values: list[jax.Array]) -> jax.Array:
+        return any_across(jnp.any(jnp.stack([jnp.any(~jnp.isfinite(v)) for v in values])),
+                          flag_axes)
 
     if p == math.inf:
-        ms = maxes()
-        nonfinite = jnp.any(jnp.stack([~jnp.all(jnp.isfinite(m)) for m in ms]))
-        return ms, any_across(nonfinite, flag_axes)
+        ms = reduce("max")
+        # NaN where an element is NaN or inf, even when a sharded max dropped the NaN
+        poison = reduce("nan")
+        ms = [jnp.where(jnp.isnan(z) & jnp.isfinite(m), jnp.full_like(m, jnp.nan), m)
+              for m, z in zip(ms, poison, strict=True)]
+        return ms, any_nonfinite(poison)
 
-    parts = powsums([None] * len(mags))
+    parts = reduce("sum")
     sizes = [_reduce_size(x, ax) for x, ax in zip(xs, axes, strict=True)]
     if combine:
         sizes = [sum(sizes)]
     info = jnp.finfo(acc)
     # Below this, terms |x|**p may have lost precision as subnormals.
     lows = [float(info.tiny) / float(info.eps) * max(n, 1) for n in sizes]
+    # (an empty array's sum is an exact 0: it never needs the rescue)
     need = jnp.any(
         jnp.stack(
-            [jnp.any(~jnp.isfinite(s) | (s < lo)) for s, lo in zip(parts, lows, strict=True)]
+            [jnp.any(~jnp.isfinite(s) | (s < lo)) if n else jnp.zeros((), bool)
+             for s, lo, n in zip(parts, lows, sizes, strict=True)]
         )
     )
     need = any_across(need, flag_axes)
@@ -402,19 +417,30 @@ def norm_core(
     def fast() -> tuple[list[jax.Array], jax.Array]:
         # False here, but computed from the data so that inside shard_map its type
         # (which devices it may vary over) matches the rescue branch's flag.
-        nonfinite = jnp.any(jnp.stack([jnp.any(~jnp.isfinite(s)) for s in parts]))
-        return [safe_root(s, p) for s in parts], any_across(nonfinite, flag_axes)
+        return [safe_root(s, p) for s in parts], any_nonfinite(parts)
 
     def rescue() -> tuple[list[jax.Array], jax.Array]:
-        ms = maxes()
-        scales = [_pow2_scale(m) for m in ms]
-        s = powsums([scales[0][0]] * len(mags) if combine else [d for d, _ in scales])
-        norms = [jnp.where(m == 0, jnp.zeros_like(m), safe_root(si, p) * up)
+        ms = reduce("max")
+        if p > 2:
+            # divide by the largest magnitude itself: every term is then <= 1 and the largest
+            # is 1, whatever p (a power of two in [2, 4) would overflow 4**p for p > 64)
+            divs = [jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m)) for m in ms]
+            scales = [(d, d) for d in divs]
+        else:
+            scales = [_pow2_scale(m) for m in ms]
+        s = reduce("sum", [scales[0][0]] * len(mags) if combine else [d for d, _ in scales])
+        # A sum of finite terms brought to at most 4**p stays finite: a non-finite sum means
+        # a NaN or inf element (one a sharded max may have dropped from ``ms``).
+        norms = [jnp.where((m == 0) & jnp.isfinite(si), jnp.zeros_like(m), safe_root(si, p) * up)
                  for m, si, (_, up) in zip(ms, s, scales, strict=True)]
-        nonfinite = jnp.any(jnp.stack([~jnp.all(jnp.isfinite(m)) for m in ms]))
-        return norms, any_across(nonfinite, flag_axes)
+        return norms, any_nonfinite(s)
 
     return lax.cond(need, rescue, fast)
+
+
+def _max0(x: jax.Array, axis: Any = None, keepdims: bool = False) -> jax.Array:
+    """The max of non-negative values, 0 for an empty reduction."""
+    return jnp.max(x, axis=axis, keepdims=keepdims, initial=jnp.zeros((), x.dtype))
 
 
 def combine_norms(norms: jax.Array, p: float) -> jax.Array:

@@ -11,17 +11,20 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optclip import norms as _n
 from optclip._common import (
     Threshold,
+    check_state,
     check_threshold,
-    f32,
+    concrete_scalar,
     increment,
     is_python_number,
     maybe_raise_nonfinite,
     resolve,
+    resolve_threshold,
     scale_leaf,
 )
 from optclip.norms import AxisName, Ord
@@ -72,23 +75,47 @@ def _init_fn(state_cls: type[ClipState]):
     return init_fn
 
 
-def global_scale(
-    norm: jax.Array, max_norm: jax.Array, min_norm: jax.Array | None = None
-) -> jax.Array:
-    """``min(1, max_norm / norm)`` (and the ``min_norm`` lift), NaN-free at 0.
+def global_scale(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
+    """``min(1, max_norm / norm)``, NaN-free at 0, with a zero threshold giving exactly 0.
 
-    Both divisions go through a ``where`` whose untaken branch divides by 1,
-    so the value and the derivative are finite at ``norm == 0`` and with a
-    zero threshold.
+    The division goes through a ``where`` whose untaken branch divides by 1,
+    so the value and the derivative are finite at ``norm == 0``. With
+    ``max_norm == 0`` the scale is 0 for every norm, so the clipped update is
+    identically zero and so is its derivative. ``max_norm`` must already be
+    >= 0 (see :func:`optclip._common.resolve_threshold`).
     """
     max_norm = max_norm.astype(norm.dtype)
-    over = norm > max_norm
-    scale = jnp.where(over, max_norm / jnp.where(over, norm, 1), 1)
-    if min_norm is not None:
-        min_norm = min_norm.astype(norm.dtype)
-        under = (norm > 0) & (norm < min_norm)
-        scale = jnp.where(under, min_norm / jnp.where(under, norm, 1), scale)
+    over = (norm > max_norm) | (max_norm == 0)
+    safe = over & (norm > 0)
+    scale = jnp.where(over, max_norm / jnp.where(safe, norm, 1), 1)
     return scale.astype(norm.dtype)
+
+
+def applied_scale(norm: jax.Array, scale: jax.Array) -> jax.Array:
+    """The scale as the stats report it: the output's norm over the input's, so 1 for a zero
+    input (which is left unchanged, even when the multiplier applied to it was 0)."""
+    return jnp.where(norm > 0, scale, jnp.ones_like(scale))
+
+
+def lift_scale(norm: jax.Array, min_norm: jax.Array, scale: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The ``min_norm`` lift of a non-zero norm below ``min_norm``, as two finite factors.
+
+    ``min_norm / norm`` overflows float32 for a tiny norm (``1e20 / 1e-20``),
+    and ``x * inf`` is inf or NaN. The lift is applied as ``x * pre * post``:
+    ``pre``, a power of two, brings the norm into [2, 4) exactly, and
+    ``post = min_norm / (norm * pre)`` is then finite. Returns ``(pre, post,
+    total)``, with ``total`` the whole factor for the stats (inf there when
+    it overflows); ``scale`` where no lift applies.
+    """
+    min_norm = min_norm.astype(norm.dtype)
+    under = (norm > 0) & (norm < min_norm)
+    down, _ = _n._pow2_scale(norm)
+    r = norm * down
+    pre = jnp.where(under, down, jnp.ones_like(down))
+    post = jnp.where(under, min_norm / jnp.where(under, r, 1), scale)
+    total = jnp.where(under, min_norm / jnp.where(under, norm, 1), scale)
+    return pre, post, total
 
 
 def clip_by_global_norm(
@@ -159,8 +186,8 @@ def clip_by_global_norm(
     """
     check_threshold("max_norm", max_norm)
     check_threshold("min_norm", min_norm, allow_none=True)
-    if (is_python_number(min_norm) and is_python_number(max_norm)
-            and min_norm > max_norm):
+    lo_c, hi_c = concrete_scalar("min_norm", min_norm), concrete_scalar("max_norm", max_norm)
+    if lo_c is not None and hi_c is not None and lo_c > hi_c:
         raise ValueError(
             f"min_norm must be <= max_norm (min_norm={min_norm!r}, max_norm={max_norm!r})."
         )
@@ -168,15 +195,25 @@ def clip_by_global_norm(
 
     def update_fn(updates, state, params=None):
         del params
+        check_state(state, GlobalNormClipState, "clip_by_global_norm")
         norm, nonfinite = _n.global_norm_and_flag(updates, p, axis_name=axis_name,
             partition_specs=partition_specs)
+        max_n, invalid = resolve_threshold(max_norm, state.count, norm.dtype, "max_norm")
+        scale = global_scale(norm, max_n)
+        if min_norm is None:
+            updates = jax.tree.map(lambda x: scale_leaf(x, scale), updates)
+        else:
+            min_n, bad_min = resolve_threshold(min_norm, state.count, norm.dtype, "min_norm")
+            invalid = invalid | bad_min
+            # a run-time min_norm above max_norm is held to max_norm
+            pre, post, scale = lift_scale(norm, jnp.minimum(min_n, max_n), scale)
+            updates = jax.tree.map(lambda x: scale_leaf(x, pre, post), updates)
+        # finite inputs give finite outputs (the lift is applied as two finite factors)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_global_norm")
-        max_n = resolve(max_norm, state.count, norm.dtype)
-        min_n = None if min_norm is None else resolve(min_norm, state.count, norm.dtype)
-        scale = global_scale(norm, max_n, min_n)
-        updates = jax.tree.map(lambda x: scale_leaf(x, scale), updates)
-        stats = state.stats.advance(grad_norm=f32(norm), threshold=f32(max_n), scale=f32(scale),
-                          clipped=scale != 1, nonfinite=nonfinite)
+        scale = applied_scale(norm, scale)
+        stats = state.stats.advance(grad_norm=norm, threshold=max_n, scale=scale,
+                                    clipped=scale != 1, nonfinite=nonfinite,
+                                    invalid_threshold=invalid)
         return updates, GlobalNormClipState(count=increment(state.count), stats=stats)
 
     return optax.GradientTransformation(_init_fn(GlobalNormClipState), update_fn)
@@ -194,19 +231,24 @@ def _clip_leaf(x: Any, lo: jax.Array, hi: jax.Array) -> Any:
     return jnp.where(jnp.isfinite(wide), clipped, wide).astype(x.dtype)
 
 
-def _outside(leaves: list[jax.Array], lo: jax.Array, hi: jax.Array) -> jax.Array:
-    """Whether any element lies outside [lo, hi], from one max and one min (float reductions
-    vectorise; a boolean ``any`` over a large array is several times slower on CPU)."""
+def _value_clamped(leaves: list[jax.Array], lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """Whether some finite element lies outside [lo, hi]: exact, from one float max of an
+    indicator (float reductions vectorise, a boolean ``any`` does not on CPU). A NaN element
+    is not "outside", and does not hide one that is."""
     parts = []
     for x in leaves:
         if x.size:
             parts += [x.real, x.imag] if jnp.iscomplexobj(x) else [x]
     if not parts:
-        return jnp.zeros((), bool)
-    ident = lambda v, sc: v.astype(jnp.promote_types(v.dtype, jnp.float32))  # noqa: E731
-    top = _n.grouped_total(parts, None, ident, jnp.max)
-    bottom = _n.grouped_total(parts, None, ident, jnp.min)
-    return (top > hi.astype(top.dtype)) | (bottom < lo.astype(bottom.dtype))
+        return jnp.zeros((), jnp.float32), jnp.zeros((), bool)
+    wide = [v.astype(jnp.promote_types(v.dtype, jnp.float32)) for v in parts]
+    lo_, hi_ = lo.astype(wide[0].dtype), hi.astype(wide[0].dtype)
+
+    def out(v, sc):
+        del sc
+        return (jnp.isfinite(v) & ((v > hi_) | (v < lo_))).astype(v.dtype)
+
+    return _n.grouped_total(wide, None, out, _n._max0) > 0
 
 
 def clip_by_value(
@@ -260,12 +302,16 @@ def clip_by_value(
         check_threshold("max_value", max_value)
     else:
         for name, v in (("max_value", max_value), ("min_value", min_value)):
-            if is_python_number(v) and math.isnan(v):
-                raise ValueError(f"{name} must not be NaN.")
-            if not (is_python_number(v) or callable(v) or isinstance(v, jax.Array)):
+            if isinstance(v, bool) or not (is_python_number(v) or callable(v)
+                                           or isinstance(v, (jax.Array, np.ndarray))):
                 raise ValueError(f"{name} must be a number, a JAX scalar or a schedule; "
                                  f"got {v!r}.")
-        if is_python_number(min_value) and is_python_number(max_value) and min_value > max_value:
+            c = concrete_scalar(name, v)
+            if c is not None and math.isnan(c):
+                raise ValueError(f"{name} must not be NaN.")
+        lo_c = concrete_scalar("min_value", min_value)
+        hi_c = concrete_scalar("max_value", max_value)
+        if lo_c is not None and hi_c is not None and lo_c > hi_c:
             raise ValueError(
                 f"min_value must be <= max_value; got min_value={min_value!r}, "
                 f"max_value={max_value!r}."
@@ -273,25 +319,34 @@ def clip_by_value(
 
     def update_fn(updates, state, params=None):
         del params
-        hi = resolve(max_value, state.count)
-        lo = -hi if min_value is None else resolve(min_value, state.count)
+        check_state(state, ValueClipState, "clip_by_value")
+        if min_value is None:
+            hi, invalid = resolve_threshold(max_value, state.count, name="max_value")
+            lo = -hi
+        else:
+            hi = resolve(max_value, state.count, name="max_value")
+            lo = resolve(min_value, state.count, name="min_value")
+            invalid = jnp.isnan(hi) | jnp.isnan(lo) | (lo > hi)
+            # an invalid pair of bounds acts as [0, 0]: the update is zeroed, never let through
+            hi = jnp.where(invalid, jnp.zeros_like(hi), hi)
+            lo = jnp.where(invalid, jnp.zeros_like(lo), lo)
         shard = {"axis_name": axis_name, "partition_specs": partition_specs}
         before, nonfinite = _n.global_norm_and_flag(updates, **shard)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_value")
-        clipped = _outside(_n.float_leaves(updates), lo, hi)
+        clipped = _value_clamped(_n.float_leaves(updates), lo, hi)
         clipped = _n.any_across(clipped, _n.union_axes(
             _n.leaf_axes(updates, axis_name, partition_specs)))
         # The clamp does not need these reductions, and when the input is donated XLA then
-        # copies the whole input to keep it for them (8x slower on a 124M tree). Bounds that
-        # depend on the reductions (never changing their value: a norm is never < 0) order
-        # the reductions before the clamp overwrites the input.
+        # copies the whole input to keep it for them. Bounds that depend on the reductions
+        # (never changing their value: a norm is never < 0) order them before the clamp.
         order = (before < 0) & clipped
         lo, hi = jnp.where(order, hi, lo), jnp.where(order, lo, hi)
         updates = jax.tree.map(lambda x: _clip_leaf(x, lo, hi), updates)
         after = _n.global_norm(updates, **shard)
         ratio = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), 1)
-        stats = state.stats.advance(grad_norm=f32(before), threshold=f32(hi), scale=f32(ratio),
-                          clipped=clipped, nonfinite=nonfinite)
+        stats = state.stats.advance(grad_norm=before, threshold=hi, scale=ratio,
+                                    clipped=clipped, nonfinite=nonfinite,
+                                    invalid_threshold=invalid)
         return updates, ValueClipState(count=increment(state.count), stats=stats)
 
     return optax.GradientTransformation(_init_fn(ValueClipState), update_fn)
@@ -381,7 +436,8 @@ def clip_by_leaf_norm(
 
     def update_fn(updates, state, params=None):
         del params
-        max_n = resolve(max_norm, state.count)
+        check_state(state, LeafNormClipState, "clip_by_leaf_norm")
+        max_n, invalid = resolve_threshold(max_norm, state.count, name="max_norm")
 
         def leaf_scale(norms, sizes):
             del sizes
@@ -391,8 +447,9 @@ def clip_by_leaf_norm(
             updates, leaf_scale, p, axis_name=axis_name,
             partition_specs=partition_specs)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_leaf_norm")
-        stats = state.stats.advance(grad_norm=f32(before), threshold=f32(max_n), scale=f32(ratio),
-                          clipped=clipped, nonfinite=nonfinite)
+        stats = state.stats.advance(grad_norm=before, threshold=max_n, scale=ratio,
+                                    clipped=clipped, nonfinite=nonfinite,
+                                    invalid_threshold=invalid)
         return updates, LeafNormClipState(count=increment(state.count), stats=stats)
 
     return optax.GradientTransformation(_init_fn(LeafNormClipState), update_fn)
@@ -439,7 +496,8 @@ def clip_by_block_rms(
 
     def update_fn(updates, state, params=None):
         del params
-        t = resolve(threshold, state.count)
+        check_state(state, BlockRMSClipState, "clip_by_block_rms")
+        t, invalid = resolve_threshold(threshold, state.count, name="threshold")
 
         def leaf_scale(norms, sizes):
             return global_scale(norms, t * jnp.sqrt(sizes))
@@ -448,8 +506,9 @@ def clip_by_block_rms(
             updates, leaf_scale, 2.0, axis_name=axis_name,
             partition_specs=partition_specs)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_block_rms")
-        stats = state.stats.advance(grad_norm=f32(before), threshold=f32(t), scale=f32(ratio),
-                          clipped=clipped, nonfinite=nonfinite)
+        stats = state.stats.advance(grad_norm=before, threshold=t, scale=ratio,
+                                    clipped=clipped, nonfinite=nonfinite,
+                                    invalid_threshold=invalid)
         return updates, BlockRMSClipState(count=increment(state.count), stats=stats)
 
     return optax.GradientTransformation(_init_fn(BlockRMSClipState), update_fn)

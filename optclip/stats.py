@@ -278,7 +278,9 @@ def stats(opt_state: Any, *, prefix: bool = False, host: bool = False) -> dict[s
       >>> s["grad_norm"], s["scale"], s["clipped"], s["clip_count"]
       (5.0, 0.2, True, 1)
     """
-    if opt_state is None or callable(opt_state) or isinstance(opt_state, (int, float, str)):
+    is_tx = hasattr(opt_state, "init") and hasattr(opt_state, "update")
+    if (opt_state is None or callable(opt_state) or is_tx
+            or isinstance(opt_state, (int, float, str))):
         raise TypeError(
             "optclip.stats reads an optimizer *state* (what tx.init / tx.update return, or "
             f"nnx.Optimizer.opt_state); got {type(opt_state).__name__}."

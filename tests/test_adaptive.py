@@ -325,3 +325,49 @@ def test_inject_hyperparams(factory, kw):
 def test_bad_arguments_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --- run-time edges (issue 9) -------------------------------------------------------------------
+
+def test_autoclip_sketch_is_exact_at_its_extremes():
+    # the percentile of one norm is that norm: nothing to clip on the first step
+    tx = optclip.autoclip()
+    u, state = tx.update(jnp.array([3.0, 4.0]), tx.init(None))
+    assert not bool(state.stats.clipped) and float(state.stats.threshold) == 5.0
+    np.testing.assert_array_equal(np.asarray(u), [3.0, 4.0])
+    # the 0th and 100th percentiles of a history are its exact min and max
+    for q, pick in ((0.0, min), (100.0, max)):
+        tx = optclip.autoclip(q)
+        state = tx.init(None)
+        seq = [1.2345, 7.891, 0.4321, 3.3]
+        for g in seq:
+            _, state = tx.update(jnp.array([g]), state)
+        assert float(state.stats.threshold) == np.float32(pick(seq))
+
+
+def test_autoclip_window_survives_count_saturation():
+    tx = optclip.autoclip(50.0, history=3)
+    state = tx.init(None)
+    top = np.iinfo(np.int32).max
+    state = state._replace(count=jnp.int32(top - 4))
+    step = jax.jit(tx.update)
+    seq = [1.0, 4.0, 2.0, 8.0, 16.0, 3.0, 5.0]
+    for t, g in enumerate(seq):
+        _, state = step(jnp.array([g]), state)
+        window = seq[max(0, t - 2): t + 1]
+        if t >= 2:
+            assert float(state.stats.threshold) == np.percentile(window, 50.0), t
+        assert np.isfinite(float(state.stats.threshold))
+
+
+def test_float64_norm_beyond_float32_range():
+    with jax.enable_x64(True):
+        g = {"w": jnp.array([1e200, 1e200], jnp.float64)}
+        for tx in (optclip.autoclip(), optclip.autoclip(history=4), optclip.zclip(warmup_steps=2)):
+            state = tx.init(g)
+            for k in range(4):
+                u, state = tx.update(jax.tree.map(lambda x, k=k: x * (1 + 0.01 * k), g), state)
+                assert np.isfinite(np.asarray(u["w"])).all()
+            assert np.isfinite(float(state.ema.mean if hasattr(state, "ema") else
+                                     state.history[0]))
+            assert not bool(state.stats.nonfinite)

@@ -147,3 +147,34 @@ def test_general_p_between_l1_and_linf(p):
     x = [jnp.array([1.0, -2.0, 3.0])]
     n = float(optclip.global_norm(x, ord=p))
     assert 3.0 * (1 - 1e-6) <= n <= 6.0 * (1 + 1e-6)
+
+
+def test_large_ord_does_not_overflow():
+    # 5**100 overflows float32: the rescue divides by the largest magnitude for p > 2
+    np.testing.assert_allclose(float(optclip.global_norm(jnp.array([1.0, -5.0, 3.0]), ord=100)),
+                               np.linalg.norm([1.0, -5.0, 3.0], ord=100), rtol=1e-6)
+    for p in (3, 7.5, 9):
+        x = np.array([1e30, -2e30, 3e-5], np.float32)
+        np.testing.assert_allclose(float(optclip.global_norm(jnp.asarray(x), ord=p)),
+                                   np.linalg.norm(x.astype(np.float64), ord=p), rtol=1e-5)
+    u, _ = optclip.clip_by_global_norm(1.0, ord=100).update(
+        jnp.array([1.0, -5.0, 3.0]), optclip.clip_by_global_norm(1.0, ord=100).init(None))
+    np.testing.assert_allclose(np.asarray(u), [0.2, -1.0, 0.6], rtol=1e-6)
+
+
+def test_zero_size_leaves():
+    z = jnp.zeros((0, 4))
+    np.testing.assert_array_equal(np.asarray(optclip.unitwise_norm(z)), np.zeros((1, 4)))
+    assert float(optclip.global_norm({"z": z, "a": jnp.array([3.0, 4.0])}, ord=math.inf)) == 4.0
+    tx = optclip.agc(0.01)
+    u, s = tx.update({"z": z, "a": jnp.ones(2)}, tx.init({"z": z, "a": jnp.ones(2)}),
+                     {"z": z, "a": jnp.ones(2)})
+    assert u["z"].shape == (0, 4) and np.isfinite(float(s.stats.grad_norm))
+
+
+@pytest.mark.parametrize("p", [1, 2, 3.5, math.inf])
+def test_nan_and_inf_are_flagged_for_every_ord(p):
+    for bad, want in ((jnp.nan, np.isnan), (jnp.inf, np.isinf)):
+        x = jnp.array([1.0, bad, 2.0])
+        n, flag = jax.jit(lambda x: optclip.norms.global_norm_and_flag(x, p))(x)
+        assert bool(flag) and want(float(n))

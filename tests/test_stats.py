@@ -118,3 +118,76 @@ def test_stats_in_scan_history_without_host_sync():
     _, hist = jax.lax.scan(body, (jnp.zeros(2), tx.init(jnp.zeros(2))), grads)
     np.testing.assert_allclose(np.asarray(hist["grad_norm"]), [5.0, 0.5], rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(hist["clipped"]), [True, False])
+
+
+# --- logging every N steps (issue 9) ------------------------------------------------------------
+
+def test_counters_and_peak_catch_a_spike_between_logs():
+    tx = optax.chain(optclip.clip_by_global_norm(10.0), optax.sgd(0.1))
+    state = tx.init(P)
+    step = jax.jit(tx.update)
+    seen = []
+    for t in range(40):
+        g = jax.tree.map(lambda x, t=t: x * (1000.0 if t == 37 else 1.0), G)
+        _, state = step(g, state, P)
+        if t % 10 == 9:  # the logger reads every 10 steps, and resets the peak
+            s = optclip.stats(state, host=True)
+            seen.append((s["peak_grad_norm"], s["clip_count"], s["grad_norm"]))
+            state = optclip.reset_peaks(state)
+    assert [round(p) for p, _, _ in seen] == [5, 5, 5, 5000]  # the spike at step 37
+    assert [c for _, c, _ in seen] == [0, 0, 0, 1]
+    assert seen[-1][2] == 5.0  # the latest norm alone would have missed it
+
+
+def test_nonfinite_count():
+    tx = optclip.clip_by_global_norm(1.0)
+    state = tx.init(P)
+    for bad in (False, True, False, True, True):
+        g = {"w": jnp.array([jnp.nan if bad else 1.0, 0.0]), "b": G["b"]}
+        _, state = tx.update(g, state)
+    s = optclip.stats(state, host=True)
+    assert s["nonfinite_count"] == 3 and s["nonfinite"] is True
+    assert s["peak_grad_norm"] == 1.0  # a NaN norm is counted, not taken as the peak
+
+
+def test_prefix_keys_are_stable_under_a_guard():
+    inner = optax.chain(optclip.clip_by_global_norm(1.0), optax.sgd(0.1))
+    bare = optclip.stats(run(inner), prefix=True)
+    guarded = optclip.stats(run(optclip.skip_nonfinite(inner)), prefix=True)
+    assert "clip_by_global_norm/grad_norm" in bare
+    assert set(bare) <= set(guarded)
+    assert float(bare["clip_by_global_norm/grad_norm"]) == 5.0
+
+
+def test_host_values_are_python_scalars_for_json():
+    import json
+
+    tx = optclip.skip_nonfinite(optax.chain(optclip.clip_by_global_norm(1.0), optax.sgd(0.1)))
+    s = optclip.stats(run(tx), host=True)
+    assert all(type(v) in (float, int, bool) for v in s.values()), s
+    assert json.loads(json.dumps(s)) == s
+
+
+def test_stale_record_is_marked_after_a_skipped_step():
+    tx = optclip.skip_nonfinite(optax.chain(optclip.clip_by_global_norm(1.0), optax.sgd(0.1)))
+    state = tx.init(P)
+    _, state = tx.update(G, state, P)
+    assert not bool(optclip.stats(state)["clip_by_global_norm/stale"])
+    _, state = tx.update(jax.tree.map(lambda x: x * jnp.nan, G), state, P)
+    s = optclip.stats(state)
+    assert bool(s["clip_by_global_norm/stale"]) and float(s["clip_by_global_norm/grad_norm"]) == 5
+    _, state = tx.update(G, state, P)
+    assert not bool(optclip.stats(state)["clip_by_global_norm/stale"])
+
+
+def test_nnx_optimizer_read_without_deprecated_api():
+    import warnings
+
+    from flax import nnx
+
+    model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optclip.clip_by_global_norm(0.1), wrt=nnx.Param)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        s = optclip.stats(opt.opt_state)
+        assert set(s) == set(optclip.ClipStats._fields)

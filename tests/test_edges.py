@@ -1,0 +1,227 @@
+"""Run-time trust, for every clipper: donation, thresholds that go bad at run time, errors a
+user can act on. Each test here failed on the code before the fix it pins."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optclip
+
+P = {"w": jnp.array([[0.5, -1.0], [2.0, 0.25]]), "b": jnp.array([0.1, -0.2])}
+G = {"w": jnp.array([[3.0, -4.0], [1.0, 2.0]]), "b": jnp.array([5.0, -6.0])}
+
+# every clipper, built with a threshold (a float here; the runtime tests pass arrays/schedules)
+BUILD = {
+    "clip_by_global_norm": lambda t: optclip.clip_by_global_norm(t),
+    "clip_by_global_norm_min": lambda t: optclip.clip_by_global_norm(t, min_norm=0.0),
+    "clip_by_value": lambda t: optclip.clip_by_value(t),
+    "clip_by_leaf_norm": lambda t: optclip.clip_by_leaf_norm(t),
+    "clip_by_block_rms": lambda t: optclip.clip_by_block_rms(t),
+    "agc": lambda t: optclip.agc(t),
+    "adagc": lambda t: optclip.adagc(lambda_abs=t, warmup_steps=5),
+    "zclip": lambda t: optclip.zclip(max_norm=t),
+}
+ALL = {
+    **{k: (lambda b=b: b(1.0)) for k, b in BUILD.items()},
+    "autoclip": lambda: optclip.autoclip(),
+    "autoclip_window": lambda: optclip.autoclip(history=4),
+    "skip_nonfinite": lambda: optclip.skip_nonfinite(optax.adam(1e-3)),
+    "skip_on_spike": lambda: optclip.skip_on_spike(optax.adam(1e-3)),
+}
+
+
+# --- a fresh state can be donated ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_fresh_state_can_be_donated(name):
+    tx = optax.chain(ALL[name](), optax.sgd(0.1))
+
+    def step(params, state, g):
+        u, state = tx.update(g, state, params)
+        return optax.apply_updates(params, u), state
+
+    params = jax.tree.map(jnp.copy, P)
+    state = tx.init(params)
+    ids = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)]
+    assert len(ids) == len(set(ids)), "init holds one buffer twice"
+    f = jax.jit(step, donate_argnums=(0, 1))
+    params, state = f(params, state, G)  # "Attempt to donate the same buffer twice" before
+    params, state = f(params, state, G)
+    jax.block_until_ready(params)
+
+
+def test_reset_peaks_state_can_be_donated():
+    tx = optclip.clip_by_global_norm(1.0)
+    _, state = tx.update(G, tx.init(P))
+    state = optclip.reset_peaks(state)
+    ids = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)]
+    assert len(ids) == len(set(ids))
+
+
+# --- thresholds that go bad at run time ----------------------------------------------------------
+
+def run_with(name, threshold, as_arg):
+    """One update with the threshold passed as a traced jit argument (as_arg) or a schedule."""
+    if as_arg:
+        def f(t):
+            tx = BUILD[name](t)
+            return tx.update(G, tx.init(P), P)
+        return jax.jit(f)(jnp.float32(threshold))
+    tx = BUILD[name](lambda count: threshold + 0.0 * count)
+    return jax.jit(tx.update)(G, tx.init(P), P)
+
+
+def same_sign_or_zero(u, g):
+    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(g), strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.all(np.isfinite(a))
+        assert np.all(a * b >= 0), "the update changed sign"
+        assert np.all(np.abs(a) <= np.abs(b) + 1e-6)
+
+
+@pytest.mark.parametrize("as_arg", [True, False], ids=["array", "schedule"])
+@pytest.mark.parametrize("bad", [-1.0, -0.01, math.nan], ids=["neg", "small_neg", "nan"])
+@pytest.mark.parametrize("name", sorted(BUILD))
+def test_bad_runtime_threshold_acts_as_zero_and_is_flagged(name, bad, as_arg):
+    u, state = run_with(name, bad, as_arg)
+    same_sign_or_zero(u, G)
+    s = optclip.stats(state)
+    assert bool(s["invalid_threshold"])
+    # acts as 0: nothing gets through (a NaN threshold never lets an unclipped step through)
+    for x in jax.tree.leaves(u):
+        np.testing.assert_array_equal(np.asarray(x), 0.0)
+
+
+@pytest.mark.parametrize("name", sorted(BUILD))
+def test_valid_runtime_threshold_is_not_flagged(name):
+    u, state = run_with(name, 0.5, True)
+    assert not bool(optclip.stats(state)["invalid_threshold"])
+    same_sign_or_zero(u, G)
+
+
+def test_schedule_going_negative_never_flips_the_sign():
+    # the schedule from the issue: 1 - c / 10 is negative after step 10
+    tx = optax.chain(optclip.clip_by_global_norm(lambda c: 1.0 - c / 10), optax.sgd(1.0))
+    state = tx.init(P)
+    step = jax.jit(tx.update)
+    for c in range(14):
+        u, state = step(G, state, P)
+        same_sign_or_zero(jax.tree.map(lambda x: -x, u), G)
+        assert bool(optclip.stats(state)["invalid_threshold"]) == (c > 10)
+
+
+def test_agc_negative_schedule_does_not_negate():
+    tx = optclip.agc(lambda c: -0.01 + 0 * c)
+    u, state = tx.update(G, tx.init(P), P)
+    same_sign_or_zero(u, G)
+    assert bool(state.stats.invalid_threshold)
+
+
+def test_clip_by_value_runtime_bounds_out_of_order_act_as_zero():
+    f = jax.jit(lambda lo, hi: optclip.clip_by_value(hi, lo).update(G, optclip.clip_by_value(
+        hi, lo).init(P)))
+    u, state = f(jnp.float32(1.0), jnp.float32(-1.0))
+    same_sign_or_zero(u, G)
+    assert bool(state.stats.invalid_threshold)
+    u, state = f(jnp.float32(-1.0), jnp.float32(1.0))
+    assert not bool(state.stats.invalid_threshold)
+    np.testing.assert_array_equal(np.asarray(u["b"]), [1.0, -1.0])
+
+
+def test_autoclip_runtime_percentile_out_of_range_is_clamped_and_flagged():
+    for q, flagged in ((150.0, True), (math.nan, True), (50.0, False)):
+        tx = optclip.autoclip(lambda c, q=q: q + 0 * c)
+        u, state = tx.update(G, tx.init(P))
+        assert bool(state.stats.invalid_threshold) == flagged
+        same_sign_or_zero(u, G)
+
+
+@pytest.mark.parametrize("value", [-1.0, math.nan])
+@pytest.mark.parametrize("name", sorted(BUILD))
+def test_concrete_jax_scalar_is_validated_at_construction(name, value):
+    with pytest.raises(ValueError, match="must be"):
+        BUILD[name](jnp.float32(value))
+
+
+@pytest.mark.parametrize("name", sorted(BUILD))
+def test_non_scalar_threshold_names_the_argument(name):
+    arg = {"adagc": "lambda_abs", "zclip": "max_norm", "agc": "clipping",
+           "clip_by_value": "max_value", "clip_by_block_rms": "threshold"}.get(name, "max_norm")
+    with pytest.raises(ValueError, match=f"{arg}.*scalar.*shape"):
+        BUILD[name](jnp.array([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("name", sorted(BUILD))
+def test_schedule_returning_non_scalar_names_the_argument(name):
+    tx = BUILD[name](lambda c: jnp.ones(2))
+    with pytest.raises(ValueError, match="schedule.*scalar.*shape"):
+        tx.update(G, tx.init(P), P)
+
+
+# --- errors a user can act on -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(set(ALL) - {"skip_nonfinite", "skip_on_spike"}))
+def test_update_without_state_is_a_clear_error(name):
+    with pytest.raises(ValueError, match="state=None.*init"):
+        ALL[name]().update(G, None, P)
+
+
+def test_state_of_another_clipper_is_a_clear_error():
+    other = optclip.zclip().init(P)
+    with pytest.raises(ValueError, match="optclip.zclip.*as its state"):
+        optclip.clip_by_global_norm(1.0).update(G, other, P)
+
+
+def test_agc_params_of_other_shapes_is_a_clear_error():
+    tx = optclip.agc()
+    bad = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+    with pytest.raises(ValueError, match=r"\['w'\].*\(2, 2\).*\(3, 2\)"):
+        tx.update(G, tx.init(bad), bad)
+    with pytest.raises(ValueError, match="structure"):
+        tx.update(G, tx.init(P), {"w": P["w"]})
+
+
+@pytest.mark.parametrize("thing", [None, optax.adam, optax.adam(1e-3), 3.0])
+def test_stats_of_something_that_is_no_state_raises(thing):
+    with pytest.raises(TypeError, match="optimizer \\*state\\*"):
+        optclip.stats(thing)
+
+
+def test_error_if_nonfinite_exception_types():
+    tx = optclip.clip_by_global_norm(1.0, error_if_nonfinite=True)
+    bad = {"w": jnp.array([jnp.nan])}
+    with pytest.raises(FloatingPointError, match="NaN or inf"):  # eager
+        tx.update(bad, tx.init(None))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="FloatingPointError"):  # under jit
+        out = jax.jit(tx.update)(bad, tx.init(None))
+        jax.block_until_ready(out)
+    # a lift whose factor overflows float32 gives finite outputs, so nothing to raise
+    tx = optclip.clip_by_global_norm(3e38, min_norm=3e38, error_if_nonfinite=True)
+    u, _ = tx.update({"w": jnp.array([1e-30, 0.0])}, tx.init(None))
+    np.testing.assert_allclose(np.asarray(u["w"]), [3e38, 0.0], rtol=1e-6)
+
+
+def test_min_norm_lift_does_not_overflow():
+    # the issue's case: 1e20 / 1e-20 overflows float32, and [1e-20, 0] became [inf, nan]
+    tx = optclip.clip_by_global_norm(1e30, min_norm=1e20)
+    u, state = tx.update({"w": jnp.array([1e-20, 0.0])}, tx.init(None))
+    np.testing.assert_allclose(np.asarray(u["w"]), [1e20, 0.0], rtol=1e-6)
+    assert not bool(state.stats.nonfinite)
+
+
+def test_zero_threshold_zero_gradient_has_zero_derivative():
+    # with max_norm = 0 the map is identically 0, so its derivative is 0 (it was the identity)
+    tx = optclip.clip_by_global_norm(0.0)
+    jac = jax.jacobian(lambda x: tx.update(x, tx.init(None))[0])(jnp.zeros(3))
+    np.testing.assert_array_equal(np.asarray(jac), 0.0)
+    jac = jax.jacobian(lambda x: tx.update(x, tx.init(None))[0])(jnp.array([1.0, 2.0, 2.0]))
+    np.testing.assert_array_equal(np.asarray(jac), 0.0)
+
+
+def test_zclip_clip_factor_zero_is_rejected():
+    with pytest.raises(ValueError, match="clip_factor must be > 0"):
+        optclip.zclip(clip_factor=0.0)

@@ -63,7 +63,7 @@ def _leaf_sigma(u: jax.Array, w: jax.Array, lam_rel: jax.Array, lam_abs: jax.Arr
 
 
 def _apply(u: jax.Array, sigma: jax.Array) -> jax.Array:
-    """``u * sigma`` in at least float32, in ``u``'s dtype; NaN and inf elements pass as they are."""
+    """``u * sigma`` in float32 or wider, in ``u``'s dtype; NaN and inf pass as they are."""
     wide = jnp.promote_types(u.dtype, jnp.float32)
     x = u.astype(wide)
     real = jnp.finfo(wide).dtype
@@ -230,7 +230,8 @@ def clippy(
 
         lam_rel = resolve(lambda_rel, state.count)
         lam_abs = resolve(lambda_abs, state.count)
-        # `~(x >= 0)` is True for negative values and for NaN.
+        # `~(x >= 0)` is True for negative values and for NaN. Either one invalid makes the
+        # whole bound 0: every non-zero update gets sigma = 0, never a negative factor.
         invalid = ~(lam_rel >= 0) | ~(lam_abs >= 0)
         zero = jnp.zeros((), jnp.float32)
         lr = jnp.where(invalid, zero, lam_rel)
@@ -248,7 +249,6 @@ def clippy(
         acc = norms[0].dtype
         sigmas = [_leaf_sigma(u, w, lr, la, acc) for u, w in zip(us, ws, strict=True)]
         sigmas = _n.collect(sigmas, axes, lax.pmin)
-        sigmas = [jnp.where(invalid, jnp.zeros((), acc), s) for s in sigmas]
 
         out = list(flat)
         for j, i in enumerate(idx):

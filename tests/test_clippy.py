@@ -1,6 +1,6 @@
 """Clippy (update-space clipping) against a NumPy reference, and update clipping in general.
 
-The reference below is written from the paper's formula (Tang et al. 2023, sec. 5):
+The reference below is written from the paper's formula (Tang et al. 2023):
 each tensor's update u is scaled by sigma = min(1, min_j (l_rel |w_j| + l_abs) / |u_j|),
 with the edge cases of TensorFlow Recommenders' ClippyAdagrad: a zero u_j sets no bound.
 """

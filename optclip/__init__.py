@@ -16,6 +16,7 @@ from optclip.adaptive import (
     autoclip,
     zclip,
 )
+from optclip.clippy import ClippyState, clippy
 from optclip.guards import SkipNonfiniteState, SkipOnSpikeState, skip_nonfinite, skip_on_spike
 from optclip.norms import global_norm, leaf_norms, unitwise_norm
 from optclip.static import (
@@ -47,6 +48,8 @@ __all__ = [
     "BlockRMSClipState",
     "ClipState",
     "ClipStats",
+    "ClippyState",
+    "clippy",
     "GlobalNormClipState",
     "GuardStats",
     "LeafNormClipState",

@@ -1,0 +1,268 @@
+"""Update-space clipping: Clippy (Tang et al. 2023).
+
+Clippy clips the *update* an optimizer is about to apply, not the gradient:
+each tensor's update is shrunk so that no coordinate moves by more than a
+fraction of its own weight. It therefore goes *after* the optimizer, with the
+learning rate already applied.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from optclip import norms as _n
+from optclip._common import (
+    Threshold,
+    check_threshold,
+    f32,
+    increment,
+    maybe_raise_nonfinite,
+    resolve,
+)
+from optclip.norms import AxisName
+from optclip.stats import ClipStats
+
+__all__ = ["ClippyState", "clippy"]
+
+
+class ClippyState(NamedTuple):
+    """State of :func:`clippy`.
+
+    Attributes:
+      count: int32 scalar, the number of updates so far (drives schedules).
+      stats: the latest :class:`~optclip.ClipStats`.
+    """
+
+    count: jax.Array
+    stats: ClipStats
+
+    optclip_name = "clippy"
+
+
+def _mul0(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a * b`` with ``0 * inf = 0``: an infinite fraction of a zero weight is still 0."""
+    return jnp.where((a == 0) | (b == 0), jnp.zeros_like(a), a * b)
+
+
+def _leaf_sigma(u: jax.Array, w: jax.Array, lam_rel: jax.Array, lam_abs: jax.Array,
+                acc: Any) -> jax.Array:
+    """``min(1, min_j (lam_rel |w_j| + lam_abs) / |u_j|)`` over the finite, non-zero ``u_j``."""
+    if u.size == 0:
+        return jnp.ones((), acc)
+    d = jnp.abs(u).astype(acc)
+    bound = _mul0(jnp.abs(w).astype(acc), lam_rel.astype(acc)) + lam_abs.astype(acc)
+    active = jnp.isfinite(d) & (d > 0)
+    # The untaken branch divides by 1, so value and derivative are finite at u_j = 0.
+    ratio = jnp.where(active, bound / jnp.where(active, d, 1), jnp.inf)
+    return jnp.minimum(jnp.ones((), acc), jnp.min(ratio))
+
+
+def _apply(u: jax.Array, sigma: jax.Array) -> jax.Array:
+    """``u * sigma`` in float32 or wider, in ``u``'s dtype; NaN and inf pass as they are."""
+    wide = jnp.promote_types(u.dtype, jnp.float32)
+    x = u.astype(wide)
+    real = jnp.finfo(wide).dtype
+    out = x * sigma.astype(real)
+    return jnp.where(jnp.isfinite(x), out, x).astype(u.dtype)
+
+
+def _path_str(path: Any) -> str:
+    return jax.tree_util.keystr(path) or "<root>"
+
+
+def clippy(
+    lambda_rel: Threshold = 0.1,
+    lambda_abs: Threshold = 1e-7,
+    *,
+    axis_name: AxisName = None,
+    partition_specs: Any = None,
+    error_if_nonfinite: bool = False,
+) -> optax.GradientTransformation:
+    """Clippy: shrinks each tensor's update so that no coordinate moves too far.
+
+    From Tang, Wang, Yi, et al., *Improving Training Stability for Multitask
+    Ranking Models in Recommender Systems*, KDD 2023
+    (https://arxiv.org/abs/2302.09178). For every tensor ``w`` with update
+    ``u`` (the step the optimizer is about to apply, learning rate included),
+    the whole tensor's update is multiplied by one factor::
+
+        sigma = min(1, min_j (lambda_rel * |w_j| + lambda_abs) / |u_j|)
+
+    so that ``|sigma * u_j| <= lambda_rel * |w_j| + lambda_abs`` for every
+    coordinate, and the tensor's update keeps its direction.
+
+    **Place it after the optimizer**, where the updates are the steps that
+    will be added to the parameters::
+
+        tx = optax.chain(optax.adam(1e-3), optclip.clippy(0.1, 1e-7))
+
+    Every optclip clipper placed after the optimizer clips the update in the
+    same way: ``optax.chain(optax.adam(lr), optclip.clip_by_block_rms(1.0))``
+    is Adafactor's update clipping (Levanter's ``update_rms_clipping``), and
+    ``optclip.zclip`` after the optimizer watches the update norm for spikes.
+    Clippy differs in bounding each coordinate by its own weight, so it needs
+    ``params``.
+
+    Anchored on TensorFlow Recommenders' ``ClippyAdagrad``
+    (``tensorflow_recommenders/experimental/optimizers/clippy_adagrad.py``),
+    whose defaults (``variable_relative_threshold=0.1``,
+    ``absolute_threshold=1e-7``) are the defaults here, and whose edge cases
+    are kept:
+
+    * a coordinate whose update is 0 sets no bound (a zero update, or a zero
+      tensor, gets ``sigma = 1``, never NaN);
+    * a zero weight with ``lambda_abs = 0`` allows no move: any non-zero
+      update of that tensor gives ``sigma = 0``, and the tensor stays put.
+
+    Where optclip differs from the reference, on purpose:
+
+    * **The Adagrad-accumulator term is left out.** ``ClippyAdagrad`` adds
+      ``accumulator_relative_threshold / sqrt(accumulator + eps)`` to the
+      bound, and can feed the clipping factor back into its accumulator
+      (``clip_accumulator_update``). A transformation placed after an
+      arbitrary optimizer sees only the updates and the parameters, not the
+      optimizer's internal state, so neither can be done here. With the
+      reference's default ``accumulator_relative_threshold=0.0`` the bound is
+      the same. ``optax.chain(optax.adagrad(lr), clippy())`` is still not
+      ``ClippyAdagrad`` step for step: Optax's Adagrad adds the current
+      gradient to the accumulator before the step, as classical Adagrad does
+      (the reference's ``use_standard_accumulator_update=True``).
+    * The ratio is computed in float32 (float64 for float64 leaves); the
+      output keeps each leaf's dtype.
+    * NaN and inf update elements are not turned into plausible values: they
+      pass through as they are, ``sigma`` is taken over the finite elements,
+      and the stats flag the step (wrap the optimizer in
+      :func:`optclip.skip_nonfinite` to skip it). A NaN *parameter* makes its
+      tensor's factor, and so its update, NaN.
+    * ``lambda_rel = inf`` times a zero weight counts as 0, not NaN.
+
+    Thresholds that a schedule or a traced array makes negative or NaN at run
+    time zero the whole update (as a bound of 0 would) and set the stats'
+    ``invalid_threshold``; they never flip its sign or let it through.
+
+    Integer, boolean and ``float0`` leaves, and ``None`` leaves, pass through
+    untouched.
+
+    Args:
+      lambda_rel: the largest move of a coordinate, as a fraction of its
+        weight's magnitude: a float >= 0, a JAX scalar, or an Optax schedule
+        of the step count. The reference's default is 0.1.
+      lambda_abs: the move always allowed, whatever the weight, so that zero
+        weights can leave 0: a float >= 0, a JAX scalar or a schedule.
+        ``inf`` never clips.
+      axis_name: inside ``shard_map`` or ``pmap``, the mesh axes along which
+        every float leaf is split: each tensor's factor is the minimum across
+        them, so every shard of a tensor is scaled alike (a leaf that is in
+        fact replicated gets the same factor anyway; only the stats' norm
+        would count it once per device: use ``partition_specs`` for mixed
+        layouts).
+      partition_specs: inside ``shard_map``, the ``PartitionSpec`` of every
+        leaf (None for replicated ones); see :func:`optclip.global_norm`.
+        Wins over ``axis_name``.
+      error_if_nonfinite: raise ``FloatingPointError`` (through
+        ``jax.debug.callback``) when the updates hold NaN or inf.
+
+    Returns:
+      An ``optax.GradientTransformation`` with a :class:`ClippyState`. Its
+      ``update`` needs ``params`` of the updates' structure and shapes. The
+      stats hold the global L2 norm of the incoming update as ``grad_norm``,
+      ``lambda_rel`` as the threshold, the ratio of the global norms after
+      and before as the scale, and whether any tensor's factor was below 1.
+
+    Raises:
+      ValueError: at construction, for a negative or NaN ``lambda_rel`` or
+        ``lambda_abs``; at update time, when ``params`` are missing or do not
+        match the updates' structure and shapes.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optclip
+      >>> tx = optclip.clippy(lambda_rel=0.1, lambda_abs=0.0)
+      >>> w = {"w": jnp.array([1.0, 10.0])}
+      >>> u, state = tx.update({"w": jnp.array([0.5, 0.5])}, tx.init(w), w)
+      >>> u["w"]  # coordinate 0 may move by 0.1 only: sigma = 0.2
+      Array([0.1, 0.1], dtype=float32)
+      >>> bool(state.stats.clipped)
+      True
+    """
+    check_threshold("lambda_rel", lambda_rel)
+    check_threshold("lambda_abs", lambda_abs)
+
+    def init_fn(params: Any) -> ClippyState:
+        del params
+        return ClippyState(count=jnp.zeros((), jnp.int32), stats=ClipStats.zeros())
+
+    def update_fn(updates: Any, state: ClippyState, params: Any = None
+                  ) -> tuple[Any, ClippyState]:
+        if params is None:
+            raise ValueError(
+                "optclip.clippy bounds each update by its parameter's magnitude and needs "
+                "params: call tx.update(updates, state, params)."
+            )
+        # None updates are leaves here, so that their params (array or None) are not checked.
+        paths_flat, treedef = jax.tree_util.tree_flatten_with_path(
+            updates, is_leaf=lambda x: x is None)
+        try:
+            pflat = treedef.flatten_up_to(params)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                "optclip.clippy: params must have the structure of the updates (pass the "
+                f"params the updates belong to): {e}"
+            ) from None
+        flat = [x for _, x in paths_flat]
+        idx = [i for i, x in enumerate(flat) if _n.is_float_leaf(x)]
+        us = [jnp.asarray(flat[i]) for i in idx]
+        ws = []
+        for i in idx:
+            w = pflat[i]
+            if w is None or jnp.shape(w) != jnp.shape(flat[i]):
+                got = "is None" if w is None else f"has shape {jnp.shape(w)}"
+                raise ValueError(
+                    f"optclip.clippy: params at {_path_str(paths_flat[i][0])} {got}, but its "
+                    f"update has shape {jnp.shape(flat[i])}: pass the params the updates "
+                    "belong to."
+                )
+            ws.append(jnp.asarray(w))
+
+        lam_rel = resolve(lambda_rel, state.count)
+        lam_abs = resolve(lambda_abs, state.count)
+        # `~(x >= 0)` is True for negative values and for NaN. Either one invalid makes the
+        # whole bound 0: every non-zero update gets sigma = 0, never a negative factor.
+        invalid = ~(lam_rel >= 0) | ~(lam_abs >= 0)
+        zero = jnp.zeros((), jnp.float32)
+        lr = jnp.where(invalid, zero, lam_rel)
+        la = jnp.where(invalid, zero, lam_abs)
+
+        if not us:
+            stats = state.stats.advance(grad_norm=zero, threshold=f32(lam_rel),
+                                        scale=jnp.ones((), jnp.float32), clipped=False,
+                                        nonfinite=False, invalid_threshold=invalid)
+            return updates, ClippyState(count=increment(state.count), stats=stats)
+
+        axes = _n.leaf_axes(updates, axis_name, partition_specs)
+        norms, nonfinite = _n.norm_core(us, 2.0, axes_per_leaf=axes)
+        maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clippy")
+        acc = norms[0].dtype
+        sigmas = [_leaf_sigma(u, w, lr, la, acc) for u, w in zip(us, ws, strict=True)]
+        sigmas = _n.collect(sigmas, axes, lax.pmin)
+
+        out = list(flat)
+        for j, i in enumerate(idx):
+            out[i] = _apply(us[j], sigmas[j])
+        norms_v = jnp.stack(norms)
+        sig_v = jnp.stack(sigmas)
+        before = _n.combine_norms(norms_v, 2.0)
+        after = _n.combine_norms(_mul0(norms_v, sig_v), 2.0)
+        pos = before > 0
+        ratio = jnp.where(pos, after / jnp.where(pos, before, 1), 1)
+        stats = state.stats.advance(grad_norm=f32(before), threshold=f32(lam_rel),
+                                    scale=f32(ratio), clipped=jnp.any(sig_v < 1),
+                                    nonfinite=nonfinite, invalid_threshold=invalid)
+        return (jax.tree_util.tree_unflatten(treedef, out),
+                ClippyState(count=increment(state.count), stats=stats))
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,502 @@
+"""Clippy (update-space clipping) against a NumPy reference, and update clipping in general.
+
+The reference below is written from the paper's formula (Tang et al. 2023):
+each tensor's update u is scaled by sigma = min(1, min_j (l_rel |w_j| + l_abs) / |u_j|),
+with the edge cases of TensorFlow Recommenders' ClippyAdagrad: a zero u_j sets no bound.
+"""
+
+import math
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import optclip
+
+# --- NumPy references ---------------------------------------------------------------------------
+
+
+def np_sigma(u, w, lam_rel, lam_abs):
+    u = np.asarray(u, np.float64)
+    w = np.asarray(w, np.float64)
+    nz = u != 0
+    if not nz.any():
+        return 1.0
+    bound = lam_rel * np.abs(w) + lam_abs
+    return float(min(1.0, np.min(bound[nz] / np.abs(u[nz]))))
+
+
+def np_clippy(updates, params, lam_rel, lam_abs):
+    """{key: (clipped update, sigma)} in float64."""
+    return {k: (np.asarray(updates[k], np.float64) * s, s)
+            for k in updates
+            for s in [np_sigma(updates[k], params[k], lam_rel, lam_abs)]}
+
+
+def random_tree(seed, dtype=jnp.float32, zero_frac=0.2):
+    """Updates and params of several shapes, mixed signs, with zero weights and zero updates
+    sprinkled in, one all-zero update leaf, and one all-zero weight leaf."""
+    rng = np.random.default_rng(seed)
+    shapes = {"scalar": (), "bias": (3,), "kernel": (4, 3), "conv": (2, 2, 3), "dead": (5,),
+              "fresh": (2, 2)}
+    u, w = {}, {}
+    for k, s in shapes.items():
+        uu = rng.normal(size=s) * 10.0 ** rng.uniform(-3, 0, size=s)
+        ww = rng.normal(size=s) * 10.0 ** rng.uniform(-2, 1, size=s)
+        uu = np.where(rng.uniform(size=s) < zero_frac, 0.0, uu)
+        ww = np.where(rng.uniform(size=s) < zero_frac, 0.0, ww)
+        if k == "dead":
+            uu = np.zeros(s)
+        if k == "fresh":
+            ww = np.zeros(s)
+        u[k] = jnp.asarray(uu, dtype)
+        w[k] = jnp.asarray(ww, dtype)
+    return u, w
+
+
+def check_against_reference(out, u, w, lam_rel, lam_abs, rtol, atol=0.0):
+    want = np_clippy(u, w, lam_rel, lam_abs)
+    for k in u:
+        assert out[k].dtype == u[k].dtype, k
+        assert out[k].shape == u[k].shape, k
+        np.testing.assert_allclose(np.asarray(out[k], np.float64), want[k][0], rtol=rtol,
+                                   atol=atol, err_msg=k)
+        # the promise itself: no coordinate moves by more than its bound
+        bound = lam_rel * np.abs(np.asarray(w[k], np.float64)) + lam_abs
+        assert np.all(np.abs(np.asarray(out[k], np.float64)) <= bound * (1 + rtol) + atol), k
+    return want
+
+
+# --- the reference, on random trees, eager and under jit ----------------------------------------
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("lam_rel,lam_abs", [(0.1, 1e-7), (0.01, 0.0), (0.5, 1e-3)])
+def test_matches_numpy_reference(lam_rel, lam_abs, jit):
+    tx = optclip.clippy(lam_rel, lam_abs)
+    update = jax.jit(tx.update) if jit else tx.update
+    n_clipped = 0
+    for seed in range(4):
+        u, w = random_tree(seed)
+        out, state = update(u, tx.init(w), w)
+        want = check_against_reference(out, u, w, lam_rel, lam_abs, rtol=2e-6)
+        n_clipped += sum(s < 1 for _, s in want.values())
+        assert bool(state.stats.clipped) == any(s < 1 for _, s in want.values())
+    assert n_clipped > 0  # the comparison is not vacuous
+
+
+def test_edge_cases_as_the_reference():
+    tx = optclip.clippy(lambda_rel=0.1, lambda_abs=0.0)
+    w = {"zero_w": jnp.array([0.0, 1.0]), "zero_u": jnp.array([1.0, 2.0]),
+         "all_zero": jnp.zeros(3), "zero_w_zero_u": jnp.array([0.0, 5.0])}
+    u = {"zero_w": jnp.array([1e-6, 0.0]),       # a zero weight allows no move: sigma = 0
+         "zero_u": jnp.array([0.0, 0.1]),        # a zero update sets no bound
+         "all_zero": jnp.zeros(3),               # 0 / 0: sigma = 1, no NaN
+         "zero_w_zero_u": jnp.array([0.0, 0.1])}  # zero weight, but it does not move
+    out, state = tx.update(u, tx.init(w), w)
+    np.testing.assert_array_equal(out["zero_w"], [0.0, 0.0])
+    np.testing.assert_array_equal(out["zero_u"], u["zero_u"])
+    np.testing.assert_array_equal(out["all_zero"], [0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(out["zero_w_zero_u"], u["zero_w_zero_u"])
+    assert bool(state.stats.clipped) and not bool(state.stats.nonfinite)
+    # with lambda_abs > 0 a zero weight may move by lambda_abs
+    out, _ = optclip.clippy(0.1, 1e-3).update(u, tx.init(w), w)
+    np.testing.assert_allclose(out["zero_w"], [1e-6, 0.0])
+    out, _ = optclip.clippy(0.1, 1e-7).update({"a": jnp.array([1e-6])}, tx.init(w),
+                                               {"a": jnp.array([0.0])})
+    np.testing.assert_allclose(out["a"], [1e-7], rtol=1e-6)
+    # an infinite fraction of a zero weight is 0, not NaN
+    out, _ = optclip.clippy(math.inf, 1e-3).update(u, tx.init(w), w)
+    np.testing.assert_allclose(out["zero_w"], [1e-6, 0.0])
+    assert all(np.isfinite(np.asarray(x)).all() for x in out.values())
+
+
+def test_derivative_at_zero_update_is_finite():
+    w = {"a": jnp.array([0.0, 1.0, 2.0])}
+    tx = optclip.clippy(0.1, 0.0)
+
+    def f(x):
+        return jnp.sum(tx.update({"a": x}, tx.init(w), w)[0]["a"])
+
+    g = jax.grad(f)(jnp.zeros(3))
+    assert np.isfinite(np.asarray(g)).all()
+    np.testing.assert_array_equal(g, [1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_keeps_dtype_and_computes_in_float32(dtype):
+    u, w = random_tree(7, dtype)
+    tx = optclip.clippy(0.05, 1e-4)
+    out, _ = tx.update(u, tx.init(w), w)
+    rtol = 2 * float(jnp.finfo(dtype).eps)
+    # below the smallest normal, the output's own rounding is absolute: half a subnormal step
+    atol = float(jnp.finfo(dtype).smallest_subnormal)
+    check_against_reference(out, u, w, 0.05, 1e-4, rtol=rtol, atol=atol)
+    # a huge update against a tiny bound: the factor (1.7e-9) underflows to 0 in fp16, but not
+    # in float32, where it is computed: the weight still moves by its bound
+    big = {"a": jnp.array([60000.0, -30000.0], dtype)}
+    wsmall = {"a": jnp.array([1e-3, 1.0], dtype)}
+    out, _ = optclip.clippy(0.1, 0.0).update(big, tx.init(wsmall), wsmall)
+    assert out["a"].dtype == dtype
+    sigma = 0.1 * float(wsmall["a"][0]) / 60000.0
+    np.testing.assert_allclose(np.asarray(out["a"], np.float64),
+                               np.array([60000.0, -30000.0]) * sigma, rtol=rtol)
+
+
+def test_none_integer_and_float0_pass_through():
+    tx = optclip.clippy(0.1, 0.0)
+    f0 = np.zeros((2,), jax.dtypes.float0)
+    u = {"n": None, "i": jnp.arange(3), "f0": f0, "x": jnp.array([1.0])}
+    w = {"n": jnp.ones(2), "i": jnp.arange(3), "f0": jnp.ones(2), "x": jnp.array([1.0])}
+    out, _ = tx.update(u, tx.init(w), w)
+    assert out["n"] is None
+    assert out["i"] is u["i"]
+    assert out["f0"] is f0
+    np.testing.assert_allclose(out["x"], [0.1])
+
+
+def test_nonfinite_is_flagged_and_stays_visible():
+    tx = optclip.clippy(0.1, 0.0)
+    w = {"a": jnp.array([1.0, 1.0, 1.0]), "b": jnp.array([1.0, 1.0])}
+    w["c"] = jnp.array([0.0, 1.0])
+    u = {"a": jnp.array([jnp.nan, -jnp.inf, 0.5]), "b": jnp.array([0.2, 0.0]),
+         "c": jnp.array([1.0, jnp.inf])}  # c: a zero weight gives sigma = 0
+    out, state = jax.jit(tx.update)(u, tx.init(w), w)
+    a = np.asarray(out["a"])
+    assert np.isnan(a[0]) and a[1] == -np.inf        # not turned into plausible values
+    np.testing.assert_allclose(a[2], 0.1, rtol=1e-6)  # sigma over the finite elements
+    np.testing.assert_allclose(out["b"], [0.1, 0.0], rtol=1e-6)
+    np.testing.assert_array_equal(out["c"], [0.0, np.inf])  # inf stays inf, not 0 * inf
+    assert bool(state.stats.nonfinite) and int(state.stats.nonfinite_count) == 1
+    _, state = tx.update({"a": jnp.ones(3), "b": jnp.ones(2), "c": jnp.ones(2)}, state, w)
+    assert not bool(state.stats.nonfinite)
+
+
+# --- stats, schedules, run-time thresholds ------------------------------------------------------
+
+
+def test_stats_values():
+    tx = optclip.clippy(0.1, 0.0)
+    w = {"a": jnp.array([1.0, 10.0]), "b": jnp.array([100.0])}
+    u = {"a": jnp.array([0.3, -0.4]), "b": jnp.array([1.2])}  # sigma_a = 1/3, sigma_b = 1
+    state = tx.init(w)
+    out, state = tx.update(u, state, w)
+    s = optclip.stats(state, host=True)
+    before = math.sqrt(0.3**2 + 0.4**2 + 1.2**2)
+    after = math.sqrt((0.1**2 + (0.4 / 3) ** 2) + 1.2**2)
+    np.testing.assert_allclose(s["grad_norm"], before, rtol=1e-6)
+    np.testing.assert_allclose(s["grad_norm"], float(optclip.global_norm(u)), rtol=1e-6)
+    np.testing.assert_allclose(s["threshold"], 0.1, rtol=1e-6)
+    np.testing.assert_allclose(s["scale"], after / before, rtol=1e-6)
+    np.testing.assert_allclose(s["scale"], float(optclip.global_norm(out)) / before, rtol=1e-6)
+    assert s["clipped"] is True and s["clip_count"] == 1
+    assert s["nonfinite"] is False and s["invalid_threshold"] is False
+    np.testing.assert_allclose(s["peak_grad_norm"], before, rtol=1e-6)
+    # a step below every bound: scale 1, not clipped, counters carried on
+    _, state = tx.update({"a": jnp.array([0.01, 0.01]), "b": jnp.array([0.0])}, state, w)
+    s = optclip.stats(state, host=True)
+    assert s["clipped"] is False and s["scale"] == 1.0 and s["clip_count"] == 1
+    np.testing.assert_allclose(s["peak_grad_norm"], before, rtol=1e-6)
+    assert int(state.count) == 2
+    # found by name in a chain
+    chain = optax.chain(optax.sgd(1.0), optclip.clippy())
+    _, cs = chain.update(u, chain.init(w), w)
+    assert "clipped" in optclip.stats(cs) and "clippy/clipped" in optclip.stats(cs, prefix=True)
+
+
+def test_schedule_threshold_follows_count():
+    sched = optax.piecewise_constant_schedule(0.1, {2: 10.0})  # 0.1, 0.1, then 1.0
+    tx = optclip.clippy(sched, 0.0)
+    w = {"a": jnp.array([1.0])}
+    u = {"a": jnp.array([0.5])}
+    state = tx.init(w)
+    got = []
+    for _ in range(3):
+        out, state = jax.jit(tx.update)(u, state, w)
+        got.append(float(out["a"][0]))
+    np.testing.assert_allclose(got, [0.1, 0.1, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(float(state.stats.threshold), 1.0)
+    # lambda_abs as a schedule too
+    tx = optclip.clippy(0.0, optax.linear_schedule(0.0, 1.0, 4))
+    state = tx.init(w)
+    got = []
+    for _ in range(3):
+        out, state = tx.update(u, state, w)
+        got.append(float(out["a"][0]))
+    np.testing.assert_allclose(got, [0.0, 0.25, 0.5], rtol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["lambda_rel", "lambda_abs"])
+@pytest.mark.parametrize("bad", [-0.5, math.nan])
+def test_invalid_runtime_threshold_zeroes_and_flags(which, bad):
+    w = {"a": jnp.array([1.0, -2.0]), "b": jnp.array([3.0])}
+    u = {"a": jnp.array([0.5, -0.05]), "b": jnp.array([0.01])}
+
+    @jax.jit
+    def step(u, w, lam):
+        kw = {"lambda_rel": 0.1, "lambda_abs": 1e-3, which: lam}
+        tx = optclip.clippy(**kw)
+        return tx.update(u, tx.init(w), w)
+
+    out, state = step(u, w, jnp.float32(bad))
+    for k in u:
+        o = np.asarray(out[k])
+        assert np.all(o == 0), (k, o)   # no sign flip, nothing let through
+        assert not np.any(np.isnan(o))
+    assert bool(state.stats.invalid_threshold) and bool(state.stats.clipped)
+    # the same traced argument, valid, clips normally and does not flag
+    out, state = step(u, w, jnp.float32(0.1 if which == "lambda_rel" else 1e-3))
+    assert not bool(state.stats.invalid_threshold)
+    np.testing.assert_allclose(out["b"], [0.01])
+    assert np.all(np.sign(np.asarray(out["a"])) == np.sign(np.asarray(u["a"])))
+
+
+def test_inject_hyperparams():
+    tx = optax.inject_hyperparams(optclip.clippy)(lambda_rel=0.1, lambda_abs=0.0)
+    w = {"a": jnp.array([1.0])}
+    state = tx.init(w)
+    out, state = jax.jit(tx.update)({"a": jnp.array([0.5])}, state, w)
+    np.testing.assert_allclose(out["a"], [0.1], rtol=1e-6)
+    state.hyperparams["lambda_rel"] = jnp.asarray(0.2)
+    out, state = jax.jit(tx.update)({"a": jnp.array([0.5])}, state, w)
+    np.testing.assert_allclose(out["a"], [0.2], rtol=1e-6)
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"lambda_rel": -0.1}, "lambda_rel"),
+    ({"lambda_rel": math.nan}, "lambda_rel"),
+    ({"lambda_abs": -1e-7}, "lambda_abs"),
+    ({"lambda_abs": math.nan}, "lambda_abs"),
+    ({"lambda_rel": "0.1"}, "lambda_rel"),
+    ({"lambda_abs": None}, "lambda_abs"),
+])
+def test_bad_thresholds_raise_at_construction(kw, match):
+    with pytest.raises(ValueError, match=match):
+        optclip.clippy(**kw)
+
+
+def test_params_missing_or_mismatched_raise():
+    tx = optclip.clippy()
+    u = {"a": jnp.ones(2), "b": jnp.ones(3)}
+    state = tx.init(u)
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update(u, state)
+    with pytest.raises(ValueError, match=r"params at \['b'\] has shape \(4,\)"):
+        tx.update(u, state, {"a": jnp.ones(2), "b": jnp.ones(4)})
+    with pytest.raises(ValueError, match=r"params at \['b'\] is None"):
+        tx.update(u, state, {"a": jnp.ones(2), "b": None})
+    with pytest.raises(ValueError, match="params must have the structure"):
+        tx.update(u, state, {"a": jnp.ones(2)})
+    # a None update does not need its param
+    out, _ = tx.update({"a": jnp.ones(2), "b": None}, state, {"a": jnp.ones(2), "b": None})
+    assert out["b"] is None
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+def test_trains_least_squares_after_optimizer(opt):
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
+    x_true = jnp.asarray([1.0, -2.0, 0.5, 3.0])
+    b = a @ x_true
+    x_star = np.linalg.lstsq(np.asarray(a), np.asarray(b), rcond=None)[0]
+    inner = optax.adam(0.05) if opt == "adam" else optax.sgd(0.5)
+    tx = optax.chain(inner, optclip.clippy(lambda_rel=0.1, lambda_abs=1e-2))
+    params = {"x": jnp.zeros(4)}
+
+    def loss(p):
+        return 0.5 * jnp.mean((a @ p["x"] - b) ** 2)
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(loss)(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    state = tx.init(params)
+    for _ in range(300):
+        params, state = step(params, state)
+    assert int(optclip.stats(state)["clip_count"]) > 0  # clippy did engage from x = 0
+    np.testing.assert_allclose(params["x"], x_star, atol=2e-2)
+
+
+def np_clippy_adagrad(grads, w0, lr, lam_rel, lam_abs, acc0=0.1, eps=1e-7):
+    """TFRS ClippyAdagrad, use_standard_accumulator_update=True, accumulator_relative_threshold
+    = 0, from its documented algorithm: acc += g^2; delta = lr g / sqrt(acc + eps); w -= sigma
+    delta."""
+    w = np.asarray(w0, np.float64)
+    acc = np.full_like(w, acc0)
+    for g in grads:
+        g = np.asarray(g, np.float64)
+        acc = acc + g * g
+        delta = lr * g / np.sqrt(acc + eps)
+        w = w - np_sigma(delta, w, lam_rel, lam_abs) * delta
+    return w
+
+
+def test_matches_tfrs_clippy_adagrad_without_accumulator_term():
+    rng = np.random.default_rng(3)
+    w0 = jnp.asarray(rng.normal(size=(5,)) * 0.1, jnp.float32)
+    grads = [jnp.asarray(rng.normal(size=(5,)) * s, jnp.float32) for s in (1, 1, 30, 1, 1)]
+    tx = optax.chain(optax.adagrad(0.5, initial_accumulator_value=0.1, eps=1e-7),
+                     optclip.clippy(0.1, 1e-7))
+    w, state = w0, tx.init(w0)
+    for g in grads:
+        u, state = tx.update(g, state, w)
+        w = optax.apply_updates(w, u)
+    assert int(optclip.stats(state)["clip_count"]) > 0
+    np.testing.assert_allclose(w, np_clippy_adagrad(grads, w0, 0.5, 0.1, 1e-7), rtol=1e-5)
+
+
+# --- every clipper after the optimizer clips the update -----------------------------------------
+
+
+def grad_sequence(n, spike_at=None):
+    rng = np.random.default_rng(11)
+    out = []
+    for t in range(n):
+        s = 50.0 if t == spike_at else 1.0
+        out.append({"k": jnp.asarray(rng.normal(size=(3, 4)) * s, jnp.float32),
+                    "b": jnp.asarray(rng.normal(size=(4,)) * s, jnp.float32)})
+    return out
+
+
+def raw_updates(opt, grads, params):
+    state = opt.init(params)
+    out = []
+    for g in grads:
+        u, state = opt.update(g, state, params)
+        out.append(u)
+    return out
+
+
+def test_block_rms_after_adam_is_update_rms_clipping():
+    # Adafactor's update clipping / Levanter's update_rms_clipping: clip each update tensor's RMS
+    params = {"k": jnp.zeros((3, 4)), "b": jnp.zeros(4)}
+    grads = grad_sequence(4)
+    thr = 0.5
+    tx = optax.chain(optax.adam(1.0), optclip.clip_by_block_rms(thr))
+    state = tx.init(params)
+    raw = raw_updates(optax.adam(1.0), grads, params)
+    n_clipped = 0
+    for g, r in zip(grads, raw, strict=True):
+        u, state = tx.update(g, state, params)
+        for k in r:
+            x = np.asarray(r[k], np.float64)
+            rms = np.sqrt(np.mean(x * x))
+            want = x * min(1.0, thr / rms) if rms > 0 else x
+            n_clipped += rms > thr
+            np.testing.assert_allclose(np.asarray(u[k]), want, rtol=1e-5, atol=1e-7)
+    assert n_clipped > 0  # Adam's first step has RMS 1: the clip engages
+
+
+def test_zclip_after_optimizer_clips_the_update_norm():
+    params = {"k": jnp.zeros((3, 4)), "b": jnp.zeros(4)}
+    grads = grad_sequence(8, spike_at=6)
+    make = lambda: optclip.zclip(warmup_steps=3, z_thresh=2.0)  # noqa: E731
+    # momentum: the update sequence is not the gradient sequence, scaled
+    chained = optax.chain(optax.sgd(0.1, momentum=0.9), make())
+    raw = raw_updates(optax.sgd(0.1, momentum=0.9), grads, params)
+    alone = make()
+    s1, s2 = chained.init(params), alone.init(params)
+    n_clipped = 0
+    for g, r in zip(grads, raw, strict=True):
+        u1, s1 = chained.update(g, s1, params)
+        u2, s2 = alone.update(r, s2, params)
+        for k in r:
+            np.testing.assert_allclose(np.asarray(u1[k]), np.asarray(u2[k]), rtol=1e-6)
+        st1, st2 = optclip.stats(s1, host=True), optclip.stats(s2, host=True)
+        np.testing.assert_allclose(st1["grad_norm"], float(optclip.global_norm(r)), rtol=1e-6)
+        assert st1 == pytest.approx(st2)
+        n_clipped += st1["clipped"]
+    assert n_clipped > 0  # the spike was clipped: the comparison is not vacuous
+
+
+# --- state: donation, serialization, sharding ---------------------------------------------------
+
+
+def test_fresh_state_can_be_donated():
+    tx = optax.chain(optax.adam(1.0), optclip.clippy())  # steps of 1 on weights of 1: clips
+    params = {"a": jnp.ones((3,)), "b": jnp.ones((2, 2))}
+    leaves = jax.tree.leaves(optclip.clippy().init(params))
+    ptrs = [x.unsafe_buffer_pointer() for x in leaves]
+    assert len(set(ptrs)) == len(ptrs)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    g = jax.tree.map(jnp.ones_like, params)
+    # keep_unused: the stats fields that the step overwrites are donated too, not pruned
+    f = jax.jit(step, donate_argnums=(1,), keep_unused=True)
+    state = tx.init(params)
+    p2, s2 = f(params, state, g)
+    _, s3 = f(p2, s2, g)
+    assert all(x.is_deleted() for x in jax.tree.leaves(state))  # really donated
+    assert int(optclip.stats(s3)["clip_count"]) == 2
+    # the check can fail: a state holding one buffer twice cannot be donated
+    st = tx.init(params)
+    z = jnp.zeros((), jnp.float32)
+    shared = (st[0], st[1]._replace(stats=st[1].stats._replace(grad_norm=z, peak_grad_norm=z)))
+    with pytest.raises(ValueError, match="donate the same buffer twice"):
+        f(params, shared, g)
+
+
+def test_flax_serialization_round_trip_is_bit_identical():
+    tx = optclip.clippy(0.1, 1e-3)
+    params = {"k": jnp.ones((3, 4)) * 0.5, "b": jnp.zeros(4)}
+    grads = grad_sequence(4, spike_at=1)
+    state = tx.init(params)
+    for g in grads[:2]:
+        _, state = tx.update(g, state, params)
+    restored = flax.serialization.from_bytes(tx.init(params),
+                                             flax.serialization.to_bytes(state))
+    assert type(restored) is type(state)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for g in grads[2:]:
+        u1, state = tx.update(g, state, params)
+        u2, restored = tx.update(g, restored, params)
+        for k in g:
+            np.testing.assert_array_equal(np.asarray(u1[k]), np.asarray(u2[k]))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (simulated) devices")
+def test_shard_map_equals_unsharded():
+    u, w = {"k": jnp.asarray(np.random.default_rng(5).normal(size=(8, 3)) * 0.3, jnp.float32),
+            "r": jnp.asarray([0.2, -0.3, 0.05], jnp.float32)}, \
+           {"k": jnp.asarray(np.random.default_rng(6).normal(size=(8, 3)), jnp.float32),
+            "r": jnp.asarray([1.0, 0.1, 2.0], jnp.float32)}
+    # the smallest bound of "k" lies on one device only: without the pmin the shards differ
+    w["k"] = w["k"].at[7, 0].set(1e-3)
+    tx = optclip.clippy(0.1, 0.0)
+    want, ws = tx.update(u, tx.init(w), w)
+    mesh = Mesh(np.array(jax.devices()[:4]), ("x",))
+    specs = {"k": P("x"), "r": P()}
+    for kw in ({"partition_specs": specs}, {}):
+        txs = optclip.clippy(0.1, 0.0, **kw)
+        f = jax.jit(jax.shard_map(lambda u, s, w: txs.update(u, s, w), mesh=mesh,  # noqa: B023
+                                  in_specs=(specs, P(), specs), out_specs=(specs, P()),
+                                  check_vma=False))
+        got, gs = f(u, txs.init(w), w)
+        same = np.allclose(np.asarray(got["k"]), np.asarray(want["k"]), rtol=1e-6)
+        if kw:
+            assert same
+            np.testing.assert_allclose(got["r"], want["r"], rtol=1e-6)
+            np.testing.assert_allclose(float(gs.stats.grad_norm), float(ws.stats.grad_norm),
+                                       rtol=1e-6)
+        else:
+            assert not same  # the test can tell

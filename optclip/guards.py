@@ -109,10 +109,15 @@ def norm_and_nonfinite(updates: Any, axes: tuple[Hashable, ...], axis_name: Axis
     The flag does not rest on the norm kernel's flag alone: the global norm is a sum of
     squares, so it is NaN or inf whenever any element is, and ``~isfinite(norm)`` is OR-ed
     in. The result is then OR-ed across ``axes``, so that a NaN seen by one device only (a
-    "replicated" leaf that differs across devices, say) makes every device skip.
+    "replicated" leaf that differs across devices, say) makes every device skip. The
+    kernel's own overflow check is OR-ed across ``axes`` too (``flag_axes``), so that such a
+    NaN cannot send one device alone into the rescaled branch and its collectives, which
+    would deadlock.
     """
-    norm, flag = _n.global_norm_and_flag(updates, axis_name=axis_name,
-                                         partition_specs=partition_specs)
+    norms, flag = _n.norm_core(
+        _n.float_leaves(updates), 2.0, combine=True,
+        axes_per_leaf=_n.leaf_axes(updates, axis_name, partition_specs), flag_axes=axes)
+    norm = norms[0]
     return norm, _n.any_across(flag | ~jnp.isfinite(norm), axes)
 
 
@@ -279,15 +284,24 @@ def ema_record(s: EMAStats, value: jax.Array, warmup_steps: Any, alpha: Any,
 
 def window_moments(w: SpikeWindow) -> tuple[jax.Array, jax.Array]:
     """Per signal, the mean and the sample standard deviation (``ddof=1``) of the values
-    in the window (0 while it holds fewer than 2)."""
+    in the window (0 while it holds fewer than 2).
+
+    Computed on the values divided by a power of two near their largest magnitude: exact,
+    so the result is the unscaled one bit for bit, and the squares cannot overflow however
+    large the (finite) values are.
+    """
     size = w.values.shape[1]
     dt = w.values.dtype
     valid = jnp.arange(size) < w.count
     n = w.count.astype(dt)
-    mean = jnp.sum(jnp.where(valid, w.values, 0), axis=1) / jnp.maximum(n, 1)
-    dev = jnp.where(valid, w.values - mean[:, None], 0)
+    top = jnp.max(jnp.where(valid, jnp.abs(w.values), 0), axis=1)
+    _, e = jnp.frexp(top)  # top < 2**e; 2**(e-1) is finite even for the largest float
+    scale = lax.stop_gradient(jnp.ldexp(jnp.ones_like(top), e - 1))
+    x = w.values / scale[:, None]
+    mean = jnp.sum(jnp.where(valid, x, 0), axis=1) / jnp.maximum(n, 1)
+    dev = jnp.where(valid, x - mean[:, None], 0)
     var = jnp.sum(dev * dev, axis=1) / jnp.maximum(n - 1, 1)
-    return mean, jnp.sqrt(var)
+    return mean * scale, jnp.sqrt(var) * scale
 
 
 def _check_max_consecutive(value: Any) -> None:
@@ -351,7 +365,11 @@ def skip_on_spike(
     then an EMA with decay ``alpha``), in fixed memory. On a skipped spike
     they record the threshold ``mean + z_thresh * (std + eps)`` rather than
     the spike, so that a lasting change of scale is absorbed after a few
-    skips while a lone spike barely moves them.
+    skips while a lone spike barely moves them. The EMA keeps a variance, in
+    squared units: for values above the square root of the dtype's range
+    (about 1e19 in float32, 1e154 in float64) it is infinite and no spike is
+    found (the steps are taken). A window computes its moments scaled, and
+    has no such limit.
 
     **The loss** arrives the Optax way, ``tx.update(grads, state, params,
     value=loss)``; every extra keyword argument is passed on to ``inner``
@@ -494,8 +512,11 @@ def skip_on_spike(
         if window is None:
             dt = h[0].mean.dtype
             mean = jnp.stack([e.mean for e in h])
-            std = jnp.sqrt(jnp.maximum(jnp.stack([e.var for e in h]), 0.0))
             ready = jnp.stack([_a.ema_warm(e, warmup_steps) for e in h])
+            # during warm-up var holds Welford's sum of squares: report its population std
+            var = jnp.stack([jnp.where(r, e.var, e.var / jnp.maximum(e.count, 1).astype(dt))
+                             for r, e in zip(ready, h, strict=True)])
+            std = jnp.sqrt(jnp.maximum(var, 0.0))
         else:
             dt = h.values.dtype
             mean, std = window_moments(h)

@@ -3,23 +3,126 @@
 A skipped step returns zero updates and leaves the inner optimizer's state
 bit-identical, so that Adam's moments, schedules' counts and everything else
 behave as if the step had never happened. The guard counts its skips.
+
+Inside ``shard_map`` or ``pmap`` every guard ORs its decision across every
+mesh axis it is given (``axis_name``, or every axis named in
+``partition_specs``), so that all devices skip together and the replicated
+state stays replicated.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax import lax
 
 from optclip import adaptive as _a
 from optclip import norms as _n
-from optclip._common import check_threshold, f32
+from optclip._common import check_threshold, increment
+from optclip.adaptive import EMAStats
 from optclip.norms import AxisName
-from optclip.stats import GuardStats
+from optclip.stats import GuardStats, SpikeStats
 
-__all__ = ["SkipNonfiniteState", "SkipOnSpikeState", "skip_nonfinite", "skip_on_spike"]
+__all__ = [
+    "SkipNonfiniteState",
+    "SkipOnSpikeState",
+    "SpikeStats",
+    "SpikeWindow",
+    "skip_nonfinite",
+    "skip_on_spike",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared checks and helpers
+
+
+def check_inner(inner: Any, who: str) -> optax.GradientTransformationExtraArgs:
+    """``inner`` as a transformation that accepts extra args, or an error that says what to do.
+
+    Raises:
+      TypeError: when ``inner`` is a factory such as ``optax.adam`` (not called), or
+        anything else that has no ``init`` and ``update``.
+    """
+    if isinstance(inner, optax.GradientTransformation):
+        return optax.with_extra_args_support(inner)
+    if callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None)):
+        return optax.with_extra_args_support(optax.GradientTransformation(inner.init, inner.update))
+    if callable(inner):
+        name = getattr(inner, "__qualname__", None) or getattr(inner, "__name__", repr(inner))
+        mod = (getattr(inner, "__module__", "") or "").split(".")[0]
+        shown = f"{mod}.{name}" if mod else name
+        raise TypeError(
+            f"optclip.{who} wraps an optimizer, but got the function {shown}, which builds "
+            f"one: call it first, e.g. optclip.{who}(optax.adam(1e-3)) rather than "
+            f"optclip.{who}(optax.adam)."
+        )
+    raise TypeError(
+        f"optclip.{who} wraps an optimizer (an optax.GradientTransformation, such as "
+        f"optax.adam(1e-3) or optax.chain(...)); got {inner!r} of type "
+        f"{type(inner).__name__}."
+    )
+
+
+def check_state(state: Any, cls: type, who: str) -> None:
+    """Raises a ``TypeError`` naming ``state`` unless it is a ``cls``."""
+    if state is None:
+        raise TypeError(
+            f"optclip.{who}: state is None. Pass the state that tx.init(params) returned, "
+            "then the one each tx.update returned: updates, state = tx.update(grads, state, "
+            "params)."
+        )
+    if not isinstance(state, cls):
+        raise TypeError(
+            f"optclip.{who}: state must be the {cls.__name__} that this transformation's "
+            f"init returned; got a {type(state).__name__}. Is it the state of another "
+            f"optimizer (for example the inner one's, or one built before the optimizer was "
+            f"wrapped in optclip.{who})? Call tx.init(params) on the wrapped optimizer."
+        )
+
+
+def select_step(skip: jax.Array, new_updates: Any, new_inner: Any, old_inner: Any):
+    """Zero updates and the old inner state where ``skip``, else the new ones."""
+    updates = jax.tree.map(
+        lambda u: jnp.where(skip, jnp.zeros_like(u), u) if _n.is_float_leaf(u) else u,
+        new_updates,
+    )
+    inner = jax.tree.map(lambda new, old: jnp.where(skip, old, new), new_inner, old_inner)
+    return updates, inner
+
+
+def guard_axes(updates: Any, axis_name: AxisName, partition_specs: Any) -> tuple[Hashable, ...]:
+    """Every mesh axis the guard was given: ``axis_name``'s, or those named in the specs."""
+    return _n.union_axes(_n.leaf_axes(updates, axis_name, partition_specs))
+
+
+def norm_and_nonfinite(updates: Any, axes: tuple[Hashable, ...], axis_name: AxisName,
+                       partition_specs: Any) -> tuple[jax.Array, jax.Array]:
+    """The global L2 norm (in its accumulation dtype) and a non-finite flag that is the same
+    on every device.
+
+    The flag does not rest on the norm kernel's flag alone: the global norm is a sum of
+    squares, so it is NaN or inf whenever any element is, and ``~isfinite(norm)`` is OR-ed
+    in. The result is then OR-ed across ``axes``, so that a NaN seen by one device only (a
+    "replicated" leaf that differs across devices, say) makes every device skip. The
+    kernel's own overflow check is OR-ed across ``axes`` too (``flag_axes``), so that such a
+    NaN cannot send one device alone into the rescaled branch and its collectives, which
+    would deadlock.
+    """
+    norms, flag = _n.norm_core(
+        _n.float_leaves(updates), 2.0, combine=True,
+        axes_per_leaf=_n.leaf_axes(updates, axis_name, partition_specs), flag_axes=axes)
+    norm = norms[0]
+    return norm, _n.any_across(flag | ~jnp.isfinite(norm), axes)
+
+
+# ---------------------------------------------------------------------------------------------
+# skip_nonfinite
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -36,20 +139,10 @@ class SkipNonfiniteState(NamedTuple):
     optclip_name = "skip_nonfinite"
 
 
-def select_step(skip: jax.Array, new_updates: Any, new_inner: Any, old_inner: Any):
-    """Zero updates and the old inner state where ``skip``, else the new ones."""
-    updates = jax.tree.map(
-        lambda u: jnp.where(skip, jnp.zeros_like(u), u) if _n.is_float_leaf(u) else u,
-        new_updates,
-    )
-    inner = jax.tree.map(lambda new, old: jnp.where(skip, old, new), new_inner, old_inner)
-    return updates, inner
-
-
 def skip_nonfinite(
     inner: optax.GradientTransformation, *, axis_name: AxisName = None,
     partition_specs: Any = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """Skips every step whose gradients hold a NaN or an inf.
 
     Compared with ``optax.apply_if_finite``, the decision comes from the same
@@ -58,8 +151,16 @@ def skip_nonfinite(
     in :func:`optclip.stats`, and there is no limit after which non-finite
     updates are let through.
 
+    Under plain ``jit`` with sharded arrays XLA sees the whole arrays and
+    the decision is global by construction. Inside ``shard_map`` or ``pmap``,
+    give ``axis_name`` or ``partition_specs``: the decision is then OR-ed
+    across every mesh axis they name, so a NaN on a single shard makes every
+    device skip.
+
     Args:
       inner: the optimizer to guard, e.g. ``optax.chain(clipper, adam)``.
+        Extra keyword arguments of ``update`` (such as ``value=loss``) are
+        passed on to it.
       axis_name: inside ``shard_map``/``pmap``, the mesh axes across which the
         gradients are sharded, so that every shard takes the same decision.
       partition_specs: inside ``shard_map``, the ``PartitionSpec`` of every leaf
@@ -67,7 +168,12 @@ def skip_nonfinite(
         :func:`optclip.global_norm`. Wins over ``axis_name``.
 
     Returns:
-      An ``optax.GradientTransformation`` with a :class:`SkipNonfiniteState`.
+      An ``optax.GradientTransformationExtraArgs`` with a :class:`SkipNonfiniteState`.
+
+    Raises:
+      TypeError: when ``inner`` is not an optimizer (for example the factory
+        ``optax.adam`` rather than ``optax.adam(1e-3)``); at update time, when
+        ``state`` is None or not a :class:`SkipNonfiniteState`.
 
     Example:
       >>> import jax.numpy as jnp, optax, optclip
@@ -77,13 +183,15 @@ def skip_nonfinite(
       >>> u, int(state.stats.skip_count)
       (Array([0., 0.], dtype=float32), 1)
     """
+    inner = check_inner(inner, "skip_nonfinite")
 
     def init_fn(params):
         return SkipNonfiniteState(inner_state=inner.init(params), stats=GuardStats.zeros())
 
     def update_fn(updates, state, params=None, **extra_args):
-        norm, nonfinite = _n.global_norm_and_flag(updates, axis_name=axis_name,
-            partition_specs=partition_specs)
+        check_state(state, SkipNonfiniteState, "skip_nonfinite")
+        axes = guard_axes(updates, axis_name, partition_specs)
+        norm, nonfinite = norm_and_nonfinite(updates, axes, axis_name, partition_specs)
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
         out, inner_state = select_step(nonfinite, new_updates, new_inner, state.inner_state)
         stats = state.stats.advance(grad_norm=norm, threshold=state.stats.threshold,
@@ -93,103 +201,377 @@ def skip_nonfinite(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+# ---------------------------------------------------------------------------------------------
+# skip_on_spike
+
+
+class SpikeWindow(NamedTuple):
+    """The rolling window of :func:`skip_on_spike` (``window=W``): a ring buffer.
+
+    Attributes:
+      values: ``[signals, W]``, the watched values (grad norm, then loss) of the
+        last ``W`` steps that were taken, in the parameters' accumulation dtype
+        (float32, or float64 for float64 parameters).
+      count: int32 ``[]``, how many slots hold a value (at most ``W``).
+      pos: int32 ``[]``, the slot the next value goes into.
+    """
+
+    values: jax.Array
+    count: jax.Array
+    pos: jax.Array
+
+
 class SkipOnSpikeState(NamedTuple):
     """State of :func:`skip_on_spike`.
 
     Attributes:
       inner_state: the wrapped optimizer's state, untouched on skipped steps.
-      ema: the global norm's running statistics (see ``optclip.adaptive.EMAStats``).
-      stats: the latest :class:`GuardStats` (with the running ``skip_count``).
+      history: with ``window=None``, a tuple with one :class:`optclip.adaptive.EMAStats`
+        (count, mean, variance) per watched signal; with ``window=W``, a
+        :class:`SpikeWindow`. Float fields are in the parameters' accumulation dtype.
+      consecutive: int32 ``[]``, how many steps in a row were skipped up to now.
+      stats: the latest :class:`SpikeStats`.
     """
 
     inner_state: Any
-    ema: Any
-    stats: GuardStats
+    history: Any
+    consecutive: jax.Array
+    stats: SpikeStats
 
     optclip_name = "skip_on_spike"
+
+
+_ON = {"grad_norm": ("grad_norm",), "loss": ("loss",), "both": ("grad_norm", "loss")}
+
+
+def state_dtype(params: Any) -> jnp.dtype:
+    """float64 when any float leaf of ``params`` is 64-bit (with x64 on), else float32."""
+    for x in jax.tree_util.tree_leaves(params):
+        dt = getattr(x, "dtype", None)
+        if dt is None or not jnp.issubdtype(dt, jnp.inexact):
+            continue
+        dt = jax.dtypes.canonicalize_dtype(dt)
+        if dt in (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128)):
+            return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
+
+
+def ema_record(s: EMAStats, value: jax.Array, warmup_steps: Any, alpha: Any,
+               do: jax.Array) -> EMAStats:
+    """:func:`optclip.adaptive.ema_record`'s rule (Welford during warm-up, then the EMA),
+    kept in the statistics' own dtype, so that float64 norms beyond float32's range stay
+    finite."""
+    dt = s.mean.dtype
+    value = value.astype(dt)
+    alpha = jnp.asarray(alpha, dt)
+    warm = s.count >= warmup_steps
+    n = (s.count + 1).astype(dt)
+    delta = value - s.mean
+    w_mean = s.mean + delta / n
+    w_m2 = s.var + delta * (value - w_mean)
+    last = s.count + 1 >= warmup_steps
+    w_var = jnp.where(last, w_m2 / n, w_m2)
+    e_mean = alpha * s.mean + (1 - alpha) * value
+    e_var = alpha * s.var + (1 - alpha) * (value - e_mean) ** 2
+    mean = jnp.where(warm, e_mean, w_mean)
+    var = jnp.where(warm, e_var, w_var)
+    return EMAStats(
+        count=jnp.where(do, increment(s.count), s.count),
+        mean=jnp.where(do, mean, s.mean).astype(dt),
+        var=jnp.where(do, var, s.var).astype(dt),
+    )
+
+
+def window_moments(w: SpikeWindow) -> tuple[jax.Array, jax.Array]:
+    """Per signal, the mean and the sample standard deviation (``ddof=1``) of the values
+    in the window (0 while it holds fewer than 2).
+
+    Computed on the values divided by a power of two near their largest magnitude: exact,
+    so the result is the unscaled one bit for bit, and the squares cannot overflow however
+    large the (finite) values are.
+    """
+    size = w.values.shape[1]
+    dt = w.values.dtype
+    valid = jnp.arange(size) < w.count
+    n = w.count.astype(dt)
+    top = jnp.max(jnp.where(valid, jnp.abs(w.values), 0), axis=1)
+    _, e = jnp.frexp(top)  # top < 2**e; 2**(e-1) is finite even for the largest float
+    scale = lax.stop_gradient(jnp.ldexp(jnp.ones_like(top), e - 1))
+    x = w.values / scale[:, None]
+    mean = jnp.sum(jnp.where(valid, x, 0), axis=1) / jnp.maximum(n, 1)
+    dev = jnp.where(valid, x - mean[:, None], 0)
+    var = jnp.sum(dev * dev, axis=1) / jnp.maximum(n - 1, 1)
+    return mean * scale, jnp.sqrt(var) * scale
+
+
+def _check_max_consecutive(value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"max_consecutive must be None or an int >= 1; got {value!r}.")
 
 
 def skip_on_spike(
     inner: optax.GradientTransformation,
     *,
     z_thresh: float = 4.0,
+    window: int | None = None,
+    on: str = "grad_norm",
+    max_consecutive: int | None = None,
     alpha: float = 0.97,
     warmup_steps: int = 25,
     eps: float = 1e-6,
     axis_name: AxisName = None,
     partition_specs: Any = None,
-) -> optax.GradientTransformation:
-    """Skips a whole step when the global norm is a spike, or not finite.
+) -> optax.GradientTransformationExtraArgs:
+    """Skips a whole step when the gradient norm or the loss is a spike, or not finite.
 
-    The global L2 norm's mean and variance are tracked as in
-    :func:`optclip.zclip` (Welford over the first ``warmup_steps`` norms,
-    then an EMA with decay ``alpha``). After warm-up, a step whose z-score
-    ``(g - mean) / (std + eps)`` exceeds ``z_thresh`` is skipped: the updates
-    are zeros and the inner state is bit-identical. A non-finite norm is
-    always skipped. On a skipped spike the statistics record the threshold
-    ``mean + z_thresh * (std + eps)`` rather than the spike, so that a
-    lasting change of scale is absorbed after a few skips instead of
-    stalling training, while a lone spike barely moves them.
+    A skipped step returns zero updates and leaves the inner state
+    bit-identical. A step is a *spike* when a watched value ``v`` (the global
+    L2 norm of the gradients, the loss, or both) has a z-score
+    ``(v - mean) / (std + eps)`` above ``z_thresh`` against its statistics,
+    that is when ``v > mean + z_thresh * (std + eps)``. Gradients with a NaN
+    or an inf (and, when the loss is watched, a NaN or infinite loss) are
+    always skipped, and never enter the statistics.
 
-    This is the "skip the batch" remedy of large-model training (for
-    example PaLM, Chowdhery et al. 2022, restarted and skipped batches
-    around spikes); unlike clipping, it drops the step's information.
+    **Rolling window** (``window=W``): the rule of the trainers that skip bad
+    steps in production, OLMo-core's ``SkipStepOptimizer``
+    (https://github.com/allenai/OLMo-core, ``optim/skip_step_optimizer.py``;
+    128 steps, 6 sigma), MaxText's ``skip_step_on_spikes`` and Levanter's
+    ``SkipStepConfig``. The statistics are the mean and the sample standard
+    deviation of the last ``W`` values. Where optclip differs:
+
+    * the window holds the values of the last ``W`` steps that were *taken*.
+      The anchors append every step's value, spikes included, so that a
+      spike becomes part of the baseline; here a skipped spike never inflates
+      the standard deviation that judges the next steps, and a lasting change
+      of scale is let through by ``max_consecutive`` instead;
+    * the current value is compared against the window *before* it is added
+      (as in OLMo-core, MaxText and Levanter);
+    * the standard deviation is the sample one (``ddof=1``, Bessel's
+      correction), as ``torch.std_mean`` in OLMo-core and MaxText; Levanter
+      uses the population one;
+    * skipping starts once the window is full (``W`` values); the anchors
+      start at half the window (OLMo-core: at least 20 values);
+    * the test is one-sided, a value far *below* the mean is never a spike;
+      OLMo-core takes ``|v - mean|``, so it also skips sudden drops;
+    * ``eps`` is added to the standard deviation (Levanter floors it at
+      1e-6), so a constant window does not flag a rounding-level rise;
+    * the gradient norm is computed here, from the same overflow-safe norm
+      optclip's stats report; the anchors are handed it.
+
+    **EMA** (``window=None``, the default): the statistics are those of
+    :func:`optclip.zclip` (Welford over the first ``warmup_steps`` values,
+    then an EMA with decay ``alpha``), in fixed memory. On a skipped spike
+    they record the threshold ``mean + z_thresh * (std + eps)`` rather than
+    the spike, so that a lasting change of scale is absorbed after a few
+    skips while a lone spike barely moves them. The EMA keeps a variance, in
+    squared units: for values above the square root of the dtype's range
+    (about 1e19 in float32, 1e154 in float64) it is infinite and no spike is
+    found (the steps are taken). A window computes its moments scaled, and
+    has no such limit.
+
+    **The loss** arrives the Optax way, ``tx.update(grads, state, params,
+    value=loss)``; every extra keyword argument is passed on to ``inner``
+    (so ``optax.contrib.reduce_on_plateau`` inside still sees ``value``).
+    Inside ``shard_map``/``pmap`` the loss is combined across the guard's
+    axes by a max, so that every device keeps the same statistics; pass the
+    global (``pmean``-ed) loss to watch the true loss.
+
+    **max_consecutive=N**: after ``N`` skipped steps in a row, the next
+    finite spike is taken, and recorded, as a normal step (``forced`` in the
+    stats), so that a lasting change of scale cannot lock training out.
+    Non-finite steps are always skipped, and count towards the ``N``.
+
+    Every device takes the same decision: it is OR-ed across every mesh axis
+    named by ``axis_name`` or ``partition_specs``. The comparison is made in
+    the norm's accumulation dtype, and the statistics are kept in the
+    parameters' (float64 for float64 parameters), so float64 norms beyond
+    float32's range are compared as they are; the record holds float32.
+
+    This is the "skip the batch" remedy of large-model training (PaLM,
+    Chowdhery et al. 2022, https://arxiv.org/abs/2204.02311, restarted and
+    skipped batches around spikes; OLMo 2, https://arxiv.org/abs/2501.00656);
+    unlike clipping, it drops the step's information.
 
     Args:
       inner: the optimizer to guard.
-      z_thresh: the z-score above which a step is skipped (> 0).
-      alpha: the EMA's decay, in [0, 1).
-      warmup_steps: norms recorded before any step can be skipped (>= 1).
-      eps: added to the standard deviation in the z-score.
+      z_thresh: the z-score above which a step is skipped (> 0); a number or a
+        JAX scalar. OLMo-core's default is 6.
+      window: None for the EMA statistics, or ``W >= 2`` for a rolling window of
+        the last ``W`` taken steps (OLMo-core: 128). Sets the state's shape.
+      on: which values are watched: ``"grad_norm"``, ``"loss"`` (needs
+        ``value=``) or ``"both"`` (a spike in either skips the step).
+      max_consecutive: None (never force a step), or ``N >= 1``.
+      alpha: the EMA's decay, in [0, 1) (EMA statistics only).
+      warmup_steps: values recorded before any step can be skipped, >= 1 (EMA
+        statistics only; a window is ready when it is full).
+      eps: added to the standard deviation.
       axis_name: mesh axes across which the gradients are sharded.
       partition_specs: inside ``shard_map``, the ``PartitionSpec`` of every leaf
         (None for replicated ones), for trees of mixed layouts; see
         :func:`optclip.global_norm`. Wins over ``axis_name``.
 
     Returns:
-      An ``optax.GradientTransformation`` with a :class:`SkipOnSpikeState`.
+      An ``optax.GradientTransformationExtraArgs`` with a :class:`SkipOnSpikeState`,
+      whose record is a :class:`SpikeStats`.
 
     Raises:
-      ValueError: for an alpha outside [0, 1), ``warmup_steps < 1`` or a
-        non-positive ``z_thresh``.
+      ValueError: for an alpha outside [0, 1), ``warmup_steps < 1``, a
+        non-positive ``z_thresh``, a ``window`` that is not an int >= 2, an
+        unknown ``on``, a ``max_consecutive`` that is not an int >= 1; at update
+        time, when the loss is watched and no ``value=`` is given, or when
+        ``value`` is not a scalar.
+      TypeError: when ``inner`` is not an optimizer (``optax.adam`` rather than
+        ``optax.adam(1e-3)``); at update time, when ``state`` is None or was
+        built by another transformation.
 
     Example:
       >>> import jax.numpy as jnp, optax, optclip
-      >>> tx = optclip.skip_on_spike(optax.sgd(1.0), warmup_steps=3)
+      >>> tx = optclip.skip_on_spike(optax.sgd(1.0), window=4, on="loss", z_thresh=6.0)
       >>> state = tx.init(jnp.zeros(1))
-      >>> for g in (1.0, 1.1, 0.9, 1.0, 100.0):
-      ...     u, state = tx.update(jnp.array([g]), state, jnp.zeros(1))
-      >>> u, int(state.stats.skip_count)
-      (Array([0.], dtype=float32), 1)
+      >>> for loss in (2.0, 2.1, 1.9, 2.0, 9.0):
+      ...     u, state = tx.update(jnp.ones(1), state, jnp.zeros(1), value=loss)
+      >>> u, bool(state.stats.spike_loss), int(state.stats.skip_count)
+      (Array([0.], dtype=float32), True, 1)
     """
+    inner = check_inner(inner, "skip_on_spike")
     _a._check_alpha("alpha", alpha)
+    if callable(z_thresh):
+        raise ValueError("z_thresh must be a number > 0 or a JAX scalar; got a callable.")
     check_threshold("z_thresh", z_thresh)
     if isinstance(z_thresh, (int, float)) and z_thresh == 0:
         raise ValueError("z_thresh must be > 0; got 0.")
     _a._check_warmup(warmup_steps)
     check_threshold("eps", eps)
+    _a._check_static_int("window", window, 2, allow_none=True)
+    if on not in _ON:
+        raise ValueError(f"on must be one of {sorted(_ON)}; got {on!r}.")
+    _check_max_consecutive(max_consecutive)
+    signals = _ON[on]
+    watch_grad = "grad_norm" in signals
+    watch_loss = "loss" in signals
+    k = len(signals)
 
     def init_fn(params):
-        return SkipOnSpikeState(inner_state=inner.init(params), ema=_a.EMAStats.zeros(),
-                                stats=GuardStats.zeros())
+        dt = state_dtype(params)
+        if window is None:
+            history = tuple(EMAStats(count=jnp.zeros((), jnp.int32), mean=jnp.zeros((), dt),
+                                     var=jnp.zeros((), dt)) for _ in signals)
+        else:
+            history = SpikeWindow(values=jnp.zeros((k, window), dt),
+                                  count=jnp.zeros((), jnp.int32), pos=jnp.zeros((), jnp.int32))
+        return SkipOnSpikeState(inner_state=inner.init(params), history=history,
+                                consecutive=jnp.zeros((), jnp.int32), stats=SpikeStats.zeros())
+
+    def check_history(h):
+        want = (f"window={window}" if window is not None else "window=None") + f", on={on!r}"
+        if window is None:
+            ok = isinstance(h, tuple) and len(h) == k and all(
+                isinstance(e, EMAStats) for e in h)
+        else:
+            ok = isinstance(h, SpikeWindow) and tuple(np.shape(h.values)) == (k, window)
+        if not ok:
+            raise ValueError(
+                f"optclip.skip_on_spike: this state was built by a skip_on_spike with other "
+                f"settings (this one has {want}); call tx.init(params) on this one."
+            )
+
+    def read_loss(extra_args, axes):
+        value = extra_args.get("value")
+        if value is None:
+            if watch_loss:
+                raise ValueError(
+                    f"optclip.skip_on_spike(on={on!r}) watches the loss: pass it as "
+                    "tx.update(grads, state, params, value=loss)."
+                )
+            return None, jnp.zeros((), bool)
+        loss = jnp.asarray(value)
+        if loss.ndim != 0:
+            raise ValueError(
+                f"optclip.skip_on_spike: value must be the scalar loss; got shape {loss.shape}."
+            )
+        if not jnp.issubdtype(loss.dtype, jnp.floating):
+            loss = loss.astype(jnp.float32)
+        # decided before the max, which would drop a NaN
+        bad = _n.any_across(~jnp.isfinite(loss), axes)
+        if axes:
+            loss = lax.pmax(loss, axes)
+        return loss, bad
 
     def update_fn(updates, state, params=None, **extra_args):
-        norm, nonfinite = _n.global_norm_and_flag(updates, axis_name=axis_name,
-            partition_specs=partition_specs)
-        g = f32(norm)
-        ema = state.ema
-        zt = jnp.asarray(z_thresh, jnp.float32)
-        warm = _a.ema_warm(ema, warmup_steps)
-        std = jnp.sqrt(jnp.maximum(ema.var, 0.0))
-        bound = ema.mean + zt * (std + eps)
-        spike = warm & ((g - ema.mean) / (std + eps) > zt)
-        skip = spike | ~jnp.isfinite(g)
-        new_ema = _a.ema_record(ema, jnp.where(spike, bound, g), warmup_steps,
-                                jnp.asarray(alpha, jnp.float32), jnp.isfinite(g))
+        check_state(state, SkipOnSpikeState, "skip_on_spike")
+        check_history(state.history)
+        axes = guard_axes(updates, axis_name, partition_specs)
+        loss, bad_loss = read_loss(extra_args, axes)
+        norm, bad = norm_and_nonfinite(updates, axes, axis_name, partition_specs)
+        if watch_loss:
+            bad = bad | bad_loss
+        h = state.history
+        vals = ([norm] if watch_grad else []) + ([loss] if watch_loss else [])
+        if window is None:
+            dt = h[0].mean.dtype
+            mean = jnp.stack([e.mean for e in h])
+            ready = jnp.stack([_a.ema_warm(e, warmup_steps) for e in h])
+            # during warm-up var holds Welford's sum of squares: report its population std
+            var = jnp.stack([jnp.where(r, e.var, e.var / jnp.maximum(e.count, 1).astype(dt))
+                             for r, e in zip(ready, h, strict=True)])
+            std = jnp.sqrt(jnp.maximum(var, 0.0))
+        else:
+            dt = h.values.dtype
+            mean, std = window_moments(h)
+            ready = jnp.broadcast_to(h.count >= window, (k,))
+        ct = jnp.result_type(dt, *vals)
+        v = jnp.stack([x.astype(ct) for x in vals])
+        mean, std = mean.astype(ct), std.astype(ct)
+        zt = jnp.asarray(z_thresh, ct)
+        spikes = ready & ((v - mean) / (std + eps) > zt)
+        bound = mean + zt * (std + eps)
+        spike = _n.any_across(jnp.any(spikes), axes)
+        if max_consecutive is None:
+            forced = jnp.zeros((), bool)
+        else:
+            forced = spike & ~bad & (state.consecutive >= max_consecutive)
+        skip = bad | (spike & ~forced)
+        consecutive = jnp.where(skip, increment(state.consecutive), 0).astype(jnp.int32)
+
+        if window is None:
+            record = jnp.where(spikes & ~forced, bound, v)
+            history = tuple(ema_record(e, record[i], warmup_steps, alpha, ~bad)
+                            for i, e in enumerate(h))
+        else:
+            take = ~skip
+            slot = h.values[:, h.pos]
+            values = h.values.at[:, h.pos].set(jnp.where(take, v.astype(dt), slot))
+            history = SpikeWindow(
+                values=values,
+                count=jnp.where(take, jnp.minimum(h.count + 1, window), h.count).astype(jnp.int32),
+                pos=jnp.where(take, (h.pos + 1) % window, h.pos).astype(jnp.int32),
+            )
+
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
         out, inner_state = select_step(skip, new_updates, new_inner, state.inner_state)
-        stats = state.stats.advance(grad_norm=g, threshold=jnp.where(warm, bound, jnp.inf),
-                                    skipped=skip, nonfinite=nonfinite)
-        return out, SkipOnSpikeState(inner_state=inner_state, ema=new_ema, stats=stats)
+
+        inf = jnp.full((), jnp.inf, ct)
+        zero = jnp.zeros((), ct)
+        thresholds = jnp.where(ready, bound, inf)
+        i_l = 1 if watch_grad else 0
+        stats = state.stats.advance(
+            grad_norm=norm,
+            threshold=thresholds[0] if watch_grad else inf,
+            skipped=skip,
+            nonfinite=bad,
+            grad_norm_mean=mean[0] if watch_grad else zero,
+            grad_norm_std=std[0] if watch_grad else zero,
+            loss=zero if loss is None else loss,
+            loss_threshold=thresholds[i_l] if watch_loss else inf,
+            loss_mean=mean[i_l] if watch_loss else zero,
+            loss_std=std[i_l] if watch_loss else zero,
+            spike_grad_norm=spikes[0] if watch_grad else False,
+            spike_loss=spikes[i_l] if watch_loss else False,
+            forced=forced,
+        )
+        return out, SkipOnSpikeState(inner_state=inner_state, history=history,
+                                     consecutive=consecutive, stats=stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ClipStats", "GuardStats", "reset_peaks", "stats", "stats_records"]
+__all__ = ["ClipStats", "GuardStats", "SpikeStats", "reset_peaks", "stats", "stats_records"]
 
 
 def _saturating_inc(count: jax.Array, by: jax.Array) -> jax.Array:
@@ -115,7 +115,7 @@ class ClipStats(NamedTuple):
 
 
 class GuardStats(NamedTuple):
-    """The record of a guard (:func:`optclip.skip_nonfinite`, :func:`optclip.skip_on_spike`).
+    """The record of :func:`optclip.skip_nonfinite` (:class:`SpikeStats` extends it).
 
     Attributes:
       grad_norm: float32, the global L2 norm the guard looked at.
@@ -164,6 +164,108 @@ class GuardStats(NamedTuple):
             nonfinite=nonfinite,
             nonfinite_count=_saturating_inc(self.nonfinite_count, nonfinite),
             peak_grad_norm=jnp.fmax(self.peak_grad_norm, grad_norm),
+        )
+
+
+class SpikeStats(NamedTuple):
+    """The record of :func:`optclip.skip_on_spike`: :class:`GuardStats`'s fields, then the
+    statistics the spike rule compared against. Every field is a scalar.
+
+    Attributes:
+      grad_norm: float32, the global L2 norm of the incoming updates.
+      threshold: float32, the grad norm above which this step would have been a spike
+        (``mean + z_thresh * (std + eps)``); inf while the statistics are not ready, or
+        when only the loss is watched.
+      skipped: bool, whether this step was skipped.
+      skip_count: int32, how many steps were skipped so far.
+      nonfinite: bool, whether any incoming element (or, when the loss is watched, the
+        loss) was NaN or infinite.
+      nonfinite_count: int32, the number of such steps.
+      peak_grad_norm: float32, the largest ``grad_norm`` since ``init`` or the last
+        :func:`reset_peaks` (inf counts, NaN does not).
+      grad_norm_mean: float32, the mean of the grad-norm statistics the step was
+        compared against (the window's mean, or the EMA's); 0 when not watched.
+      grad_norm_std: float32, their standard deviation; 0 when not watched.
+      loss: float32, the ``value=`` passed to ``update``; 0 when none was passed.
+      loss_threshold: float32, the loss above which this step would have been a spike;
+        inf while not ready or not watched.
+      loss_mean: float32, the mean of the loss statistics; 0 when not watched.
+      loss_std: float32, their standard deviation; 0 when not watched.
+      spike_grad_norm: bool, whether the grad norm was a spike at this step.
+      spike_loss: bool, whether the loss was a spike at this step.
+      forced: bool, whether this spike was taken anyway, after ``max_consecutive``
+        skips in a row.
+      forced_count: int32, how many spikes were taken that way.
+    """
+
+    grad_norm: jax.Array
+    threshold: jax.Array
+    skipped: jax.Array
+    skip_count: jax.Array
+    nonfinite: jax.Array
+    nonfinite_count: jax.Array
+    peak_grad_norm: jax.Array
+    grad_norm_mean: jax.Array
+    grad_norm_std: jax.Array
+    loss: jax.Array
+    loss_threshold: jax.Array
+    loss_mean: jax.Array
+    loss_std: jax.Array
+    spike_grad_norm: jax.Array
+    spike_loss: jax.Array
+    forced: jax.Array
+    forced_count: jax.Array
+
+    @classmethod
+    def zeros(cls) -> SpikeStats:
+        """A fresh record, every field its own buffer."""
+        return cls(
+            grad_norm=jnp.zeros((), jnp.float32),
+            threshold=jnp.full((), jnp.inf, jnp.float32),
+            skipped=jnp.zeros((), bool),
+            skip_count=jnp.zeros((), jnp.int32),
+            nonfinite=jnp.zeros((), bool),
+            nonfinite_count=jnp.zeros((), jnp.int32),
+            peak_grad_norm=jnp.zeros((), jnp.float32),
+            grad_norm_mean=jnp.zeros((), jnp.float32),
+            grad_norm_std=jnp.zeros((), jnp.float32),
+            loss=jnp.zeros((), jnp.float32),
+            loss_threshold=jnp.full((), jnp.inf, jnp.float32),
+            loss_mean=jnp.zeros((), jnp.float32),
+            loss_std=jnp.zeros((), jnp.float32),
+            spike_grad_norm=jnp.zeros((), bool),
+            spike_loss=jnp.zeros((), bool),
+            forced=jnp.zeros((), bool),
+            forced_count=jnp.zeros((), jnp.int32),
+        )
+
+    def advance(self, *, grad_norm: Any, threshold: Any, skipped: Any, nonfinite: Any,
+                grad_norm_mean: Any, grad_norm_std: Any, loss: Any, loss_threshold: Any,
+                loss_mean: Any, loss_std: Any, spike_grad_norm: Any, spike_loss: Any,
+                forced: Any) -> SpikeStats:
+        """The record of the next step: the latest values, and the counters carried on."""
+        grad_norm = _f32(grad_norm)
+        skipped = _flag(skipped)
+        nonfinite = _flag(nonfinite)
+        forced = _flag(forced)
+        return SpikeStats(
+            grad_norm=grad_norm,
+            threshold=_f32(threshold),
+            skipped=skipped,
+            skip_count=_saturating_inc(self.skip_count, skipped),
+            nonfinite=nonfinite,
+            nonfinite_count=_saturating_inc(self.nonfinite_count, nonfinite),
+            peak_grad_norm=jnp.fmax(self.peak_grad_norm, grad_norm),
+            grad_norm_mean=_f32(grad_norm_mean),
+            grad_norm_std=_f32(grad_norm_std),
+            loss=_f32(loss),
+            loss_threshold=_f32(loss_threshold),
+            loss_mean=_f32(loss_mean),
+            loss_std=_f32(loss_std),
+            spike_grad_norm=_flag(spike_grad_norm),
+            spike_loss=_flag(spike_loss),
+            forced=forced,
+            forced_count=_saturating_inc(self.forced_count, forced),
         )
 
 

@@ -30,7 +30,7 @@ from optclip.static import (
     clip_by_leaf_norm,
     clip_by_value,
 )
-from optclip.stats import ClipStats, GuardStats, reset_peaks, stats, stats_records
+from optclip.stats import ClipStats, GuardStats, SpikeStats, reset_peaks, stats, stats_records
 
 __version__ = "0.1.0"
 
@@ -52,6 +52,7 @@ __all__ = [
     "clippy",
     "GlobalNormClipState",
     "GuardStats",
+    "SpikeStats",
     "LeafNormClipState",
     "SkipNonfiniteState",
     "ValueClipState",

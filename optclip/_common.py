@@ -142,19 +142,22 @@ def scale_leaf(x: Any, scale: jax.Array, post: jax.Array | None = None) -> Any:
 
 
 def check_state(state: Any, state_cls: type, name: str) -> None:
-    """A clear error when ``update`` is given no state, or the state of another clipper."""
+    """A ``TypeError`` that names ``state`` when ``update`` is given no state, or the state of
+    another transformation."""
     if isinstance(state, state_cls):
         return
     if state is None:
-        raise ValueError(
+        raise TypeError(
             f"optclip.{name}: update got state=None. Pass the state that tx.init(params) "
-            "returned (and then the one each tx.update returns)."
+            "returned, then the one each tx.update returns: updates, state = "
+            "tx.update(grads, state, params)."
         )
     other = getattr(type(state), "optclip_name", None)
     what = f"the state of optclip.{other}" if other else f"a {type(state).__name__}"
-    raise ValueError(
+    raise TypeError(
         f"optclip.{name}: update got {what} as its state; pass the state that this "
-        f"transformation's own init returned ({state_cls.__name__})."
+        f"transformation's own init returned (a {state_cls.__name__}). Is it the state of "
+        "another optimizer, or one built before the optimizer was wrapped?"
     )
 
 

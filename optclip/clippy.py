@@ -18,6 +18,7 @@ from jax import lax
 from optclip import norms as _n
 from optclip._common import (
     Threshold,
+    check_state,
     check_threshold,
     f32,
     increment,
@@ -198,6 +199,7 @@ def clippy(
 
     def update_fn(updates: Any, state: ClippyState, params: Any = None
                   ) -> tuple[Any, ClippyState]:
+        check_state(state, ClippyState, "clippy")
         if params is None:
             raise ValueError(
                 "optclip.clippy bounds each update by its parameter's magnitude and needs "
@@ -228,8 +230,8 @@ def clippy(
                 )
             ws.append(jnp.asarray(w))
 
-        lam_rel = resolve(lambda_rel, state.count)
-        lam_abs = resolve(lambda_abs, state.count)
+        lam_rel = resolve(lambda_rel, state.count, name="lambda_rel")
+        lam_abs = resolve(lambda_abs, state.count, name="lambda_abs")
         # `~(x >= 0)` is True for negative values and for NaN. Either one invalid makes the
         # whole bound 0: every non-zero update gets sigma = 0, never a negative factor.
         invalid = ~(lam_rel >= 0) | ~(lam_abs >= 0)

@@ -23,8 +23,8 @@ from jax import lax
 
 from optclip import adaptive as _a
 from optclip import norms as _n
-from optclip._common import check_threshold, increment
-from optclip.adaptive import EMAStats
+from optclip._common import check_state, check_threshold, increment
+from optclip.adaptive import EMAStats, ema_record, state_dtype
 from optclip.norms import AxisName
 from optclip.stats import GuardStats, SpikeStats
 
@@ -67,23 +67,6 @@ def check_inner(inner: Any, who: str) -> optax.GradientTransformationExtraArgs:
         f"optax.adam(1e-3) or optax.chain(...)); got {inner!r} of type "
         f"{type(inner).__name__}."
     )
-
-
-def check_state(state: Any, cls: type, who: str) -> None:
-    """Raises a ``TypeError`` naming ``state`` unless it is a ``cls``."""
-    if state is None:
-        raise TypeError(
-            f"optclip.{who}: state is None. Pass the state that tx.init(params) returned, "
-            "then the one each tx.update returned: updates, state = tx.update(grads, state, "
-            "params)."
-        )
-    if not isinstance(state, cls):
-        raise TypeError(
-            f"optclip.{who}: state must be the {cls.__name__} that this transformation's "
-            f"init returned; got a {type(state).__name__}. Is it the state of another "
-            f"optimizer (for example the inner one's, or one built before the optimizer was "
-            f"wrapped in optclip.{who})? Call tx.init(params) on the wrapped optimizer."
-        )
 
 
 def select_step(skip: jax.Array, new_updates: Any, new_inner: Any, old_inner: Any):
@@ -242,44 +225,6 @@ class SkipOnSpikeState(NamedTuple):
 
 
 _ON = {"grad_norm": ("grad_norm",), "loss": ("loss",), "both": ("grad_norm", "loss")}
-
-
-def state_dtype(params: Any) -> jnp.dtype:
-    """float64 when any float leaf of ``params`` is 64-bit (with x64 on), else float32."""
-    for x in jax.tree_util.tree_leaves(params):
-        dt = getattr(x, "dtype", None)
-        if dt is None or not jnp.issubdtype(dt, jnp.inexact):
-            continue
-        dt = jax.dtypes.canonicalize_dtype(dt)
-        if dt in (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128)):
-            return jnp.dtype(jnp.float64)
-    return jnp.dtype(jnp.float32)
-
-
-def ema_record(s: EMAStats, value: jax.Array, warmup_steps: Any, alpha: Any,
-               do: jax.Array) -> EMAStats:
-    """:func:`optclip.adaptive.ema_record`'s rule (Welford during warm-up, then the EMA),
-    kept in the statistics' own dtype, so that float64 norms beyond float32's range stay
-    finite."""
-    dt = s.mean.dtype
-    value = value.astype(dt)
-    alpha = jnp.asarray(alpha, dt)
-    warm = s.count >= warmup_steps
-    n = (s.count + 1).astype(dt)
-    delta = value - s.mean
-    w_mean = s.mean + delta / n
-    w_m2 = s.var + delta * (value - w_mean)
-    last = s.count + 1 >= warmup_steps
-    w_var = jnp.where(last, w_m2 / n, w_m2)
-    e_mean = alpha * s.mean + (1 - alpha) * value
-    e_var = alpha * s.var + (1 - alpha) * (value - e_mean) ** 2
-    mean = jnp.where(warm, e_mean, w_mean)
-    var = jnp.where(warm, e_var, w_var)
-    return EMAStats(
-        count=jnp.where(do, increment(s.count), s.count),
-        mean=jnp.where(do, mean, s.mean).astype(dt),
-        var=jnp.where(do, var, s.var).astype(dt),
-    )
 
 
 def window_moments(w: SpikeWindow) -> tuple[jax.Array, jax.Array]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -132,32 +132,127 @@ def grouped_total(vals: list[jax.Array], scale: Any, term, red) -> jax.Array:
     return red(jnp.stack(big)) if len(big) > 1 else big[0]
 
 
-def _grouped_per_leaf(vals: list[jax.Array], axes: list[Any], scales: list[Any], term,
-                      red) -> list[jax.Array]:
-    """``red(term(v, scale))`` of each array over its ``axes`` (keepdims). Small whole-array
-    reductions of equal size are stacked and done as one."""
-    out: list[Any] = [None] * len(vals)
-    by_size: dict[int, list[int]] = {}
-    for i, (v, ax, sc) in enumerate(zip(vals, axes, scales, strict=True)):
-        if ax is not None:
-            out[i] = red(term(v, sc), axis=ax, keepdims=True)
-        elif v.size == 0:
-            out[i] = jnp.zeros((), v.dtype)
-        elif v.size > SMALL_LEAF:
-            out[i] = red(term(v, sc))
+def _rows(v: jax.Array, ax: Any) -> tuple[jax.Array, tuple[int, ...], list[int], tuple]:
+    """``v`` as a matrix with one row per unit (the reduced dims flattened into each row),
+    with the shape of the keepdims result and the permutation that puts the kept dims first."""
+    if ax is None:
+        return v.reshape(1, -1), (), list(range(v.ndim)), ()
+    red = sorted({a % v.ndim for a in ((ax,) if isinstance(ax, int) else ax)})
+    keep = [d for d in range(v.ndim) if d not in red]
+    perm = keep + red
+    n_units = int(np.prod([v.shape[d] for d in keep], dtype=np.int64))
+    width = int(np.prod([v.shape[d] for d in red], dtype=np.int64))
+    out_shape = tuple(1 if d in red else v.shape[d] for d in range(v.ndim))
+    rows = jnp.transpose(v, perm).reshape(n_units, width) if perm != list(range(v.ndim)) \
+        else v.reshape(n_units, width)
+    return rows, out_shape, perm, tuple(red)
+
+
+def _bucket(width: int) -> int:
+    """The padded row width of a bucket: the next power of two (at most 2x the data)."""
+    return 1 << max(0, (width - 1).bit_length())
+
+
+class Layout(NamedTuple):
+    """Where each array's results sit in the flat vector of per-unit results."""
+
+    offsets: tuple[int, ...]  # the first unit of each array
+    n_units: tuple[int, ...]  # 1 for a whole-array reduction
+    shapes: tuple[tuple[int, ...], ...]  # each array's result: () or its keepdims shape
+    sizes: tuple[int, ...]  # the number of elements reduced into each unit
+    total: int
+
+
+def layout_of(vals: Sequence[Any], axes: Sequence[Any]) -> Layout:
+    offsets, n_units, shapes, sizes = [], [], [], []
+    off = 0
+    for v, ax in zip(vals, axes, strict=True):
+        shape = tuple(jnp.shape(v))
+        if ax is None:
+            k, out, size = 1, (), int(np.prod(shape, dtype=np.int64))
         else:
-            by_size.setdefault(int(v.size), []).append(i)
-    for ids in by_size.values():
-        if len(ids) == 1:
-            i = ids[0]
-            out[i] = red(term(vals[i], scales[i]))
+            red = {a % len(shape) for a in ((ax,) if isinstance(ax, int) else ax)}
+            out = tuple(1 if d in red else n for d, n in enumerate(shape))
+            k = int(np.prod(out, dtype=np.int64))
+            size = int(np.prod([shape[d] for d in red], dtype=np.int64))
+        offsets.append(off)
+        n_units.append(k)
+        shapes.append(out)
+        sizes.append(size)
+        off += k
+    return Layout(tuple(offsets), tuple(n_units), tuple(shapes), tuple(sizes), off)
+
+
+def split_flat(flat: jax.Array, lay: Layout) -> list[jax.Array]:
+    """The flat vector of per-unit results, as one array per input (scalar or keepdims)."""
+    return [flat[o:o + k].reshape(shape)
+            for o, k, shape in zip(lay.offsets, lay.n_units, lay.shapes, strict=True)]
+
+
+def _reduce_flat(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: Any, term,
+                 red) -> jax.Array:
+    """``red(term(v, scale))`` of every unit of every array, as one flat vector.
+
+    Small arrays are not reduced one by one: XLA's compile time grows with the number of
+    separate reductions, and a model can have thousands of small leaves. Each small array
+    is laid out as rows (one per unit, the reduced elements along the row); rows of similar
+    width are zero-padded to a power-of-two width and stacked, and each stack is reduced in
+    one op (zeros add nothing to a sum of powers, nor to a max of magnitudes). Arrays above
+    ``SMALL_LEAF`` elements are reduced on their own. ``scales`` is None or a flat vector
+    with one scale per unit.
+    """
+    dtype = vals[0].dtype
+    pieces: list[jax.Array] = []
+    index: list[np.ndarray] = []
+    buckets: dict[int, list[tuple[jax.Array, np.ndarray]]] = {}
+    for v, ax, off, k, shape in zip(vals, axes, lay.offsets, lay.n_units, lay.shapes,
+                                    strict=True):
+        ids = np.arange(off, off + k)
+        if k == 0:
             continue
-        rows = jnp.stack([vals[i].ravel() for i in ids])
-        sc = None if scales[ids[0]] is None else jnp.stack([scales[i] for i in ids])[:, None]
-        rows = red(term(rows, sc), axis=1)
-        for k, i in enumerate(ids):
-            out[i] = rows[k]
-    return out
+        if v.size == 0:
+            pieces.append(jnp.zeros((k,), dtype))
+            index.append(ids)
+        elif v.size > SMALL_LEAF:
+            sc = None if scales is None else scales[off:off + k].reshape(shape)
+            pieces.append(jnp.ravel(red(term(v, sc), axis=ax, keepdims=ax is not None)))
+            index.append(ids)
+        else:
+            rows = _rows(v, ax)[0]
+            buckets.setdefault(_bucket(rows.shape[1]), []).append((rows, ids))
+    for width, items in buckets.items():
+        mats = [jnp.pad(r, ((0, 0), (0, width - r.shape[1]))) if r.shape[1] < width else r
+                for r, _ in items]
+        mat = mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=0)
+        ids = np.concatenate([i for _, i in items])
+        sc = None if scales is None else scales[ids][:, None]
+        pieces.append(red(term(mat, sc), axis=1))
+        index.append(ids)
+    if not pieces:
+        return jnp.zeros((lay.total,), dtype)
+    flat = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+    order = np.concatenate(index)
+    if not np.array_equal(order, np.arange(lay.total)):
+        flat = flat[np.argsort(order)]
+    return flat
+
+
+def _collect_flat(flat: jax.Array, lay: Layout, axes_per_leaf: Sequence[AxisName] | None,
+                  op) -> jax.Array:
+    """Combines each array's units across its own mesh axes (None: replicated)."""
+    if axes_per_leaf is None:
+        return flat
+    groups: dict[Any, list[int]] = {}
+    for i, ax in enumerate(axes_per_leaf):
+        if ax is not None and ax != () and lay.n_units[i]:
+            groups.setdefault(ax, []).append(i)
+    for ax, ids in groups.items():
+        if len(ids) == len(axes_per_leaf):
+            return op(flat, ax)
+        idx = np.concatenate([np.arange(lay.offsets[i], lay.offsets[i] + lay.n_units[i])
+                              for i in ids])
+        flat = flat.at[idx].set(op(flat[idx], ax))
+    return flat
 
 
 def safe_root(s: jax.Array, p: float) -> jax.Array:
@@ -324,7 +419,8 @@ def norm_core(
     combine: bool = False,
     axes_per_leaf: Sequence[AxisName] | None = None,
     flag_axes: tuple[Hashable, ...] = (),
-) -> tuple[list[jax.Array], jax.Array]:
+    flat: bool = False,
+) -> tuple[Any, jax.Array]:
     """The one norm kernel behind every public norm and clipper.
 
     Args:
@@ -338,11 +434,14 @@ def norm_core(
       flag_axes: mesh axes across which the results may still differ (units
         split across devices); the overflow check and the non-finite flag are
         OR-ed across them, so that every device takes the same branch.
+      flat: return the per-unit norms as one flat vector (see :func:`layout_of`)
+        rather than one array per input.
 
     Returns:
       ``(norms, nonfinite)``: a list with one norm per array (one in all when
-      ``combine``), in the accumulation dtype, and a bool scalar that is True
-      when any element of ``xs`` is NaN or infinite.
+      ``combine``; a flat vector of every unit's norm with ``flat``), in the
+      accumulation dtype, and a bool scalar that is True when any element of
+      ``xs`` is NaN or infinite.
 
     The non-finite flag is always read from a *sum* (which propagates NaN and
     inf through every reduction and every ``psum``), never from a max: a
@@ -351,91 +450,93 @@ def norm_core(
     xs = list(xs)
     acc = acc_dtype(xs)
     if not xs:
-        return [jnp.zeros((), acc)], jnp.zeros((), bool)
+        empty = jnp.zeros((0,), acc) if flat and not combine else [jnp.zeros((), acc)]
+        return empty, jnp.zeros((), bool)
     axes = [None] * len(xs) if axes is None else list(axes)
     mags = [_magnitude(x, acc) for x in xs]
     mesh = [None] * len(xs) if axes_per_leaf is None else list(axes_per_leaf)
+    lay = layout_of(xs, axes)
 
-    def reduce(kind: str, scales: list[Any] | None = None) -> list[jax.Array]:
-        """Per array (or, with ``combine``, one in all): the sum of ``|x * scale| ** p``
-        (``|x / scale| ** p`` for p > 2), the max of ``|x|``, or the sum of ``|x| * 0``
-        (NaN exactly when an element is NaN or infinite); combined across the mesh axes."""
+    def finish(v: jax.Array) -> Any:
+        return [v] if combine else (v if flat else split_flat(v, lay))
+
+    def terms(kind: str):
         if kind == "sum":
-            red, coll = jnp.sum, lax.psum
+            red = jnp.sum
             if p > 2:
                 term = lambda v, sc: _pow_terms(v if sc is None else v / sc, p)  # noqa: E731
             else:
                 term = lambda v, sc: _pow_terms(v if sc is None else v * sc, p)  # noqa: E731
         elif kind == "nan":
-            red, coll = jnp.sum, lax.psum
+            red = jnp.sum
             term = lambda v, sc: jnp.abs(v) * 0  # noqa: E731
         else:
             # |x| >= 0, so 0 is the identity of the max, and empty arrays reduce to 0
-            red, coll = _max0, lax.pmax
+            red = _max0
             term = lambda v, sc: jnp.abs(v)  # noqa: E731
-        scales = [None] * len(mags) if scales is None else scales
+        return red, (lax.pmax if kind == "max" else lax.psum), term
+
+    def reduce(kind: str, scale: Any = None) -> jax.Array:
+        """Per unit (a flat vector; with ``combine``, one value in all): the sum of
+        ``|x * scale| ** p`` (``|x / scale| ** p`` for p > 2), the max of ``|x|``, or the
+        sum of ``|x| * 0`` (NaN exactly when an element is NaN or infinite); combined
+        across the mesh axes."""
+        red, coll, term = terms(kind)
         if not combine:
-            out = _grouped_per_leaf(mags, axes, scales, term, red)
-            return collect(out, axes_per_leaf, coll)
+            flat = _reduce_flat(mags, axes, lay, scale, term, red)
+            return _collect_flat(flat, lay, axes_per_leaf, coll)
         groups: dict[Any, list[int]] = {}
         for i, ax in enumerate(mesh):
             groups.setdefault(ax, []).append(i)
         parts = []
         for ax, ids in groups.items():
-            part = grouped_total([mags[i] for i in ids], scales[0], term, red)
+            part = grouped_total([mags[i] for i in ids], scale, term, red)
             parts.append(part if ax is None or ax == () else coll(part, ax))
-        return [red(jnp.stack(parts))] if len(parts) > 1 else parts
+        return red(jnp.stack(parts)) if len(parts) > 1 else parts[0]
 
-    def any_nonfinite(values: list[jax.Array]) -> jax.Array:
-        return any_across(jnp.any(jnp.stack([jnp.any(~jnp.isfinite(v)) for v in values])),
-                          flag_axes)
+    def any_nonfinite(v: jax.Array) -> jax.Array:
+        return any_across(jnp.any(~jnp.isfinite(v)), flag_axes)
 
     if p == math.inf:
         ms = reduce("max")
         # NaN where an element is NaN or inf, even when a sharded max dropped the NaN
         poison = reduce("nan")
-        ms = [jnp.where(jnp.isnan(z) & jnp.isfinite(m), jnp.full_like(m, jnp.nan), m)
-              for m, z in zip(ms, poison, strict=True)]
-        return ms, any_nonfinite(poison)
+        ms = jnp.where(jnp.isnan(poison) & jnp.isfinite(ms), jnp.full_like(ms, jnp.nan), ms)
+        return finish(ms), any_nonfinite(poison)
 
     parts = reduce("sum")
-    sizes = [_reduce_size(x, ax) for x, ax in zip(xs, axes, strict=True)]
     if combine:
-        sizes = [sum(sizes)]
+        sizes = np.array([sum(int(x.size) for x in xs)])
+    else:
+        sizes = np.repeat(np.array(lay.sizes, np.int64), lay.n_units)
     info = jnp.finfo(acc)
-    # Below this, terms |x|**p may have lost precision as subnormals.
-    lows = [float(info.tiny) / float(info.eps) * max(n, 1) for n in sizes]
-    # (an empty array's sum is an exact 0: it never needs the rescue)
-    need = jnp.any(
-        jnp.stack(
-            [jnp.any(~jnp.isfinite(s) | (s < lo)) if n else jnp.zeros((), bool)
-             for s, lo, n in zip(parts, lows, sizes, strict=True)]
-        )
-    )
-    need = any_across(need, flag_axes)
+    # Below this, terms |x|**p may have lost precision as subnormals. (An empty array's sum is
+    # an exact 0: it never needs the rescue.)
+    lows = np.where(sizes > 0, float(info.tiny) / float(info.eps) * np.maximum(sizes, 1), 0.0)
+    lows = lows.astype(acc).reshape(jnp.shape(parts))
+    need = any_across(jnp.any(~jnp.isfinite(parts) | (parts < lows)), flag_axes)
 
-    def fast() -> tuple[list[jax.Array], jax.Array]:
+    def fast() -> tuple[jax.Array, jax.Array]:
         # False here, but computed from the data so that inside shard_map its type
         # (which devices it may vary over) matches the rescue branch's flag.
-        return [safe_root(s, p) for s in parts], any_nonfinite(parts)
+        return safe_root(parts, p), any_nonfinite(parts)
 
-    def rescue() -> tuple[list[jax.Array], jax.Array]:
+    def rescue() -> tuple[jax.Array, jax.Array]:
         ms = reduce("max")
         if p > 2:
             # divide by the largest magnitude itself: every term is then <= 1 and the largest
             # is 1, whatever p (a power of two in [2, 4) would overflow 4**p for p > 64)
-            divs = [jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m)) for m in ms]
-            scales = [(d, d) for d in divs]
+            down = up = jnp.where((ms > 0) & jnp.isfinite(ms), ms, jnp.ones_like(ms))
         else:
-            scales = [_pow2_scale(m) for m in ms]
-        s = reduce("sum", [scales[0][0]] * len(mags) if combine else [d for d, _ in scales])
+            down, up = _pow2_scale(ms)
+        s = reduce("sum", down)
         # A sum of finite terms brought to at most 4**p stays finite: a non-finite sum means
         # a NaN or inf element (one a sharded max may have dropped from ``ms``).
-        norms = [jnp.where((m == 0) & jnp.isfinite(si), jnp.zeros_like(m), safe_root(si, p) * up)
-                 for m, si, (_, up) in zip(ms, s, scales, strict=True)]
+        norms = jnp.where((ms == 0) & jnp.isfinite(s), jnp.zeros_like(ms), safe_root(s, p) * up)
         return norms, any_nonfinite(s)
 
-    return lax.cond(need, rescue, fast)
+    norms, flag = lax.cond(need, rescue, fast)
+    return finish(norms), flag
 
 
 def _max0(x: jax.Array, axis: Any = None, keepdims: bool = False) -> jax.Array:

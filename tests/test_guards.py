@@ -493,13 +493,13 @@ def test_errors_a_user_can_act_on(guard):
         guard(3.0)
     tx = guard(optax.adam(1e-3))
     x = jnp.ones(2)
-    with pytest.raises(TypeError, match="state is None"):
+    with pytest.raises(TypeError, match="state=None"):
         tx.update(x, None, x)
-    with pytest.raises(TypeError, match="state must be the"):
+    with pytest.raises(TypeError, match="as its state"):
         tx.update(x, optax.adam(1e-3).init(x), x)
     other = (optclip.skip_on_spike if guard is optclip.skip_nonfinite
              else optclip.skip_nonfinite)(optax.adam(1e-3))
-    with pytest.raises(TypeError, match="state must be the"):
+    with pytest.raises(TypeError, match="state of optclip.skip_.*as its state"):
         tx.update(x, other.init(x), x)
 
 

@@ -176,3 +176,128 @@ def test_pmap_axis_name():
 def test_bad_partition_specs():
     with pytest.raises(ValueError, match="structure of the updates"):
         optclip.global_norm({"a": jnp.ones(2), "b": jnp.ones(2)}, partition_specs={"a": P()})
+
+
+# --- NaN and inf on one shard: every flag, every guard, every layout ----------------------------
+# Element [5, 0] of "dense" lives on one device only under every layout below. A cross-device
+# max may drop a NaN; the flags must not.
+
+BAD_STEP = 2
+
+
+def bad_grads_at(step, bad):
+    g = grads_at(step)
+    if step == BAD_STEP:
+        g["dense"] = g["dense"].at[5, 0].set(bad)
+    return g
+
+
+def run_bad(tx, bad, step_fn=None, steps=STEPS):
+    step_fn = step_fn or jax.jit(tx.update)
+    state = tx.init(PARAMS)
+    outs = []
+    for t in range(steps):
+        u, state = step_fn(bad_grads_at(t, bad), state, PARAMS)
+        outs.append((jax.device_get(u), jax.device_get(optclip.stats(state))))
+    return outs
+
+
+BAD_REFERENCE = {}
+
+
+def bad_reference(name, bad):
+    key = (name, str(bad))
+    if key not in BAD_REFERENCE:
+        BAD_REFERENCE[key] = run_bad(CLIPPERS[name](), bad)
+    return BAD_REFERENCE[key]
+
+
+def assert_flagged(outs):
+    _, s = outs[BAD_STEP]
+    if "skipped" in s:
+        assert bool(s["skipped"]) and bool(s["nonfinite"]), s
+        np.testing.assert_array_equal(
+            np.concatenate([np.ravel(x) for x in jax.tree.leaves(outs[BAD_STEP][0])]), 0.0)
+    else:
+        assert bool(s["nonfinite"]) and int(s["nonfinite_count"]) == 1, s
+        assert not np.isfinite(s["grad_norm"])
+    # and the statistics were not poisoned: the next step is finite again
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(outs[BAD_STEP + 1][0]))
+
+
+BADS = [pytest.param(jnp.nan, id="nan"), pytest.param(jnp.inf, id="inf")]
+
+
+@pytest.mark.parametrize("bad", BADS)
+@pytest.mark.parametrize("name", sorted(CLIPPERS))
+def test_nonfinite_unsharded_is_flagged(name, bad):
+    assert_flagged(bad_reference(name, bad))
+
+
+@pytest.mark.parametrize("bad", BADS)
+@pytest.mark.parametrize("layout", ["fsdp", "tp"])
+@pytest.mark.parametrize("name", sorted(CLIPPERS))
+def test_nonfinite_jit_named_sharding(name, layout, bad):
+    devs = np.array(jax.devices()[:8])
+    if layout == "fsdp":
+        mesh, specs = Mesh(devs, ("data",)), fsdp_specs()
+    else:
+        mesh, specs = Mesh(devs.reshape(2, 4), ("data", "model")), tp_specs()
+    tx = CLIPPERS[name]()
+    got = run_bad(tx, bad, sharded_step(tx, mesh, specs))
+    assert_flagged(got)
+    assert_same(got, bad_reference(name, bad))
+
+
+@pytest.mark.parametrize("bad", BADS)
+@pytest.mark.parametrize("how", ["axis_name", "partition_specs"])
+@pytest.mark.parametrize("name", sorted(CLIPPERS))
+def test_nonfinite_shard_map(name, how, bad):
+    if how == "axis_name":
+        mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+        specs = fsdp_specs()
+        tx = CLIPPERS[name](axis_name="data")
+    else:
+        mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+        specs = tp_specs()
+        specs["bias"] = P()
+        tx = CLIPPERS[name](partition_specs=specs)
+    got = run_bad(tx, bad, shard_map_step(tx, mesh, specs))
+    assert_flagged(got)
+    assert_same(got, bad_reference(name, bad))
+
+
+PMAP_SHAPES = {"dense": (16, 8), "bias": (8,), "out": (8, 16)}
+
+
+@pytest.mark.parametrize("bad", [pytest.param(None, id="finite"), *BADS])
+@pytest.mark.parametrize("name", sorted(CLIPPERS))
+def test_pmap_every_device_agrees_with_unsharded(name, bad):
+    # each of 8 devices holds 1/8 of every leaf (split along its first axis)
+    def grads(t):
+        g = {k: v for k, v in grads_at(t).items() if k in PMAP_SHAPES}
+        if bad is not None and t == BAD_STEP:
+            g["dense"] = g["dense"].at[5, 0].set(bad)
+        return g
+
+    params = {k: PARAMS[k] for k in PMAP_SHAPES}
+    split = lambda tree: jax.tree.map(lambda x: x.reshape(8, -1, *x.shape[1:]), tree)  # noqa: E731
+    unsplit = lambda tree: jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), tree)  # noqa: E731
+    tx0, tx = CLIPPERS[name](), CLIPPERS[name](axis_name="i")
+    s0 = tx0.init(params)
+    s = jax.tree.map(lambda x: jnp.broadcast_to(x, (8, *jnp.shape(x))), tx.init(params))
+    step = jax.pmap(tx.update, axis_name="i")
+    step0 = jax.jit(tx0.update)
+    for t in range(STEPS):
+        u0, s0 = step0(grads(t), s0, params)
+        u, s = step(split(grads(t)), s, split(params))
+        for a, b in zip(jax.tree.leaves(unsplit(u)), jax.tree.leaves(u0), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+        want = optclip.stats(s0)
+        got = jax.device_get(optclip.stats(s))
+        for k, v in want.items():
+            per_device = np.asarray(got[k])
+            assert (per_device == per_device[0]).all() or np.isnan(per_device).all(), k
+            np.testing.assert_allclose(per_device[0], np.asarray(v), rtol=1e-6, err_msg=k)
+        if bad is not None and t == BAD_STEP:
+            assert bool(want.get("skipped", want.get("nonfinite")))

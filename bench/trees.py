@@ -76,7 +76,7 @@ TREES = {
     # while a temporary the size of a leaf is
     "small": lambda: {"w1": (1024, 512), "b1": (512,), "w2": (512, 1024), "b2": (1024,)},
     "tiny_leaves": lambda: small_leaves_shapes(50, (4,)),
-    "tiny_many": lambda: mixed_leaves_shapes(24),
+    "tiny_many": lambda: mixed_leaves_shapes(12),
 }
 
 STEP_TREES = ("gpt2", "resnet50")

@@ -133,7 +133,7 @@ GN = "clip_by_global_norm"  # "the global-norm chain" of the targets
 # ---- the issue's targets, as (numerator, denominator, bound) -------------------------------
 
 def step_ratios(names: list[str]) -> list[tuple[str, str, float | None]]:
-    """The step-time ratios to report for the optclip entries in ``names``; bound None: no target."""
+    """The step-time ratios to report for the optclip entries in ``names`` (bound None: none)."""
     out: list[tuple[str, str, float | None]] = []
     for n in names:
         if n == "clip_by_value":

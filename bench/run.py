@@ -457,7 +457,9 @@ def targets(step: list[dict], many: dict | None, names: list[str]) -> list[dict]
                                  "target": f"<= {MANY_TEMP_RATIO:.0f}x",
                                  "met": None if tb is None else tb / size <= MANY_TEMP_RATIO})
                 else:
-                    what = ("> {:.0f} s".format(r["timeout_s"]) if "timeout_s" in r
+                    what = ("> {:.0f} s{}".format(r["timeout_s"], " (" + r["skipped"] + ")"
+                                                  if "skipped" in r else "")
+                            if "timeout_s" in r
                             else "error: " + r.get("error", "not run")[:80])
                     rows.append({"tree": t, "what": f"first call: {n} update / {GN}'s",
                                  "value": what, "target": f"<= {MANY_COMPILE_RATIO:.0f}x",
@@ -496,7 +498,7 @@ def markdown(step: list[dict], many: dict | None, rows: list[dict], meta: dict) 
         for key, e in ent.items():
             cp = reg[key].counterpart if key in reg else None
 
-            def r(den, key=key):
+            def r(den, key=key, res=res, ent=ent):
                 v = group_ratio(res, key, den) if den and den in ent and den != key else None
                 return "" if v is None else f"{v:.2f}x"
             fc_cp = (f"{e['first_call_s'] / ent[cp]['first_call_s']:.2f}x"
@@ -531,14 +533,18 @@ def markdown(step: list[dict], many: dict | None, rows: list[dict], meta: dict) 
                             f", temp {tb / many['trees'][t]['tree_bytes']:.2f}x")
                     cells.append(f"{r['first_call_s']:.2f} s{rel}{temp}")
                 elif "timeout_s" in r:
-                    cells.append(f"> {r['timeout_s']:.0f} s")
+                    cells.append(f"> {r['timeout_s']:.0f} s" + (" (not tried)" if "skipped" in r
+                                                                else ""))
                 else:
                     cells.append("error" if r else "-")
             gk = growth_exponent(many, k)
-            L.append(f"| `{k}` | " + " | ".join(cells) + f" | {'' if gk is None else f'{gk:.2f}'} |")
+            gks = "" if gk is None else f"{gk:.2f}"
+            L.append(f"| `{k}` | " + " | ".join(cells) + f" | {gks} |")
         L += ["", "(ratio to `clip_by_global_norm`'s update on the same tree; temp: compiled temp "
-              "bytes / the gradients' bytes)", ""]
-    L += ["### Targets", "", "| tree | measurement | value | target | met |", "|---|---|---:|---|---|"]
+              "bytes / the gradients' bytes; \"not tried\": cut off on a smaller tree; guards "
+              "wrap `optax.identity()`)", ""]
+    L += ["### Targets", "", "| tree | measurement | value | target | met |",
+          "|---|---|---:|---|---|"]
     for x in rows:
         L.append(f"| {x['tree']} | {x['what']} | {x['value']} | {x['target']} | {_met(x['met'])} |")
     n_ok = sum(1 for x in rows if x["met"] is True)

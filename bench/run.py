@@ -299,6 +299,9 @@ def run_worker(tasks: list[tuple[str, str]], max_s: float, backend: str | None,
     Returns (results by task index, the tasks not attempted).
     """
     env = dict(os.environ)
+    # the worker compiles only (abstract inputs): on a GPU it must not preallocate the memory
+    # that this process already holds
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if backend:
         env["OPTCLIP_BENCH_BACKEND"] = backend
     proc = subprocess.Popen([sys.executable, "-m", "bench.worker"], cwd=REPO, env=env,

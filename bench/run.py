@@ -1,24 +1,37 @@
-"""optclip's benchmark: step time and compile time, side by side with Optax and the memory floor.
+"""optclip's benchmark: every clipper and guard against Optax, side by side, in one run.
 
-Everything is measured in one process, one configuration after another, and
-reported as medians and as *ratios* to a baseline measured in the same run
-(the machines are shared and noisy: absolute times mean little).
+For each step tree (GPT-2 small, ResNet-50), every chain ``clipper + adam`` is
+compiled (trace + lower + compile: the first call's overhead, and the compiled
+step's temp bytes), then timed with params and optimizer state donated, the
+repetitions of the chains that are compared interleaved (round robin, order
+rotated every round), and reported as medians and as *ratios* to a baseline
+timed in the same rounds (the machines are shared and noisy: absolute times mean
+little). Then, on trees of 1,000 to 5,000 small leaves of mixed shapes, each
+clipper's ``update`` alone is compiled in a subprocess, cut off after
+``--max-compile-s``. A table says which of the issue's targets are met.
 
-Run:  python -m bench                 (GPT-2 and ResNet-50 trees, many-leaves compile times)
-      python -m bench --quick         (tiny trees, seconds; what the test suite runs)
-      python -m bench --trees gpt2 --reps 7 --out bench/results
+Run:  python -m bench                          (gpt2, resnet50, many1000..many5000)
+      python -m bench --quick                  (tiny trees, seconds; what the test suite runs)
+      python -m bench --trees gpt2 --many-trees "" --clippers agc,zclip --reps 7 --out DIR
 It runs unchanged on a GPU: JAX's default device is used (``--backend`` picks another).
+``--out DIR`` writes results.md (the tables), results.json and bench.log (this output).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
+import queue
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,39 +39,31 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import optclip
+import optclip  # noqa: F401  (the package measured; imported here so a broken one fails early)
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from trees import TREES, make_tree, n_params  # type: ignore[no-redef]
-else:
-    from bench.trees import TREES, make_tree, n_params
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.clippers import GN, OPTCLIP, entries, needed, step_ratios  # noqa: E402
+from bench.trees import (  # noqa: E402
+    MANY_TREES,
+    STEP_TREES,
+    TREES,
+    abstract_tree,
+    make_tree,
+    n_params,
+    tree_bytes,
+)
+
+TEMP_FRACTION = 0.05  # target: the compiled step's temp buffers < 5% of the tree
+COMPILE_RATIO = 1.5  # target: first call <= 1.5x Optax's equivalent's ...
+COMPILE_SLACK_S = 1.0  # ... or <= the global-norm chain's + 1 s
+MANY_COMPILE_RATIO = 2.0  # many leaves: update's first call <= 2x clip_by_global_norm's
+MANY_TEMP_RATIO = 1.0  # many leaves: temp bytes <= the gradients' bytes
+LINEAR_EXPONENT = 1.2  # many leaves: "about linear" growth, t ~ leaves^k with k <= this
+REPO = Path(__file__).resolve().parent.parent
 
 
-def _block(x):
-    return jax.block_until_ready(x)
-
-
-def compile_time(fn: Callable, *args) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    return compiled, time.perf_counter() - t0
-
-
-def step_time(compiled, carry: tuple, rest: tuple, reps: int, warmup: int = 1,
-              chain: bool = True) -> float:
-    """Median seconds of ``carry = compiled(*carry, *rest)``, chaining (donated) carries."""
-    times = []
-    for i in range(warmup + reps):
-        t0 = time.perf_counter()
-        out = _block(compiled(*carry, *rest))
-        dt = time.perf_counter() - t0
-        if chain:
-            carry = out if isinstance(out, tuple) else (out,)
-        if i >= warmup:
-            times.append(dt)
-    return statistics.median(times)
-
+# ---- compiling and timing ---------------------------------------------------------------------
 
 def temp_bytes(compiled) -> int | None:
     try:
@@ -67,218 +72,584 @@ def temp_bytes(compiled) -> int | None:
         return None
 
 
-# ---- what is measured -------------------------------------------------------------------------
-
-def clip_fns() -> dict[str, tuple[Callable[[], optax.GradientTransformation], str | None]]:
-    """name -> (optclip factory, the Optax counterpart's name)."""
-    return {
-        "clip_by_global_norm": (lambda: optclip.clip_by_global_norm(1.0), "optax_global_norm"),
-        "clip_by_value": (lambda: optclip.clip_by_value(1e-3), "optax_clip"),
-        "clip_by_block_rms": (lambda: optclip.clip_by_block_rms(1e-3), "optax_block_rms"),
-        "clip_by_leaf_norm": (lambda: optclip.clip_by_leaf_norm(1.0), None),
-        "agc": (lambda: optclip.agc(0.01), "optax_agc"),
-        "autoclip": (lambda: optclip.autoclip(10.0), None),
-        "autoclip_w1000": (lambda: optclip.autoclip(10.0, history=1000), None),
-        "zclip": (lambda: optclip.zclip(warmup_steps=1), None),
-        "adagc": (lambda: optclip.adagc(warmup_steps=1), None),
-    }
+def lower_and_compile(fn, *args) -> tuple[Any, float, float]:
+    """(compiled, seconds to trace and lower, seconds to compile)."""
+    t0 = time.perf_counter()
+    lowered = fn.lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, t1 - t0, time.perf_counter() - t1
 
 
-OPTAX = {
-    "optax_global_norm": lambda: optax.clip_by_global_norm(1.0),
-    "optax_clip": lambda: optax.clip(1e-3),
-    "optax_block_rms": lambda: optax.clip_by_block_rms(1e-3),
-    "optax_agc": lambda: optax.adaptive_grad_clip(0.01),
-}
+def train_step(tx: optax.GradientTransformation):
+    def f(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+    return jax.jit(f, donate_argnums=(0, 1))
 
 
-def bench_tree(name: str, reps: int, full: bool) -> dict:
-    shapes = TREES[name]()
-    grads = make_tree(shapes, seed=0)
-    params = make_tree(shapes, seed=1, scale=0.1)
-    res: dict[str, Any] = {"tree": name, "leaves": len(shapes), "params": n_params(shapes),
-                           "step_s": {}, "compile_s": {}, "temp_bytes": {}}
-
-    def record(key, fn, carry, rest, donate_carry=True, chain=True):
-        compiled, ct = compile_time(fn, *carry, *rest)
-        res["compile_s"][key] = ct
-        res["temp_bytes"][key] = temp_bytes(compiled)
-        if full:
-            copy = jax.tree.map(jnp.copy, carry) if donate_carry else carry
-            res["step_s"][key] = step_time(compiled, copy, rest, reps, chain=chain)
-        print(f"  {name:>10} {key:<42} compile {ct:7.2f} s"
-              + (f"   step {res['step_s'][key] * 1e3:9.2f} ms" if full else ""), flush=True)
-
-    # memory floors: read once; read and write once, in place
-    read = jax.jit(lambda g: sum(jnp.sum(x) for x in jax.tree.leaves(g)))
-    record("floor_read", read, (grads,), (), donate_carry=False, chain=False)
-    rw = jax.jit(lambda g: jax.tree.map(lambda x: x * 0.999, g), donate_argnums=0)
-    record("floor_read_write", rw, (grads,), ())
-
-    # each clipper alone, donated (the updates replace the gradients in place)
-    def clip_alone(tx):
-        def f(g, s, p):
-            return tx.update(g, s, p)
-        return jax.jit(f, donate_argnums=(0, 1))
-
-    def clip_alone_step(tx):
-        f = clip_alone(tx)
-        state = tx.init(params)
-        return f, (grads, state)
-
-    for key, (make, counterpart) in clip_fns().items():
-        f, carry = clip_alone_step(make())
-        record(f"alone/{key}", f, carry, (params,))
-        if counterpart:
-            f, carry = clip_alone_step(OPTAX[counterpart]())
-            record(f"alone/{counterpart}", f, carry, (params,))
-
-    # chain(clipper, adam) against adam alone; donated params and state, and not donated
-    def train_step(tx, donate):
-        def f(p, s, g):
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
-        return jax.jit(f, donate_argnums=(0, 1) if donate else ())
-
-    chains = {"adam": optax.adam(1e-3)}
-    for key, (make, counterpart) in clip_fns().items():
-        chains[f"{key}+adam"] = optax.chain(make(), optax.adam(1e-3))
-        if counterpart == "optax_global_norm":
-            chains["optax_global_norm+adam"] = optax.chain(OPTAX[counterpart](), optax.adam(1e-3))
-    for donate in (True, False):
-        for key, tx in chains.items():
-            if not donate and key not in ("adam", "clip_by_global_norm+adam",
-                                          "optax_global_norm+adam"):
-                continue
-            f = train_step(tx, donate)
-            tag = "donated" if donate else "not_donated"
-            record(f"chain/{tag}/{key}", f, (params, tx.init(params)), (grads,),
-                   donate_carry=donate)
-    return res
+@dataclass
+class Measured:
+    """One compiled computation, and how to feed it: ``carry = compiled(*carry, *rest)``."""
+    key: str
+    compiled: Any
+    make_carry: Callable[[], tuple]  # fresh inputs, donated
+    rest: tuple  # inputs not donated
+    chain: bool = True  # the outputs are the next call's carry
+    live_bytes: int = 0  # what its carry holds
+    info: dict = field(default_factory=dict)
 
 
-def bench_compile_only(name: str, with_optax: bool) -> dict:
-    """Compile times on a tree of many small leaves (the step time is negligible there)."""
-    shapes = TREES[name]()
-    grads = make_tree(shapes)
-    res: dict[str, Any] = {"tree": name, "leaves": len(shapes), "params": n_params(shapes),
-                           "compile_s": {}}
-
-    def record(key, fn, *args):
-        _, ct = compile_time(jax.jit(fn), *args)
-        res["compile_s"][key] = ct
-        print(f"  {name:>10} {key:<42} compile {ct:7.2f} s", flush=True)
-
-    record("optclip.global_norm", optclip.global_norm, grads)
-    if with_optax:
-        record("optax.global_norm", optax.global_norm, grads)
-
-    def step(tx):
-        def f(p, s, g):
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
-        return f, tx.init(grads)
-
-    txs = {"adam": optax.adam(1e-3),
-           "clip_by_global_norm+adam": optax.chain(optclip.clip_by_global_norm(1.0),
-                                                   optax.adam(1e-3))}
-    if with_optax:
-        txs["optax_global_norm+adam"] = optax.chain(optax.clip_by_global_norm(1.0),
-                                                    optax.adam(1e-3))
-    for key, tx in txs.items():
-        f, s = step(tx)
-        record(f"chain/{key}", f, grads, s, grads)
-    return res
+def _copy(tree):
+    return jax.tree.map(jnp.copy, tree)
 
 
-# ---- report -----------------------------------------------------------------------------------
-
-def ratios(res: dict) -> dict[str, float]:
-    st = res.get("step_s", {})
-    out: dict[str, float] = {}
-    if not st:
-        return out
-    rw = st["floor_read_write"]
-    for key, v in st.items():
-        if key.startswith("alone/"):
-            out[f"{key} / read+write floor"] = v / rw
-    for key, (_, counterpart) in clip_fns().items():
-        if counterpart and f"alone/{counterpart}" in st:
-            out[f"alone: optclip {key} / {counterpart}"] = st[f"alone/{key}"] / \
-                st[f"alone/{counterpart}"]
-    for tag in ("donated", "not_donated"):
-        adam = st.get(f"chain/{tag}/adam")
-        for key, v in st.items():
-            if key.startswith(f"chain/{tag}/") and not key.endswith("/adam"):
-                out[f"{key} / adam"] = v / adam
-    gn = st.get("chain/donated/clip_by_global_norm+adam")
-    for key, v in st.items():
-        if key.startswith("chain/donated/") and key.split("/")[-1] not in (
-                "adam", "clip_by_global_norm+adam", "optax_global_norm+adam"):
-            out[f"{key} / clip_by_global_norm+adam"] = v / gn
+def shared_buffers(state) -> list[str]:
+    """Paths of the leaves of a fresh state that are the same array as an earlier leaf."""
+    seen: dict[int, str] = {}
+    out = []
+    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if isinstance(x, jax.Array):
+            key = jax.tree_util.keystr(path)
+            if id(x) in seen:
+                out.append(f"{key} is {seen[id(x)]}")
+            seen.setdefault(id(x), key)
     return out
 
 
-def markdown(results: list[dict]) -> str:
-    lines = []
-    for res in results:
-        lines.append(f"\n### {res['tree']}: {res['leaves']} leaves, "
-                     f"{res['params'] / 1e6:.1f}M params\n")
-        lines.append("| measurement | median step (ms) | compile (s) | ratio |")
-        lines.append("|---|---:|---:|---|")
-        rat = ratios(res)
-        st = res.get("step_s", {})
-        for key, ct in res["compile_s"].items():
-            ms = f"{st[key] * 1e3:.2f}" if key in st else "-"
-            rel = "; ".join(f"{v:.2f}x {k.split(' / ')[1]}" for k, v in rat.items()
-                            if k.split(" / ")[0] == key)
-            lines.append(f"| {key} | {ms} | {ct:.2f} | {rel} |")
-        if "chain/adam" in res["compile_s"]:
-            base = res["compile_s"]["chain/adam"]
-            for key, ct in res["compile_s"].items():
-                if key.startswith("chain/") and key != "chain/adam":
-                    lines.append(f"| compile {key} / adam | | | {ct / base:.2f}x |")
-    return "\n".join(lines)
+def compile_all(keys: list[str], params, grads) -> dict[str, Measured]:
+    reg = entries()
+    p_s = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    size = tree_bytes(params)
+    out: dict[str, Measured] = {}
+
+    def add(key, fn, args, make_carry, rest, chain=True, live=0, **info):
+        compiled, lower_s, compile_s = lower_and_compile(fn, *args)
+        tb = temp_bytes(compiled)
+        m = Measured(key, compiled, make_carry, rest, chain, live,
+                     {"lower_s": lower_s, "compile_s": compile_s,
+                      "first_call_s": lower_s + compile_s, "temp_bytes": tb,
+                      "temp_fraction": None if tb is None else tb / size, **info})
+        out[key] = m
+        print(f"  compiled {key:<34} first call {lower_s + compile_s:7.2f} s"
+              f"  temp {_fmt_bytes(tb):>10}", flush=True)
+
+    # memory floors and the global-norm clips alone (what the README's floor ratios use)
+    if GN in keys:
+        add("floor_read", jax.jit(lambda g: sum(jnp.sum(x) for x in jax.tree.leaves(g))),
+            (p_s,), lambda: (grads,), (), chain=False, described="read the tree once")
+        add("floor_read_write", jax.jit(lambda g: jax.tree.map(lambda x: x * 0.999, g),
+                                        donate_argnums=0),
+            (p_s,), lambda: (_copy(grads),), (), live=size,
+            described="read and write the tree once, in place")
+        for name in (GN, "optax.clip_by_global_norm", "fused_global_norm"):
+            tx = reg[name].alone()
+            s_s = jax.eval_shape(tx.init, p_s)
+            add(f"alone/{name}", jax.jit(lambda u, s, p, tx=tx: tx.update(u, s, p),
+                                         donate_argnums=(0, 1)),
+                (p_s, s_s, p_s), lambda tx=tx: (_copy(grads), _copy(tx.init(params))), (params,),
+                live=size + tree_bytes(s_s), described=f"{name}'s update alone")
+    for key in keys:
+        e = reg[key]
+        tx = e.chain()
+        s_s = jax.eval_shape(tx.init, p_s)
+        # the carries are copies: a fresh state that holds a buffer twice cannot be donated
+        # as it is (the DESIGN's "Donatable"); that is recorded, and the timing goes on
+        add(key, train_step(tx), (p_s, s_s, p_s),
+            lambda tx=tx: (_copy(params), _copy(tx.init(params))), (grads,),
+            live=size + tree_bytes(s_s), described=e.described,
+            shared_state_buffers=shared_buffers(tx.init(params)))
+    return out
 
 
-def main(argv=None) -> list[dict]:
+def time_group(ms: list[Measured], reps: int, warmup: int) -> dict[str, list[float]]:
+    """Interleaved: each round runs every member once (order rotated), after ``warmup`` rounds."""
+    carries = {m.key: m.make_carry() for m in ms}
+    times: dict[str, list[float]] = {m.key: [] for m in ms}
+    for r in range(warmup + reps):
+        k = r % len(ms)
+        for m in ms[k:] + ms[:k]:
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(m.compiled(*carries[m.key], *m.rest))
+            dt = time.perf_counter() - t0
+            if m.chain:
+                carries[m.key] = out if isinstance(out, tuple) else (out,)
+            if r >= warmup:
+                times[m.key].append(dt)
+    del carries
+    return times
+
+
+def live_budget(override_gb: float | None) -> float:
+    """Bytes the interleaved carries may hold at once."""
+    if override_gb is not None:
+        return override_gb * 2**30
+    dev = jax.devices()[0]
+    try:
+        stats = dev.memory_stats() or {}
+    except Exception:
+        stats = {}
+    if stats.get("bytes_limit"):
+        return 0.6 * stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return 0.5 * int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def plan_groups(names: list[str], ms: dict[str, Measured], budget: float) -> dict[str, list[str]]:
+    """All in one interleaved group if the carries fit in ``budget``, else one per comparison.
+
+    A comparison group is a subject with every baseline of its ratios, so that each ratio
+    is taken between times measured in the same rounds.
+    """
+    if sum(m.live_bytes for m in ms.values()) <= budget:
+        return {"all": list(ms)}
+    groups: dict[str, list[str]] = {}
+    if "floor_read" in ms:
+        groups["floors"] = [k for k in ms if k.startswith(("floor_", "alone/"))]
+    for n in names:
+        members = [n] + [den for num, den, _ in step_ratios([n]) if num == n]
+        members += [num for num, den, _ in step_ratios([n]) if num != n]
+        groups[n] = [k for k in dict.fromkeys(members) if k in ms]
+    covered = {k for g in groups.values() for k in g}
+    for k in ms:  # entries no ratio names (selected baselines): timed on their own
+        if k not in covered:
+            groups[k] = [k]
+    return groups
+
+
+def bench_step_tree(tree: str, names: list[str], reps: int, warmup: int,
+                    budget_gb: float | None) -> dict:
+    shapes = TREES[tree]()
+    grads = make_tree(shapes, seed=0)
+    params = make_tree(shapes, seed=1, scale=0.1)
+    size = tree_bytes(params)
+    keys = needed(names)
+    print(f"\n{tree}: {len(shapes)} leaves, {n_params(shapes) / 1e6:.1f}M params, "
+          f"{_fmt_bytes(size)}; chains: {', '.join(keys)}", flush=True)
+    ms = compile_all(keys, params, grads)
+    groups = plan_groups(names, ms, live_budget(budget_gb))
+    print(f"  timing {len(groups)} interleaved group(s), {reps} rounds after {warmup} warm-up",
+          flush=True)
+    group_times: dict[str, dict[str, list[float]]] = {}
+    for gname, members in groups.items():
+        group_times[gname] = time_group([ms[k] for k in members], reps, warmup)
+        print(f"  group {gname}: " + ", ".join(
+            f"{k} {statistics.median(v) * 1e3:.2f} ms" for k, v in group_times[gname].items()),
+            flush=True)
+    res: dict[str, Any] = {"tree": tree, "leaves": len(shapes), "params": n_params(shapes),
+                           "tree_bytes": size, "reps": reps, "groups": groups,
+                           "group_step_s": {g: {k: statistics.median(v) for k, v in t.items()}
+                                            for g, t in group_times.items()},
+                           "entries": {}}
+    for key, m in ms.items():
+        all_times = [t for g in group_times.values() for t in g.get(key, [])]
+        res["entries"][key] = {**m.info, "step_s": statistics.median(all_times),
+                               "step_times_s": all_times}
+    res["ratios"] = tree_ratios(res, names)
+    return res
+
+
+def group_ratio(res: dict, num: str, den: str) -> float | None:
+    """num / den from the group where both were timed (the subject's group first)."""
+    gs = res["group_step_s"]
+    for g in [num, "all", "floors", *gs]:
+        if g in gs and num in gs[g] and den in gs[g]:
+            return gs[g][num] / gs[g][den]
+    return None
+
+
+def tree_ratios(res: dict, names: list[str]) -> list[dict]:
+    rows = []
+    for num, den, bound in step_ratios(names):
+        v = group_ratio(res, num, den)
+        if v is not None:
+            rows.append({"num": num, "den": den, "ratio": v, "bound": bound})
+    if "floor_read" in res["entries"]:
+        for num, den in ((f"alone/{GN}", "floor_read_write"),
+                         ("alone/optax.clip_by_global_norm", "floor_read_write"),
+                         (f"alone/{GN}", "floor_read")):
+            v = group_ratio(res, num, den)
+            if v is not None:
+                rows.append({"num": num, "den": den, "ratio": v, "bound": None})
+        g = res["group_step_s"].get("floors") or res["group_step_s"]["all"]
+        fr, frw, gn = g.get("floor_read"), g.get("floor_read_write"), g.get(f"alone/{GN}")
+        if fr and frw and gn:  # the physical floor: read the tree for the norm, then rewrite it
+            rows.append({"num": f"alone/{GN}", "den": "floor_read + floor_read_write",
+                         "ratio": gn / (fr + frw), "bound": None})
+    return rows
+
+
+# ---- many leaves: compile times in a subprocess, with a cut-off -------------------------------
+
+def _reader(stream, q: queue.Queue) -> None:
+    for line in stream:
+        q.put(line)
+    q.put(None)
+
+
+def run_worker(tasks: list[tuple[str, str]], max_s: float, backend: str | None,
+               ready_s: float = 300.0) -> tuple[dict[int, dict], list[tuple[str, str]]]:
+    """Run ``tasks`` in one worker until done or one runs past ``max_s``.
+
+    Returns (results by task index, the tasks not attempted).
+    """
+    env = dict(os.environ)
+    # the worker compiles only (abstract inputs): on a GPU it must not preallocate the memory
+    # that this process already holds
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if backend:
+        env["OPTCLIP_BENCH_BACKEND"] = backend
+    proc = subprocess.Popen([sys.executable, "-m", "bench.worker"], cwd=REPO, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    q: queue.Queue = queue.Queue()
+    threading.Thread(target=_reader, args=(proc.stdout, q), daemon=True).start()
+    proc.stdin.write(json.dumps(tasks))
+    proc.stdin.close()
+    results: dict[int, dict] = {}
+    current, started = None, time.perf_counter()
+    rest: list[tuple[str, str]] = []
+    while True:
+        limit = max_s if current is not None else ready_s
+        try:
+            line = q.get(timeout=max(0.0, limit - (time.perf_counter() - started)))
+        except queue.Empty:
+            proc.kill()
+            if current is None:
+                results.update({i: {"error": f"worker not ready after {ready_s:.0f} s"}
+                                for i in range(len(tasks))})
+            else:
+                results[current] = {"timeout_s": max_s}
+                rest = tasks[current + 1:]
+            break
+        if line is None:  # the worker exited
+            rc = proc.wait()
+            start = 0 if current is None else current
+            if current is not None and current not in results:
+                results[current] = {"error": f"worker died (exit {rc})"}
+                start = current + 1
+            rest = [t for i, t in enumerate(tasks) if i >= start and i not in results]
+            if current is None and not results:
+                results.update({i: {"error": f"worker died before starting (exit {rc})"}
+                                for i in range(len(tasks))})
+                rest = []
+            break
+        try:
+            msg = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "start" in msg:
+            current, started = msg["start"], time.perf_counter()
+        elif "i" in msg:
+            results[msg["i"]] = msg
+            current = None
+            t, c = tasks[msg["i"]]
+            print("  " + (f"{t:>10} {c:<28} first call {msg['first_call_s']:7.2f} s  temp "
+                          f"{_fmt_bytes(msg['temp_bytes']):>10}" if "error" not in msg
+                          else f"{t:>10} {c:<28} error: {msg['error'][:200]}"), flush=True)
+    proc.wait()
+    return results, rest
+
+
+def bench_many(trees: list[str], names: list[str], max_s: float,
+               backend: str | None) -> dict:
+    """First-call time and temp bytes of every clipper's ``update`` alone, per tree."""
+    trees = sorted(trees, key=lambda t: len(TREES[t]()))
+    reg = entries()
+    keys = [k for k in needed(names) if k != "adam" and reg[k].kind != "baseline"]
+    keys += ["fused_global_norm"]
+    print(f"\nmany leaves: {', '.join(trees)}; update alone of {', '.join(keys)}; "
+          f"cut-off {max_s:.0f} s", flush=True)
+    out: dict[str, dict[str, dict]] = {t: {} for t in trees}
+    for t in trees:
+        shapes = TREES[t]()
+        print(f"  {t}: {len(shapes)} leaves, {n_params(shapes)} params", flush=True)
+    timed_out: set[str] = set()
+    for t in trees:  # smallest first: a clipper cut off on one tree is not tried on larger ones
+        pending = []
+        for k in keys:
+            if k in timed_out:
+                out[t][k] = {"timeout_s": max_s, "skipped": "cut off on a smaller tree"}
+            else:
+                pending.append((t, k))
+        while pending:
+            results, rest = run_worker(pending, max_s, backend)
+            for i, r in results.items():
+                out[t][pending[i][1]] = r
+                if "timeout_s" in r:
+                    timed_out.add(pending[i][1])
+                    print(f"  {t:>10} {pending[i][1]:<28} first call > {max_s:.0f} s "
+                          "(cut off)", flush=True)
+            pending = rest
+    info = {t: {"leaves": len(TREES[t]()), "params": n_params(TREES[t]()),
+                "tree_bytes": tree_bytes(abstract_tree(TREES[t]()))} for t in trees}
+    return {"trees": info, "results": out, "max_compile_s": max_s}
+
+
+# ---- targets and report -----------------------------------------------------------------------
+
+def _fmt_bytes(b: int | None) -> str:
+    if b is None:
+        return "n/a"
+    for unit, div in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if b >= div:
+            return f"{b / div:.1f} {unit}"
+    return f"{b} B"
+
+
+def _met(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("yes" if ok else "**no**")
+
+
+def targets(step: list[dict], many: dict | None, names: list[str]) -> list[dict]:
+    reg = entries()
+    rows: list[dict] = []
+    for res in step:
+        tree, ent = res["tree"], res["entries"]
+        for r in res["ratios"]:
+            if r["bound"] is not None:
+                rows.append({"tree": tree, "what": f"step: {r['num']} / {r['den']}",
+                             "value": f"{r['ratio']:.3f}x", "target": f"<= {r['bound']}",
+                             "met": r["ratio"] <= r["bound"]})
+        if "agc" in names and "optax.adaptive_grad_clip" in ent:
+            v = ent["agc"]["first_call_s"] / ent["optax.adaptive_grad_clip"]["first_call_s"]
+            rows.append({"tree": tree,
+                         "what": "first call: agc / optax.adaptive_grad_clip (chains)",
+                         "value": f"{v:.2f}x", "target": "<= 2", "met": v <= 2})
+        for n in names:
+            cp = reg[n].counterpart
+            fc = ent[n]["first_call_s"]
+            v = fc / ent[cp]["first_call_s"]
+            alt = None if n == GN else fc - ent[GN]["first_call_s"]
+            ok = v <= COMPILE_RATIO or (alt is not None and alt <= COMPILE_SLACK_S)
+            rows.append({"tree": tree, "what": f"first call: {n} / {cp}",
+                         "value": f"{v:.2f}x" + ("" if alt is None else
+                                                f" ({alt:+.1f} s vs {GN})"),
+                         "target": f"<= {COMPILE_RATIO}x, or <= {GN} + {COMPILE_SLACK_S:.0f} s",
+                         "met": ok})
+        for n in names:
+            sh = ent[n].get("shared_state_buffers", [])
+            rows.append({"tree": tree, "what": f"donatable: {n} chain's fresh state",
+                         "value": "; ".join(sh) if sh else "no buffer twice",
+                         "target": "no buffer twice", "met": not sh})
+        for n in names:
+            tf = ent[n]["temp_fraction"]
+            rows.append({"tree": tree, "what": f"temp bytes: {n} chain / tree",
+                         "value": "n/a" if tf is None else f"{100 * tf:.2f}%",
+                         "target": f"< {100 * TEMP_FRACTION:.0f}%",
+                         "met": None if tf is None else tf < TEMP_FRACTION})
+    if many:
+        for t, per in many["results"].items():
+            gn = per.get(GN, {}).get("first_call_s")
+            size = many["trees"][t]["tree_bytes"]
+            for n in names:
+                r = per.get(n, {})
+                if "first_call_s" in r:
+                    v = r["first_call_s"] / gn if gn else None
+                    rows.append({"tree": t, "what": f"first call: {n} update / {GN}'s",
+                                 "value": "n/a" if v is None else f"{v:.2f}x",
+                                 "target": f"<= {MANY_COMPILE_RATIO:.0f}x",
+                                 "met": None if v is None else v <= MANY_COMPILE_RATIO})
+                    tb = r.get("temp_bytes")
+                    rows.append({"tree": t, "what": f"temp bytes: {n} update / gradients",
+                                 "value": "n/a" if tb is None else f"{tb / size:.2f}x",
+                                 "target": f"<= {MANY_TEMP_RATIO:.0f}x",
+                                 "met": None if tb is None else tb / size <= MANY_TEMP_RATIO})
+                else:
+                    what = ("> {:.0f} s{}".format(r["timeout_s"], " (" + r["skipped"] + ")"
+                                                  if "skipped" in r else "")
+                            if "timeout_s" in r
+                            else "error: " + r.get("error", "not run")[:80])
+                    rows.append({"tree": t, "what": f"first call: {n} update / {GN}'s",
+                                 "value": what, "target": f"<= {MANY_COMPILE_RATIO:.0f}x",
+                                 "met": False})
+        for n in names:
+            k = growth_exponent(many, n)
+            if k is not None:
+                ts = list(many["results"])
+                rows.append({"tree": f"{ts[0]}..{ts[-1]}",
+                             "what": f"compile growth: {n} update, t ~ leaves^k",
+                             "value": f"k = {k:.2f}", "target": f"k <= {LINEAR_EXPONENT} "
+                             "(about linear)", "met": k <= LINEAR_EXPONENT})
+    return rows
+
+
+def growth_exponent(many: dict, name: str) -> float | None:
+    pts = [(many["trees"][t]["leaves"], per[name]["first_call_s"])
+           for t, per in many["results"].items() if "first_call_s" in per.get(name, {})]
+    if len(pts) < 2 or pts[0][0] == pts[-1][0]:
+        return None
+    (n0, t0), (n1, t1) = pts[0], pts[-1]
+    return math.log(t1 / t0) / math.log(n1 / n0)
+
+
+def markdown(step: list[dict], many: dict | None, rows: list[dict], meta: dict) -> str:
+    reg = entries()
+    L = [f"Device: {meta['device']}; jax {meta['jax']}, optax {meta['optax']}. "
+         f"Command: `python -m bench {' '.join(meta['argv'])}`", ""]
+    for res in step:
+        ent = res["entries"]
+        L += [f"### {res['tree']}: {res['leaves']} leaves, {res['params'] / 1e6:.1f}M params "
+              f"({_fmt_bytes(res['tree_bytes'])}), medians of {res['reps']} interleaved rounds", "",
+              "| chain | step (ms) | / adam | / global-norm chain | / counterpart "
+              "| first call (s) | / counterpart | temp | temp / tree |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for key, e in ent.items():
+            cp = reg[key].counterpart if key in reg else None
+
+            def r(den, key=key, res=res, ent=ent):
+                v = group_ratio(res, key, den) if den and den in ent and den != key else None
+                return "" if v is None else f"{v:.2f}x"
+            fc_cp = (f"{e['first_call_s'] / ent[cp]['first_call_s']:.2f}x"
+                     if cp and cp in ent else "")
+            tf = e["temp_fraction"]
+            L.append(f"| {e.get('described', reg[key].described if key in reg else key)} "
+                     f"(`{key}`) | {e['step_s'] * 1e3:.2f} | {r('adam')} | {r(GN)} | "
+                     f"{r(cp) if cp != 'adam' else ''} | {e['first_call_s']:.2f} | {fc_cp} | "
+                     f"{_fmt_bytes(e['temp_bytes'])} | "
+                     f"{'' if tf is None else f'{100 * tf:.2f}%'} |")
+        extra = [x for x in res["ratios"] if x["num"].startswith("alone/")]
+        if extra:
+            L += [""] + [f"- {x['num']} / {x['den']}: {x['ratio']:.2f}x" for x in extra]
+        L.append("")
+    if many:
+        ts = list(many["results"])
+        L += [f"### Many leaves: each transformation's `update` alone, first call (trace + lower"
+              f" + compile), cut off at {many['max_compile_s']:.0f} s", "",
+              "| update | " + " | ".join(f"{t} ({many['trees'][t]['leaves']} leaves)"
+                                        for t in ts) + " | growth k (t ~ leaves^k) |",
+              "|---|" + "---:|" * (len(ts) + 1)]
+        keys = list(dict.fromkeys(k for t in ts for k in many["results"][t]))
+        for k in keys:
+            cells = []
+            for t in ts:
+                r = many["results"][t].get(k, {})
+                gn = many["results"][t].get(GN, {}).get("first_call_s")
+                if "first_call_s" in r:
+                    rel = f" ({r['first_call_s'] / gn:.2f}x)" if gn and k != GN else ""
+                    tb = r.get("temp_bytes")
+                    temp = ("" if tb is None else
+                            f", temp {tb / many['trees'][t]['tree_bytes']:.2f}x")
+                    cells.append(f"{r['first_call_s']:.2f} s{rel}{temp}")
+                elif "timeout_s" in r:
+                    cells.append(f"> {r['timeout_s']:.0f} s" + (" (not tried)" if "skipped" in r
+                                                                else ""))
+                else:
+                    cells.append("error" if r else "-")
+            gk = growth_exponent(many, k)
+            gks = "" if gk is None else f"{gk:.2f}"
+            L.append(f"| `{k}` | " + " | ".join(cells) + f" | {gks} |")
+        L += ["", "(ratio to `clip_by_global_norm`'s update on the same tree; temp: compiled temp "
+              "bytes / the gradients' bytes; \"not tried\": cut off on a smaller tree; guards "
+              "wrap `optax.identity()`)", ""]
+    L += ["### Targets", "", "| tree | measurement | value | target | met |",
+          "|---|---|---:|---|---|"]
+    for x in rows:
+        L.append(f"| {x['tree']} | {x['what']} | {x['value']} | {x['target']} | {_met(x['met'])} |")
+    n_ok = sum(1 for x in rows if x["met"] is True)
+    n_no = sum(1 for x in rows if x["met"] is False)
+    L += ["", f"{n_ok} targets met, {n_no} not met."]
+    return "\n".join(L)
+
+
+class _Tee:
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, s):
+        for st in self.streams:
+            st.write(s)
+        return len(s)
+
+    def flush(self):
+        for st in self.streams:
+            st.flush()
+
+
+def _warm_up() -> None:
+    """One throwaway compile and step: the first in a process pays one-off costs."""
+    p = make_tree(TREES["tiny"]())
+    tx = entries()[GN].chain()
+    f = train_step(tx)
+    jax.block_until_ready(f(_copy(p), tx.init(p), p))
+
+
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny trees; seconds")
-    p.add_argument("--trees", default=None, help="comma list (default: gpt2,resnet50)")
-    p.add_argument("--compile-trees", default=None,
-                   help="many-leaves trees for compile times (default: leaves1000..10000)")
-    p.add_argument("--optax-compile-max-leaves", type=int, default=2000,
-                   help="skip Optax's compile above this many leaves (it grows superlinearly)")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="tiny trees, 2 rounds; seconds")
+    p.add_argument("--trees", default=None,
+                   help=f"step-time trees, comma list of {sorted(TREES)} "
+                        f"(default {','.join(STEP_TREES)}; '' for none)")
+    p.add_argument("--many-trees", "--compile-trees", dest="many_trees", default=None,
+                   help=f"many-leaves trees for compile times (default {','.join(MANY_TREES)};"
+                        " '' for none)")
+    p.add_argument("--clippers", default="all",
+                   help=f"comma list of {','.join(OPTCLIP)} (default all; baselines follow)")
+    p.add_argument("--reps", type=int, default=None, help="timed rounds (default 7; --quick 2)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--max-compile-s", type=float, default=None,
+                   help="many leaves: cut off a compile after this (default 120; --quick 60)")
+    p.add_argument("--max-live-gb", type=float, default=None,
+                   help="memory the interleaved carries may hold; above it, chains are timed "
+                        "in comparison groups (default: half the free memory)")
     p.add_argument("--backend", default=None, help="cpu, gpu, tpu (default: JAX's default)")
-    p.add_argument("--out", default=None, help="directory for results.json and results.md")
+    p.add_argument("--out", default=None,
+                   help="directory for results.md, results.json and bench.log")
     args = p.parse_args(argv)
     if args.backend:
         jax.config.update("jax_platforms", args.backend)
-    trees = (args.trees or ("tiny" if args.quick else "gpt2,resnet50")).split(",")
-    if args.compile_trees is None:
-        args.compile_trees = ("tiny_leaves" if args.quick else
-                              "leaves1000,leaves2000,leaves4000,leaves10000")
-    ctrees = args.compile_trees.split(",")
-    ctrees = [t for t in ctrees if t]
-    print(f"jax {jax.__version__}, optax {optax.__version__}, device {jax.devices()[0]}, "
-          f"{platform.machine()}", flush=True)
-    results = [bench_tree(t, args.reps, full=True) for t in trees]
-    for t in ctrees:
-        results.append(bench_compile_only(
-            t, with_optax=len(TREES[t]()) <= args.optax_compile_max_leaves))
-    md = markdown(results)
-    print(md)
+    reps = args.reps or (2 if args.quick else 7)
+    max_s = args.max_compile_s or (60.0 if args.quick else 120.0)
+    split = lambda s: [t for t in s.split(",") if t]  # noqa: E731
+    trees = split(args.trees if args.trees is not None else
+                  ("small" if args.quick else ",".join(STEP_TREES)))
+    many_trees = split(args.many_trees if args.many_trees is not None else
+                       ("tiny_many" if args.quick else ",".join(MANY_TREES)))
+    reg = entries()
+    names = ([n for n in OPTCLIP if n in reg] if args.clippers == "all"
+             else split(args.clippers))
+    bad = [n for n in names if n not in reg or reg[n].kind != "optclip"]
+    bad += [t for t in trees + many_trees if t not in TREES]
+    if bad:
+        p.error(f"unknown: {', '.join(bad)} (clippers: {', '.join(n for n in OPTCLIP if n in reg)};"
+                f" trees: {', '.join(TREES)})")
+
+    log = None
+    stdout = sys.stdout
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        log = (out / "bench.log").open("w")
+        sys.stdout = _Tee(stdout, log)
+    try:
+        t_start = time.perf_counter()
         meta = {"jax": jax.__version__, "optax": optax.__version__,
-                "device": str(jax.devices()[0]), "argv": sys.argv[1:]}
-        (out / "results.json").write_text(json.dumps({"meta": meta, "results": results,
-                                                      "ratios": [ratios(r) for r in results]},
-                                                     indent=1))
-        (out / "results.md").write_text(md + "\n")
-    return results
+                "device": str(jax.devices()[0]), "platform": jax.devices()[0].platform,
+                "machine": platform.machine(), "cpus": os.cpu_count(),
+                "argv": list(sys.argv[1:] if argv is None else argv), "reps": reps,
+                "warmup": args.warmup, "clippers": names}
+        print(f"jax {meta['jax']}, optax {meta['optax']}, device {meta['device']}, "
+              f"{meta['machine']}, {meta['cpus']} CPUs; clippers: {', '.join(names)}", flush=True)
+        _warm_up()
+        step = [bench_step_tree(t, names, reps, args.warmup, args.max_live_gb) for t in trees]
+        many = bench_many(many_trees, names, max_s, args.backend) if many_trees else None
+        rows = targets(step, many, names)
+        meta["wall_s"] = time.perf_counter() - t_start
+        md = markdown(step, many, rows, meta)
+        print("\n" + md + f"\n\n(whole run: {meta['wall_s']:.0f} s)", flush=True)
+        result = {"meta": meta, "step": step, "many": many, "targets": rows}
+        if args.out:
+            (out / "results.md").write_text(md + "\n")
+            (out / "results.json").write_text(json.dumps(result, indent=1))
+        return result
+    finally:
+        if log:
+            sys.stdout = stdout
+            log.close()
 
 
 if __name__ == "__main__":

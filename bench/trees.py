@@ -45,6 +45,20 @@ def small_leaves_shapes(n: int, shape: tuple[int, ...] = (32,)) -> dict[str, tup
     return {f"l{i:05d}": shape for i in range(n)}
 
 
+# The shapes of a small layer's parameters, cycled through by the mixed many-leaves trees:
+# vectors (biases, norm scales), matrices, conv kernels, a scalar (a learned temperature).
+MIXED_SHAPES: tuple[tuple[int, ...], ...] = (
+    (32,), (16, 8), (3, 3, 4, 8), (64,), (8, 4, 2), (5,), (24, 24), (1, 1, 16, 8),
+    (), (128,), (2, 50), (4, 4, 4, 4),
+)
+
+
+def mixed_leaves_shapes(n: int) -> dict[str, tuple[int, ...]]:
+    """n small leaves of mixed shapes (at most 576 elements each), named ``b0012/p3``."""
+    return {f"b{i // len(MIXED_SHAPES):04d}/p{i % len(MIXED_SHAPES):02d}":
+            MIXED_SHAPES[i % len(MIXED_SHAPES)] for i in range(n)}
+
+
 TREES = {
     "gpt2": gpt2_small_shapes,
     "resnet50": resnet50_shapes,
@@ -52,16 +66,59 @@ TREES = {
     "leaves2000": lambda: small_leaves_shapes(2000),
     "leaves4000": lambda: small_leaves_shapes(4000),
     "leaves10000": lambda: small_leaves_shapes(10000),
+    # the many-leaves trees of mixed small shapes (``--many-trees``)
+    "many1000": lambda: mixed_leaves_shapes(1000),
+    "many2000": lambda: mixed_leaves_shapes(2000),
+    "many5000": lambda: mixed_leaves_shapes(5000),
     # --quick: tiny stand-ins, so that the harness runs in seconds in the test suite
     "tiny": lambda: {"w": (64, 32), "b": (32,), "v": (128,)},
+    # --quick's step tree (and the temp-buffer tests'): 4.6 MB, so that a fixed-size buffer of
+    # a few KB is not 5% of it, while a temporary the size of a leaf is. Two large matrices
+    # (as GPT-2's) and, as in ResNet-50, conv kernels and norm scales under 65,536 elements,
+    # 8% of the bytes (ResNet-50: about 25%).
+    "small": lambda: {"w1": (1024, 512), "b1": (512,), "conv1": (3, 3, 64, 64),
+                      "conv2": (3, 3, 64, 64), "proj": (1, 1, 256, 64), "bn.s": (64,),
+                      "bn.b": (64,), "w2": (512, 1024), "b2": (1024,)},
     "tiny_leaves": lambda: small_leaves_shapes(50, (4,)),
+    "tiny_many": lambda: mixed_leaves_shapes(12),
 }
+
+STEP_TREES = ("gpt2", "resnet50")
+MANY_TREES = ("many1000", "many2000", "many5000")
+
+
+def _nest(flat: dict[str, object]) -> dict:
+    """``{"a/b": x}`` -> ``{"a": {"b": x}}`` (the mixed trees are nested, as real models are)."""
+    out: dict = {}
+    for k, v in flat.items():
+        *parents, leaf = k.split("/")
+        d = out
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[leaf] = v
+    return out
 
 
 def make_tree(shapes: dict[str, tuple[int, ...]], seed: int = 0, scale: float = 0.01):
     keys = jax.random.split(jax.random.key(seed), len(shapes))
-    return {k: jax.random.normal(key, s, jnp.float32) * scale
-            for key, (k, s) in zip(keys, shapes.items(), strict=True)}
+    return _nest({k: jax.random.normal(key, s, jnp.float32) * scale
+                  for key, (k, s) in zip(keys, shapes.items(), strict=True)})
+
+
+def abstract_tree(shapes: dict[str, tuple[int, ...]], dtype=jnp.float32):
+    """The same tree as ``make_tree``, as ``jax.ShapeDtypeStruct`` leaves (to compile only)."""
+    return _nest({k: jax.ShapeDtypeStruct(s, dtype) for k, s in shapes.items()})
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of the array (or ShapeDtypeStruct) leaves of a pytree."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        n = 1
+        for d in x.shape:
+            n *= d
+        total += n * jnp.dtype(x.dtype).itemsize
+    return total
 
 
 def n_params(shapes: dict[str, tuple[int, ...]]) -> int:

@@ -1,24 +1,109 @@
-"""The benchmark harness runs (--quick), and the fast path fuses: checked on the compiled HLO."""
+"""The benchmark harness runs (--quick) and reports; every clipper's compiled step has no
+full-size temporary; fresh states are donatable. Checked on the compiled HLO of small trees."""
+
+import json
 
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 
 import optclip
 from bench import run as bench_run
+from bench.clippers import OPTCLIP, entries
+from bench.trees import TREES, make_tree, tree_bytes
+
+REG = entries()
+CLIPPERS = [n for n in OPTCLIP if n in REG]  # clippy only once it exists
+
+# Measured on c4ed847's optclip (jax 0.10.2, XLA:CPU), on the 4.6 MB "small" tree. Strict: once
+# the clipper is fixed the test passes, the xfail fails, and the mark should be removed.
+_GROUPED = ("temp {} of the tree: the leaves under 65,536 elements (8% of this tree's bytes, "
+            "about 25% of ResNet-50's) are concatenated into one buffer for the norm")
+TEMP_XFAIL = {
+    "clip_by_value": "temp 200% of the tree: the clamp's input and output are materialised "
+                     "next to adam's pass",
+    "clip_by_global_norm": _GROUPED.format("8.1%"),
+    "clip_by_block_rms": _GROUPED.format("6.7%"),
+    "clip_by_leaf_norm": _GROUPED.format("6.7%"),
+    "autoclip": _GROUPED.format("8.1%"),
+    "autoclip_h1000": _GROUPED.format("8.1%"),
+    "zclip": _GROUPED.format("8.1%"),
+    "adagc": _GROUPED.format("6.7%"),
+    "skip_nonfinite": "temp 110% of the tree: the inner updates are written out before the "
+                      "select that skips the step (and the grouped small leaves)",
+    "skip_on_spike": "temp 110% of the tree: the inner updates are written out before the "
+                     "select that skips the step (and the grouped small leaves)",
+}
+DONATE_XFAIL = {
+    "zclip": "zclip's fresh state holds one array twice (ema.mean is ema.var)",
+    "skip_on_spike": "skip_on_spike's fresh state holds one array twice (ema.mean is ema.var)",
+}
+
+
+def _marked(names, xfails):
+    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=xfails[n]))
+            if n in xfails else n for n in names]
 
 
 def test_bench_quick_runs_and_reports(tmp_path):
-    results = bench_run.main(["--quick", "--reps", "1", "--out", str(tmp_path)])
-    assert (tmp_path / "results.md").read_text().count("|") > 20
-    assert (tmp_path / "results.json").stat().st_size > 0
-    tiny = results[0]
-    for key in ("floor_read", "floor_read_write", "alone/clip_by_global_norm",
-                "alone/optax_global_norm", "chain/donated/adam",
-                "chain/donated/clip_by_global_norm+adam", "chain/not_donated/adam"):
-        assert tiny["step_s"][key] > 0 and tiny["compile_s"][key] > 0
-    ratios = bench_run.ratios(tiny)
-    assert "chain/donated/clip_by_global_norm+adam / adam" in ratios
+    result = bench_run.main(["--quick", "--out", str(tmp_path)])
+    md = (tmp_path / "results.md").read_text()
+    assert "### Targets" in md and "| met |" in md and "### Many leaves" in md
+    assert json.loads((tmp_path / "results.json").read_text())["targets"]
+    assert "first call" in (tmp_path / "bench.log").read_text()
+    (small,) = result["step"]
+    for key in ("floor_read", "floor_read_write", "alone/clip_by_global_norm", "adam",
+                "fused_global_norm", "optax.clip", "optax.clip_by_global_norm",
+                "optax.clip_by_block_rms", "optax.adaptive_grad_clip", *CLIPPERS):
+        e = small["entries"][key]
+        assert e["step_s"] > 0 and e["first_call_s"] > 0 and e["temp_bytes"] is not None
+    ratios = {(r["num"], r["den"]) for r in small["ratios"]}
+    assert ("clip_by_value", "optax.clip") in ratios
+    assert ("agc", "adam") in ratios
+    assert ("clip_by_global_norm", "fused_global_norm") in ratios
+    assert ("zclip", "clip_by_global_norm") in ratios
+    many = result["many"]["results"]["tiny_many"]
+    for name in CLIPPERS:
+        assert many[name]["first_call_s"] > 0, many[name]
+    whats = {r["what"] for r in result["targets"]}
+    assert "first call: agc / optax.adaptive_grad_clip (chains)" in whats
+    assert all(r["met"] in (True, False, None) for r in result["targets"])
+
+
+def test_bench_groups_fit_the_memory_budget(tmp_path):
+    # With no room for all carries at once, chains are timed in comparison groups, each with
+    # the baselines of its ratios.
+    result = bench_run.main(["--trees", "tiny", "--many-trees", "", "--reps", "1",
+                             "--clippers", "agc,zclip", "--max-live-gb", "0"])
+    groups = result["step"][0]["groups"]
+    assert set(groups["agc"]) >= {"agc", "adam", "optax.adaptive_grad_clip"}
+    assert set(groups["zclip"]) >= {"zclip", "adam", "clip_by_global_norm"}
+    assert {r["num"] for r in result["step"][0]["ratios"]} >= {"agc", "zclip"}
+
+
+def test_many_leaves_compile_is_cut_off():
+    tasks = [("tiny_many", "agc"), ("tiny_many", "clip_by_global_norm")]
+    results, rest = bench_run.run_worker(tasks, max_s=0.01, backend=None)
+    assert results == {0: {"timeout_s": 0.01}}
+    assert rest == tasks[1:]
+
+
+@pytest.mark.parametrize("name", _marked(CLIPPERS, TEMP_XFAIL))
+def test_chain_step_has_no_full_size_temporary(name):
+    # The train step of chain(clipper, adam), params and state donated: its temp buffers are
+    # < 5% of the tree (a fused clip is a scalar multiply inside adam's element-wise pass).
+    tree = make_tree(TREES["small"]())
+    tx = REG[name].chain()
+    compiled = bench_run.train_step(tx).lower(tree, tx.init(tree), tree).compile()
+    temp = bench_run.temp_bytes(compiled)
+    assert temp < bench_run.TEMP_FRACTION * tree_bytes(tree), f"temp {temp} bytes"
+
+
+@pytest.mark.parametrize("name", _marked(CLIPPERS, DONATE_XFAIL))
+def test_fresh_chain_state_is_donatable(name):
+    tree = make_tree(TREES["tiny"]())
+    assert bench_run.shared_buffers(REG[name].chain().init(tree)) == []
 
 
 def _train_step_temp_bytes(tx, tree):
@@ -33,7 +118,7 @@ def _train_step_temp_bytes(tx, tree):
 def test_clip_fuses_into_adam_without_a_full_size_buffer():
     # Leaves above norms.SMALL_LEAF, so that they are reduced one by one as in a real model.
     tree = {"a": jnp.ones((512, 256)), "b": jnp.ones((384, 256))}
-    tree_bytes = sum(x.nbytes for x in jax.tree.leaves(tree))
+    tree_nbytes = sum(x.nbytes for x in jax.tree.leaves(tree))
     ours = _train_step_temp_bytes(
         optax.chain(optclip.clip_by_global_norm(1.0), optax.adam(1e-3)), tree)
     theirs = _train_step_temp_bytes(
@@ -41,5 +126,5 @@ def test_clip_fuses_into_adam_without_a_full_size_buffer():
     adam = _train_step_temp_bytes(optax.adam(1e-3), tree)
     # Optax writes the clipped gradients out (a temporary the size of the tree); optclip's
     # scale is one multiply inside adam's element-wise pass.
-    assert theirs >= tree_bytes // 2
-    assert ours <= adam + tree_bytes // 20
+    assert theirs >= tree_nbytes // 2
+    assert ours <= adam + tree_nbytes // 20

@@ -1,0 +1,167 @@
+"""What the benchmark measures: every optclip clipper and guard, its Optax counterpart, baselines.
+
+Each entry gives the transformation alone (its ``update`` is what the many-leaves
+trees compile) and the train step's optimizer (the clipper chained with
+``optax.adam``). ``counterpart`` names the entry its step and compile times are
+compared to: Optax's equivalent, or ``adam`` alone where Optax has none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import optclip
+
+LR = 1e-3
+
+
+def adam() -> optax.GradientTransformation:
+    return optax.adam(LR)
+
+
+def fused_clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """The hand-fused global-norm clip: one reduction, then one multiply by a scalar.
+
+    No stats, no overflow safety, no NaN handling: the floor a global-norm clip can reach.
+    """
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        leaves = jax.tree.leaves(updates)
+        sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
+        scale = jnp.minimum(1.0, max_norm * jax.lax.rsqrt(sq))  # rsqrt(0) = inf: scale 1
+        return jax.tree.map(lambda x: x * scale.astype(x.dtype), updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    alone: Callable[[], optax.GradientTransformation]  # the transformation by itself
+    chain: Callable[[], optax.GradientTransformation]  # the train step's optimizer
+    described: str  # the chain, as the table prints it
+    kind: str  # "optclip", "optax" or "baseline"
+    counterpart: str | None = None  # entry compared against (optax's equivalent, else adam)
+    family: str = ""  # "static", "per-leaf", "adaptive", "guard", "update-space"
+
+
+def _with_adam(make: Callable[[], optax.GradientTransformation]):
+    return lambda: optax.chain(make(), adam())
+
+
+def entries() -> dict[str, Entry]:
+    """name -> Entry, in table order: baselines, then Optax's clippers, then optclip's."""
+    e: list[Entry] = [
+        Entry("adam", optax.identity, adam, "adam", "baseline"),
+        Entry("fused_global_norm", lambda: fused_clip_by_global_norm(1.0),
+              _with_adam(lambda: fused_clip_by_global_norm(1.0)),
+              "hand-fused clip (1 reduction, 1 scalar multiply) + adam", "baseline"),
+        # Optax's counterparts
+        Entry("optax.clip", lambda: optax.clip(0.1), _with_adam(lambda: optax.clip(0.1)),
+              "optax.clip(0.1) + adam", "optax"),
+        Entry("optax.clip_by_global_norm", lambda: optax.clip_by_global_norm(1.0),
+              _with_adam(lambda: optax.clip_by_global_norm(1.0)),
+              "optax.clip_by_global_norm(1.0) + adam", "optax"),
+        Entry("optax.clip_by_block_rms", lambda: optax.clip_by_block_rms(1e-3),
+              _with_adam(lambda: optax.clip_by_block_rms(1e-3)),
+              "optax.clip_by_block_rms(1e-3) + adam", "optax"),
+        Entry("optax.adaptive_grad_clip", lambda: optax.adaptive_grad_clip(0.01),
+              _with_adam(lambda: optax.adaptive_grad_clip(0.01)),
+              "optax.adaptive_grad_clip(0.01) + adam", "optax"),
+        # optclip
+        Entry("clip_by_value", lambda: optclip.clip_by_value(0.1),
+              _with_adam(lambda: optclip.clip_by_value(0.1)),
+              "clip_by_value(0.1) + adam", "optclip", "optax.clip", "static"),
+        Entry("clip_by_global_norm", lambda: optclip.clip_by_global_norm(1.0),
+              _with_adam(lambda: optclip.clip_by_global_norm(1.0)),
+              "clip_by_global_norm(1.0) + adam", "optclip", "optax.clip_by_global_norm",
+              "static"),
+        Entry("clip_by_block_rms", lambda: optclip.clip_by_block_rms(1e-3),
+              _with_adam(lambda: optclip.clip_by_block_rms(1e-3)),
+              "clip_by_block_rms(1e-3) + adam", "optclip", "optax.clip_by_block_rms",
+              "per-leaf"),
+        Entry("clip_by_leaf_norm", lambda: optclip.clip_by_leaf_norm(1.0),
+              _with_adam(lambda: optclip.clip_by_leaf_norm(1.0)),
+              "clip_by_leaf_norm(1.0) + adam", "optclip", "adam", "per-leaf"),
+        Entry("agc", lambda: optclip.agc(0.01), _with_adam(lambda: optclip.agc(0.01)),
+              "agc(0.01) + adam", "optclip", "optax.adaptive_grad_clip", "per-leaf"),
+        Entry("autoclip", lambda: optclip.autoclip(10.0),
+              _with_adam(lambda: optclip.autoclip(10.0)),
+              "autoclip(10) + adam", "optclip", "adam", "adaptive"),
+        Entry("autoclip_h1000", lambda: optclip.autoclip(10.0, history=1000),
+              _with_adam(lambda: optclip.autoclip(10.0, history=1000)),
+              "autoclip(10, history=1000) + adam", "optclip", "adam", "adaptive"),
+        # warmup_steps=1: the steps timed are past the warm-up, as in a long run
+        Entry("zclip", lambda: optclip.zclip(warmup_steps=1),
+              _with_adam(lambda: optclip.zclip(warmup_steps=1)),
+              "zclip(warmup_steps=1) + adam", "optclip", "adam", "adaptive"),
+        Entry("adagc", lambda: optclip.adagc(warmup_steps=1),
+              _with_adam(lambda: optclip.adagc(warmup_steps=1)),
+              "adagc(warmup_steps=1) + adam", "optclip", "adam", "adaptive"),
+        # guards wrap the optimizer; alone, they wrap optax.identity()
+        Entry("skip_nonfinite", lambda: optclip.skip_nonfinite(optax.identity()),
+              lambda: optclip.skip_nonfinite(adam()),
+              "skip_nonfinite(adam)", "optclip", "adam", "guard"),
+        Entry("skip_on_spike",
+              lambda: optclip.skip_on_spike(optax.identity(), warmup_steps=1),
+              lambda: optclip.skip_on_spike(adam(), warmup_steps=1),
+              "skip_on_spike(adam, warmup_steps=1)", "optclip", "adam", "guard"),
+    ]
+    if hasattr(optclip, "clippy"):  # update-space clipping, after the optimizer
+        e.append(Entry("clippy", lambda: optclip.clippy(0.1, 1e-7),
+                       lambda: optax.chain(adam(), optclip.clippy(0.1, 1e-7)),
+                       "adam + clippy(0.1, 1e-7)", "optclip", "adam", "update-space"))
+    return {x.name: x for x in e}
+
+
+OPTCLIP = ("clip_by_value", "clip_by_global_norm", "clip_by_block_rms", "clip_by_leaf_norm",
+           "agc", "autoclip", "autoclip_h1000", "zclip", "adagc", "skip_nonfinite",
+           "skip_on_spike", "clippy")
+GN = "clip_by_global_norm"  # "the global-norm chain" of the targets
+
+
+# ---- the issue's targets, as (numerator, denominator, bound) -------------------------------
+
+def step_ratios(names: list[str]) -> list[tuple[str, str, float | None]]:
+    """The step-time ratios to report for the optclip entries in ``names`` (bound None: none)."""
+    out: list[tuple[str, str, float | None]] = []
+    for n in names:
+        if n == "clip_by_value":
+            out += [(n, "optax.clip", 1.05), (n, "adam", None)]
+        elif n == "clip_by_global_norm":
+            out += [(n, "fused_global_norm", 1.03), (n, "optax.clip_by_global_norm", None),
+                    (n, "adam", None), ("fused_global_norm", "adam", None),
+                    ("optax.clip_by_global_norm", "adam", None)]
+        elif n == "agc":
+            out += [(n, "adam", 1.35), (n, "optax.adaptive_grad_clip", None), (n, GN, None)]
+        elif n == "clip_by_block_rms":
+            out += [(n, GN, 1.05), (n, "optax.clip_by_block_rms", None), (n, "adam", None)]
+        elif n == "clippy":  # no target is stated for update-space clipping
+            out += [(n, "adam", None), (n, GN, None)]
+        elif n in OPTCLIP:  # per-leaf, adaptive and guards: against the global-norm chain
+            out += [(n, GN, 1.05), (n, "adam", None)]
+    return out
+
+
+def needed(names: list[str]) -> list[str]:
+    """``names`` and every entry their ratios are measured against, in table order."""
+    want = set(names)
+    for num, den, _ in step_ratios(names):
+        want |= {num, den}
+    for n in names:
+        c = entries()[n].counterpart
+        if c:
+            want.add(c)
+        if entries()[n].kind == "optclip" and n != GN:
+            want.add(GN)  # the compile target's alternative: <= global-norm chain + 1 s
+    return [n for n in entries() if n in want]

@@ -1,0 +1,78 @@
+"""A subprocess that compiles clippers' ``update`` on many-leaves trees, one task at a time.
+
+The parent (``bench.run``) writes a JSON list of tasks ``[[tree, clipper], ...]`` on its
+stdin and reads one JSON line per event on its stdout: ``{"ready": true}`` once imports and
+a warm-up compile are done, ``{"start": i}`` when task i begins, then its result. The
+parent kills the worker when a task runs past ``--max-compile-s`` and starts a new one
+for the remaining tasks, so a clipper that takes minutes to compile cannot hang the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+
+def _emit(obj) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def compile_update(tx, tree):
+    """Trace, lower and compile ``tx.update`` alone, jitted with updates and state donated.
+
+    Returns (seconds to trace and lower, seconds to compile, temp bytes or None).
+    """
+    import jax
+
+    def f(u, s, p):
+        return tx.update(u, s, p)
+
+    state = jax.eval_shape(tx.init, tree)
+    t0 = time.perf_counter()
+    lowered = jax.jit(f, donate_argnums=(0, 1)).lower(tree, state, tree)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    try:
+        temp = int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # not every backend reports it
+        temp = None
+    return t1 - t0, t2 - t1, temp
+
+
+def main() -> None:
+    if os.environ.get("OPTCLIP_BENCH_BACKEND"):
+        import jax
+
+        jax.config.update("jax_platforms", os.environ["OPTCLIP_BENCH_BACKEND"])
+    from bench.clippers import entries
+    from bench.trees import TREES, abstract_tree, tree_bytes
+
+    tasks = json.loads(sys.stdin.read())
+    reg = entries()
+    # warm-up: the first compile in a process pays one-off costs
+    compile_update(reg["clip_by_global_norm"].alone(), abstract_tree(TREES["tiny"]()))
+    _emit({"ready": True})
+    trees: dict = {}
+    for i, (tree_name, name) in enumerate(tasks):
+        _emit({"start": i})
+        if tree_name not in trees:
+            trees[tree_name] = abstract_tree(TREES[tree_name]())
+        tree = trees[tree_name]
+        try:
+            lower_s, compile_s, temp = compile_update(reg[name].alone(), tree)
+            _emit({"i": i, "tree": tree_name, "clipper": name, "lower_s": lower_s,
+                   "compile_s": compile_s, "first_call_s": lower_s + compile_s,
+                   "temp_bytes": temp, "tree_bytes": tree_bytes(tree)})
+        except Exception as exc:  # recorded, and the run goes on
+            _emit({"i": i, "tree": tree_name, "clipper": name,
+                   "error": f"{type(exc).__name__}: {exc}"[:500],
+                   "traceback": traceback.format_exc()[-2000:]})
+
+
+if __name__ == "__main__":
+    main()

@@ -193,12 +193,12 @@ def _reduce_flat(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: An
                  red) -> jax.Array:
     """``red(term(v, scale))`` of every unit of every array, as one flat vector.
 
-    Small arrays are not reduced one by one: XLA's compile time grows with the number of
-    separate reductions, and a model can have thousands of small leaves. Each small array
-    is laid out as rows (one per unit, the reduced elements along the row); rows of similar
-    width are zero-padded to a power-of-two width and stacked, and each stack is reduced in
-    one op (zeros add nothing to a sum of powers, nor to a max of magnitudes). Arrays above
-    ``SMALL_LEAF`` elements are reduced on their own. ``scales`` is None or a flat vector
+    Small arrays reduced whole are not reduced one by one: XLA's compile time grows with
+    the number of separate reductions, and a model can have thousands of small leaves.
+    Each is laid out as a row; rows of similar width are zero-padded to a power-of-two
+    width and stacked, and each stack is reduced in one op (zeros add nothing to a sum of
+    powers, nor to a max of magnitudes). Arrays above ``SMALL_LEAF`` elements, and
+    unit-wise reductions, are reduced on their own. ``scales`` is None or a flat vector
     with one scale per unit.
     """
     dtype = vals[0].dtype
@@ -213,7 +213,9 @@ def _reduce_flat(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: An
         if v.size == 0:
             pieces.append(jnp.zeros((k,), dtype))
             index.append(ids)
-        elif v.size > SMALL_LEAF:
+        elif v.size > SMALL_LEAF or ax is not None:
+            # large arrays, and unit-wise reductions (which would need a transposed copy to
+            # be laid out as rows), are reduced on their own
             sc = None if scales is None else scales[off:off + k].reshape(shape)
             pieces.append(jnp.ravel(red(term(v, sc), axis=ax, keepdims=ax is not None)))
             index.append(ids)

@@ -231,6 +231,18 @@ def _clip_leaf(x: Any, lo: jax.Array, hi: jax.Array) -> Any:
     return jnp.where(jnp.isfinite(wide), clipped, wide).astype(x.dtype)
 
 
+def _clamp_for_norm(x: Any, lo: jax.Array, hi: jax.Array) -> Any:
+    """The clamped values as selects (equal to :func:`_clip_leaf`'s for the norm)."""
+    if not _n.is_float_leaf(x):
+        return x
+    x = jnp.asarray(x)
+    if jnp.iscomplexobj(x):
+        return jax.lax.complex(_clamp_for_norm(x.real, lo, hi), _clamp_for_norm(x.imag, lo, hi))
+    w = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    lo, hi = lo.astype(w.dtype), hi.astype(w.dtype)
+    return jnp.where(w > hi, hi, jnp.where(w < lo, lo, w))
+
+
 def _value_clamped(leaves: list[jax.Array], lo: jax.Array, hi: jax.Array) -> jax.Array:
     """Whether some finite element lies outside [lo, hi]: exact, from one float max of an
     indicator (float reductions vectorise, a boolean ``any`` does not on CPU). A NaN element
@@ -341,8 +353,12 @@ def clip_by_value(
         # (never changing their value: a norm is never < 0) order them before the clamp.
         order = (before < 0) & clipped
         lo, hi = jnp.where(order, hi, lo), jnp.where(order, lo, hi)
+        # The norm after the clamp reads the input again, through selects rather than the
+        # clamp itself: shared with the clamp, the clamped tree would be written out in full
+        # for both consumers (the norm, and the optimizer's element-wise pass).
+        after = _n.global_norm(jax.tree.map(lambda x: _clamp_for_norm(x, lo, hi), updates),
+                               **shard)
         updates = jax.tree.map(lambda x: _clip_leaf(x, lo, hi), updates)
-        after = _n.global_norm(updates, **shard)
         ratio = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), 1)
         stats = state.stats.advance(grad_norm=before, threshold=hi, scale=ratio,
                                     clipped=clipped, nonfinite=nonfinite,

@@ -1,16 +1,23 @@
 """The examples run as a user runs them."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_example(name, *args, timeout=300):
+    # this checkout's optclip, not whichever one is installed
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OPTCLIP_NO_BAR": "1"}
     return subprocess.run([sys.executable, str(ROOT / "examples" / name), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 def test_quickstart_runs_and_prints_stats():
@@ -74,3 +81,56 @@ def test_gradient_field(tmp_path):
     raw, clipped = [float(w.rstrip(";")) for w in line.replace(":", " ").split()
                     if w.replace(".", "").rstrip(";").isdigit()][:2]
     assert clipped <= 0.1 + 1e-6 and raw > 1.0
+
+
+def _synthetic_history(stops, steps=200, seed=0):
+    """A method's history whose seeds diverge at ``stops``; after that its records are junk."""
+    rng = np.random.default_rng(seed)
+    n = len(stops)
+    loss = np.full((n, steps), 0.2) + 0.01 * rng.random((n, steps))
+    for i, s in enumerate(stops):
+        if s is not None:
+            loss[i, s:] = np.nan  # what a diverged run records
+    return {"loss": loss,
+            "grad_norm": np.exp(rng.normal(size=(n, steps))),
+            # a diverged run's clip flags keep arriving (NaN comparisons, garbage norms)
+            "clipped": rng.random((n, steps)) < 0.3,
+            "layers": {"rnn.cell.dense_h.kernel": np.exp(rng.normal(size=(n, steps)))}}
+
+
+def test_all_diverged_method_contributes_nothing_after_divergence():
+    # The old figure averaged a diverged seed's clip flags into the clip-fraction panel:
+    # zclip showed 8-16% clipping at steps 50-100 although every seed had diverged by step 4.
+    from optclip.plotting import aggregate_history, plot_training, plot_training_details
+
+    stops = [2, 3, 4]
+    h = _synthetic_history(stops)
+    a = aggregate_history(h, stops, window=50, smooth=5)
+    after = slice(max(stops) + 1, None)
+    assert np.all(a["running"][after] == 0)
+    for key in ("loss_median", "grad_norm_median", "clip_fraction"):
+        assert np.isfinite(a[key][: min(stops) + 1]).any(), key  # drawn before divergence
+        assert not np.isfinite(a[key][after]).any(), key  # and nothing after
+    assert not np.isfinite(a["loss"][:, after]).any()
+    assert not np.isfinite(a["layers"]["rnn.cell.dense_h.kernel"][after]).any()
+
+    # a partly diverged method: the fraction is over the seeds still running
+    stops2 = [None, 10, None]
+    h2 = _synthetic_history(stops2, seed=1)
+    b = aggregate_history(h2, stops2, window=1)
+    alive = h2["clipped"][[0, 2], 20:].mean(axis=0)
+    np.testing.assert_allclose(b["clip_fraction"][20:], alive)
+
+    # and in the figures: no line of the diverged method holds a point after its divergence
+    history = {"global_norm": _synthetic_history([None] * 3, seed=2), "zclip": h}
+    at = {"global_norm": [None] * 3, "zclip": stops}
+    import matplotlib.pyplot as plt
+
+    for fig in (plot_training(history, diverged_at=at, smooth=5),
+                plot_training_details(history, diverged_at=at, smooth=5)):
+        lines = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_gid() == "zclip"]
+        assert lines
+        for ln in lines:
+            x, y = (np.asarray(v, np.float64) for v in ln.get_data())
+            assert not np.isfinite(y[x > max(stops) + 1]).any()  # x is step + 1
+        plt.close(fig)

@@ -246,6 +246,24 @@ def print_table(runs: list[dict], methods) -> None:
           "loss is non-finite or above 10x its first loss)")
 
 
+def table(summary: dict) -> str:
+    """The markdown table of outcomes (what the README shows), from a summary.json."""
+    cfg = summary["config"]
+    lines = ["| method | diverged | final MSE (last 100 steps) | clip engaged |",
+             "|---|---|---|---|"]
+    for m in cfg["methods"]:
+        rs = [r for r in summary["runs"] if r["method"] == m]
+        firsts = [r["steps_to_divergence"] + 1 for r in rs if r["diverged"]]
+        ok = [r for r in rs if not r["diverged"]]
+        div = f"{len(firsts)} of {len(rs)}" + (f", by step {max(firsts)}" if firsts else "")
+        loss = (f"{min(r['final_loss'] for r in ok):.3f}-{max(r['final_loss'] for r in ok):.3f}"
+                + (f" (the {len(ok)} that ran)" if firsts else "")) if ok else "-"
+        name = "none" if m == "none" else f"`{cfg['clippers'][m]}`"
+        clip = "-" if m == "none" or not ok else f"{np.mean([r['clip_fraction'] for r in ok]):.0%}"
+        lines.append(f"| {name} | {div} | {loss} | {clip} |")
+    return "\n".join(lines)
+
+
 def draw(history: dict, runs: list[dict], args, out: Path) -> None:
     """The main figure (divergence, then loss per method) and the detailed one."""
     stops = {m: [r["steps_to_divergence"] for r in runs if r["method"] == m]
@@ -285,6 +303,8 @@ def parse(argv=None):
     p.add_argument("--sweep-methods", default="none,global_norm,value,agc")
     p.add_argument("--jobs", type=int, default=2, help="methods trained at once (threads)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    p.add_argument("--table", metavar="SUMMARY_JSON",
+                   help="print the markdown table of outcomes of a summary.json and exit")
     args = p.parse_args(argv)
     if args.lr is None:
         args.lr = 0.5 if args.cell == "lstm" else 0.1
@@ -301,6 +321,9 @@ def parse(argv=None):
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     chunk = max(1, min(100, args.steps // 10))
@@ -320,7 +343,7 @@ def main(argv=None) -> dict:
             history[m] = hist
             runs += summarise(m, seeds, hist)
     bar.close()
-    config = {k: v for k, v in vars(args).items() if k not in ("out",)}
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "table")}
     config["clippers"] = {m: CLIPPER_SETTINGS[m] for m in args.methods}
     config["task"] = "adding problem; MSE; fresh batch each step; plain SGD"
     config["mean_predictor_loss"] = MEAN_PREDICTOR_LOSS

@@ -64,11 +64,13 @@ def _nan_reduce(fn, y: np.ndarray, axis: int = 0) -> np.ndarray:
         return fn(y, axis=axis)
 
 
-def _rolling(x: np.ndarray, w: int) -> np.ndarray:
+def _rolling(x: np.ndarray, w: int, log: bool = False) -> np.ndarray:
     """A trailing rolling mean over the finite values of each window.
 
     NaN where the window holds no finite value, and NaN wherever ``x`` itself
-    is NaN, so a run that has stopped stays stopped.
+    is NaN, so a run that has stopped stays stopped. With ``log``, the window
+    at step t is ``min(w, 1 + t // 8)`` steps, as suits a log step axis (the
+    first steps are not averaged with later ones).
     """
     x = np.asarray(x, np.float64)
     if w <= 1:
@@ -79,7 +81,8 @@ def _rolling(x: np.ndarray, w: int) -> np.ndarray:
     cs = np.cumsum(np.pad(v, pad), axis=-1)
     cn = np.cumsum(np.pad(ok.astype(np.float64), pad), axis=-1)
     n = x.shape[-1]
-    lo = np.maximum(np.arange(1, n + 1) - w, 0)
+    width = np.minimum(w, 1 + np.arange(n) // 8) if log else w
+    lo = np.maximum(np.arange(1, n + 1) - width, 0)
     hi = np.arange(1, n + 1)
     s = cs[..., hi] - cs[..., lo]
     c = cn[..., hi] - cn[..., lo]
@@ -106,7 +109,8 @@ def aggregate_history(
         ("clipped" and "layers" optional).
       stops: the divergence step of each seed, or None for a seed that did not diverge.
       window: the rolling window of the clip fraction, in steps.
-      smooth: a rolling mean over this many steps for the loss and per-layer norms.
+      smooth: a rolling mean over at most this many steps for the loss and per-layer
+        norms (fewer in the first steps, for a log step axis).
 
     Returns:
       ``loss``, ``grad_norm``: ``[seeds, steps]``, NaN after each seed's stop;
@@ -123,7 +127,7 @@ def aggregate_history(
         if stop is not None:
             alive[i, stop + 1:] = False
     if smooth > 1:
-        loss = _rolling(loss, smooth)
+        loss = _rolling(loss, smooth, log=True)
     gn = _cut(run["grad_norm"], stops)
     out: dict[str, Any] = {
         "steps": np.arange(steps),
@@ -141,7 +145,7 @@ def aggregate_history(
         y = _cut(y, stops)
         y = np.where(y > 0, y, np.nan)
         med = _nan_reduce(np.nanmedian, y)
-        layers[name] = _rolling(med, smooth) if smooth > 1 else med
+        layers[name] = _rolling(med, smooth, log=True) if smooth > 1 else med
     out["layers"] = layers
     return out
 
@@ -185,7 +189,7 @@ def plot_training(
     window: int = 50,
     diverged_at: Mapping[str, Sequence[int | None]] | None = None,
     smooth: int = 1,
-    dpi: int = 80,
+    dpi: int = 90,
 ):
     """The training figure: which runs diverged, then the loss of each method in its own panel.
 
@@ -254,32 +258,25 @@ def plot_training(
         clip = np.asarray(history[m].get("clipped", np.zeros((1, 1))), np.float64)
         alive = ~np.isnan(_cut(np.zeros(clip.shape), stops))
         frac = clip[alive].mean() if alive.any() else np.nan
-        head = m if not n_div else f"{m}: {n_div}/{len(stops)} diverged"
+        head = m if not n_div else f"{m}: {n_div} of {len(stops)} diverged"
         ax.set_title(head, fontsize=10, color="tab:red" if n_div == len(stops) else "k")
         if m != "none" and np.isfinite(frac):
-            ax.text(0.97, 0.95, f"clipped {frac:.0%} of steps", transform=ax.transAxes,
-                    ha="right", va="top", fontsize=8.5, color="0.25")
+            ax.text(0.04, 0.04, f"clipped on {frac:.0%} of steps run", transform=ax.transAxes,
+                    ha="left", va="bottom", fontsize=8.5, color="0.2",
+                    bbox=dict(fc="white", ec="none", alpha=0.8, pad=1))
         ax.set(xscale="log", yscale="log")
         ax.grid(alpha=0.3)
         if k // ncol == nrow - 1:
             ax.set_xlabel("step (log)")
         if k % ncol == 0:
-            ax.set_ylabel("training loss" + (f"\n(rolling mean of {smooth})" if smooth > 1
-                                              else ""))
+            ax.set_ylabel("training loss" + (f"\n(rolling mean, up to {smooth} steps)"
+                                              if smooth > 1 else ""))
     if first is not None and np.isfinite(lo):
         first.set_ylim(lo * 0.8, hi * 1.5)
         first.set_xlim(1, steps * 1.05)
-    if reference_loss is not None:
-        fig.text(0.99, 0.005, "dotted: the loss of predicting the mean; thin: one seed; bold: "
-                 "median of the seeds still running; x: divergence", ha="right", fontsize=8,
-                 color="0.3")
-    if path is not None:
-        fig.savefig(path, dpi=dpi)
-    if title:
-        fig.suptitle(title)
-        if path is not None:
-            fig.savefig(path, dpi=dpi)
-    return fig
+    key = ("thin: one seed; bold: median of the seeds still running; x: a seed diverged"
+           + ("; dotted: the loss of predicting the mean" if reference_loss is not None else ""))
+    return _finish(fig, path, (title + "\n" if title else "") + key, dpi=dpi)
 
 
 def plot_training_details(
@@ -323,8 +320,11 @@ def plot_training_details(
         ax_n.set(yscale="log", ylabel=f"{m}\n|g| (pre-clip)")
         names = list(layers) if layers is not None else list(a["layers"])
         for i, name in enumerate(names):
+            short = name.split(".")[-2] if "." in name else name
+            short = {"dense_h": "recurrent (dense_h)", "dense_i": "input (dense_i)"}.get(short,
+                                                                                        short)
             ax_l.plot(x, a["layers"][name], color="tab:purple", ls=styles[i % 4], lw=1.2,
-                      label=name.split(".")[-2] if "." in name else name, gid=m)
+                      label=short, gid=m)
         ax_l.set(yscale="log", ylabel="layer |g|")
         if r == 0 and names:
             ax_l.legend(fontsize=7, loc="upper right")
@@ -432,6 +432,9 @@ def plot_gradient_field(
     steps: int = 60,
     grid: int = 21,
     title: str | None = None,
+    minimum: Sequence[float] | None = None,
+    cliff: tuple[tuple[float, float], str] | None = None,
+    dpi: int = 80,
 ):
     """Raw gradients beside clipped ones on a 2-D loss surface, with descent paths.
 
@@ -450,6 +453,9 @@ def plot_gradient_field(
       steps: SGD steps.
       grid: arrows per side.
       title: the figure's title.
+      minimum: where to mark the minimum (a star), if given.
+      cliff: ``((x, y), text)``: a label for the cliff, written at ``(x, y)``.
+      dpi: the PNG's resolution.
 
     Returns:
       ``(figure, raw_path, clipped_path)``, the paths as [steps + 1, 2] arrays.
@@ -469,11 +475,12 @@ def plot_gradient_field(
         if start is None else start
     raw_path = descend(f, start, optax.sgd(lr), steps)
     clip_path = descend(f, start, optax.chain(clip, optax.sgd(lr)), steps)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.4), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 5.4), constrained_layout=True)
     raw_n = np.linalg.norm(np.asarray(grads, np.float64), axis=1)
     clim = (np.log10(raw_n.min() + 1e-12), np.log10(raw_n.max() + 1e-12))
-    for ax, g, p, name in ((axes[0], grads, raw_path, "raw gradients"),
-                           (axes[1], clipped, clip_path, "clipped gradients")):
+    q = None
+    for ax, g, p, name in ((axes[0], grads, raw_path, "raw gradients, plain SGD"),
+                           (axes[1], clipped, clip_path, "clipped gradients, SGD + clip")):
         g = -np.asarray(g, np.float64)
         n = np.linalg.norm(g, axis=1, keepdims=True)
         # arrow length ~ log(1 + |g|): the cliff's huge gradients stay on the page
@@ -481,15 +488,24 @@ def plot_gradient_field(
         ax.contourf(FX, FY, Z, levels=30, cmap="Greys", alpha=0.6)
         q = ax.quiver(gx, gy, d[:, 0], d[:, 1], np.log10(n[:, 0] + 1e-12), cmap="viridis",
                       angles="xy", clim=clim)
-        fig.colorbar(q, ax=ax, label="log10 |gradient| (same scale in both panels)")
         finite = np.all(np.isfinite(p), axis=1) & (np.abs(p) < 1e6).all(axis=1)
         pp = p[finite]
         ax.plot(pp[:, 0], pp[:, 1], "o-", color="tab:red", ms=3, lw=1.2,
-                label=f"SGD lr={lr}" + (" + clip" if name.startswith("clipped") else ""))
-        ax.plot(pp[0, 0], pp[0, 1], "s", color="tab:red", ms=7)
+                label=f"SGD path, lr={lr}" + (" + clip" if "clip" in name else ""))
+        ax.plot(pp[0, 0], pp[0, 1], "s", color="tab:red", ms=8, label="start")
+        if minimum is not None:
+            ax.plot(minimum[0], minimum[1], "*", color="gold", mec="k", ms=17, zorder=5,
+                    label="minimum")
+        if cliff is not None:
+            (cx, cy), text = cliff
+            ax.text(cx, cy, text, fontsize=10, color="k", rotation=-45, ha="center",
+                    va="center", bbox=dict(boxstyle="round,pad=0.2", fc="white", alpha=0.8))
         ax.set(xlim=xlim, ylim=ylim, title=name, xlabel="w1", ylabel="w2")
-        ax.legend(loc="upper right", fontsize=8)
-    return _finish(fig, path, title), raw_path, clip_path
+        ax.set_aspect("equal", adjustable="box")
+        ax.legend(loc="upper right", fontsize=8.5)
+    fig.colorbar(q, ax=list(axes), shrink=0.75,
+                 label="log10 |gradient| at the arrow (same scale in both panels)")
+    return _finish(fig, path, title, dpi=dpi), raw_path, clip_path
 
 
 def plot_lm_spikes(

@@ -577,7 +577,7 @@ def plot_lm_spikes(
             th = np.where(np.isfinite(th), th, np.nan)
             if np.isfinite(th).any() and m != "none":
                 ax_g.plot(steps, th, color=colours.get(m), lw=1.6, label=f"threshold ({m})")
-        ax_l.set(xlabel="step", ylabel=f"{sc}\ntraining loss, clean steps\n"
+        ax_l.set(xlabel="step", ylabel=f"{sc.upper()}\ntraining loss on clean steps\n"
                  f"(seed {seed}, rolling {smooth})")
         lo, hi = ax_l.get_ylim()
         ax_l.set_ylim(max(lo, 0.0), hi)
@@ -602,11 +602,12 @@ def plot_lm_spikes(
         for ax in (ax_s, ax_h):
             ax.set_yticks(ys, methods, fontsize=8.5)
             ax.grid(axis="x", alpha=0.3)
-        ax_s.set(xlabel="loss spikes per run (bar: mean; dots: seeds)")
-        ax_h.set(xlabel="held-out loss, nats/byte (dots: seeds)")
+        ax_s.set(xlabel="loss spikes per run (bar: mean, dot: a seed)")
+        ax_h.set(xlabel="held-out loss (nats/byte)")
         if r == 0:
             ax_l.set_title("training loss (v: a counted spike)", fontsize=10)
-            ax_g.set_title("what the clipper sees, and the threshold it uses", fontsize=10)
+            ax_g.set_title(f"gradient norm of {show[0]} (seed {seed}), and the thresholds "
+                           "the clippers used", fontsize=10)
             ax_s.set_title("loss spikes", fontsize=10)
             ax_h.set_title("held-out loss (lower is better)", fontsize=10)
     return _finish(fig, path, title, dpi=dpi)

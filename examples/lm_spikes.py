@@ -172,7 +172,7 @@ def _record(method: str, opt_state, grads) -> dict:
     return {"grad_norm": norm, "acted": acted, "threshold": threshold}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _evaluator(d: int, layers: int, heads: int, ctx: int):
     """The held-out loss of each seed's parameters, jitted once for all methods."""
     graphdef, _, rest = nnx.split(LM(d, layers, heads, ctx, nnx.Rngs(0)), nnx.Param, ...)
@@ -221,13 +221,11 @@ class Trainer:
             return (params, opt_state), rec
 
         def run_chunk(params, opt_state, keys, ts, data):
-            xs = {"key": keys, "t": ts, "data": None}
-
             def body(c, x):
                 return step(c, {**x, "data": data})
 
             (params, opt_state), hist = jax.lax.scan(body, (params, opt_state),
-                                                     {"key": xs["key"], "t": xs["t"]})
+                                                     {"key": keys, "t": ts})
             return params, opt_state, hist
 
         self.run_chunk = jax.jit(jax.vmap(run_chunk, in_axes=(0, 0, 0, None, None)),

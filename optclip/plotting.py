@@ -587,13 +587,13 @@ def plot_lm_spikes(
         ax_g.legend(fontsize=7.5, loc="best")
         ax_g.grid(alpha=0.3)
         ys = np.arange(len(methods))[::-1]
-        for y, m in zip(ys, methods):
+        for y, m in zip(ys, methods, strict=True):
             sp = [x["spikes"] for x in runs[m]]
             ax_s.barh(y, np.mean(sp) if sp else 0, color=colours.get(m), alpha=0.8)
             ax_s.plot(sp, y + np.linspace(-0.2, 0.2, len(sp)), "o", color="k", ms=3.5)
             held = [x["heldout_loss"] for x in runs[m]]
             div = [x["diverged"] for x in runs[m]]
-            ok = [v for v, d in zip(held, div) if v is not None and not d]
+            ok = [v for v, d in zip(held, div, strict=True) if v is not None and not d]
             ax_h.plot(ok, y + np.linspace(-0.2, 0.2, len(held))[: len(ok)], "o",
                       color=colours.get(m), ms=6, mec="k", mew=0.5)
             if np.any(div):

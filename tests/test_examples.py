@@ -50,7 +50,7 @@ def test_rnn_demo_quick_writes_schema_and_figures(tmp_path):
                             "max_grad_norm"}
         assert isinstance(run["diverged"], bool)
         assert (run["steps_to_divergence"] is None) == (not run["diverged"])
-    for png in ("rnn_exploding.png", "rnn_sweep.png"):
+    for png in ("rnn_exploding.png", "rnn_details.png", "rnn_sweep.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     assert "final MSE" in r.stdout

@@ -21,8 +21,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import optclip
+import optclip.plotting
 from optclip.plotting import plot_gradient_field
 
 H, K = 1.0, 100.0
@@ -40,9 +42,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # the true minimum sits just past the wall, off the bowl's centre: find it
+    minimum = optclip.plotting.descend(loss, (0.65, -0.55), optax.adam(1e-3), 3000)[-1]
     fig, raw, clipped = plot_gradient_field(
         loss, optclip.clip_by_global_norm(args.max_norm), out / "gradient_field.png",
         start=(-0.9, -0.5), lr=0.1, steps=40, xlim=(-1.0, 2.5), ylim=(-1.0, 1.5), grid=25,
+        minimum=minimum, cliff=((0.05, 0.15), "cliff: |g| up to 35"),
         title=f"A cliff in the loss: SGD lr=0.1, without and with clip_by_global_norm"
               f"({args.max_norm})")
     longest = lambda path: float(np.max(np.linalg.norm(np.diff(path, axis=0), axis=1)))  # noqa: E731
@@ -51,6 +56,7 @@ def main(argv=None):
     m = np.asarray(MINIMUM)
     print(f"distance to the bowl's centre after 40 steps: without {np.linalg.norm(raw[-1] - m):.3f}"
           f", with {np.linalg.norm(clipped[-1] - m):.3f}")
+    print(f"minimum at ({minimum[0]:.3f}, {minimum[1]:.3f}), loss {float(loss(minimum)):.4f}")
     print(f"wrote {out / 'gradient_field.png'}")
     return raw, clipped
 

@@ -49,7 +49,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import optclip
-from optclip.plotting import plot_divergence_sweep, plot_training
+from optclip.plotting import plot_divergence_sweep, plot_training, plot_training_details
 
 MEAN_PREDICTOR_LOSS = 1.0 / 6.0
 ALL_METHODS = ("none", "global_norm", "value", "leaf_norm", "agc", "autoclip", "zclip", "adagc")
@@ -246,6 +246,44 @@ def print_table(runs: list[dict], methods) -> None:
           "loss is non-finite or above 10x its first loss)")
 
 
+def table(summary: dict) -> str:
+    """The markdown table of outcomes (what the README shows), from a summary.json."""
+    cfg = summary["config"]
+    lines = ["| method | diverged | final MSE (last 100 steps) | clip engaged |",
+             "|---|---|---|---|"]
+    for m in cfg["methods"]:
+        rs = [r for r in summary["runs"] if r["method"] == m]
+        firsts = [r["steps_to_divergence"] + 1 for r in rs if r["diverged"]]
+        ok = [r for r in rs if not r["diverged"]]
+        div = f"{len(firsts)} of {len(rs)}" + (f", by step {max(firsts)}" if firsts else "")
+        loss = (f"{min(r['final_loss'] for r in ok):.3f}-{max(r['final_loss'] for r in ok):.3f}"
+                + (f" (the {len(ok)} that ran)" if firsts else "")) if ok else "-"
+        name = "none" if m == "none" else f"`{cfg['clippers'][m]}`"
+        clip = "-" if m == "none" or not ok else f"{np.mean([r['clip_fraction'] for r in ok]):.0%}"
+        lines.append(f"| {name} | {div} | {loss} | {clip} |")
+    return "\n".join(lines)
+
+
+def draw(history: dict, runs: list[dict], args, out: Path) -> None:
+    """The main figure (divergence, then loss per method) and the detailed one."""
+    stops = {m: [r["steps_to_divergence"] for r in runs if r["method"] == m]
+             for m in args.methods}
+    layers = [n for n in ("rnn.cell.dense_h.kernel", "rnn.cell.dense_i.kernel")
+              if n in history[args.methods[0]]["layers"]]
+    smooth = max(1, min(25, args.steps // 40))
+    what = (f"{args.cell.upper()} on the adding problem (T={args.seq_len}), SGD lr={args.lr}, "
+            f"{args.seeds} seeds per method")
+    fig = plot_training(history, out / "rnn_exploding.png", reference_loss=MEAN_PREDICTOR_LOSS,
+                        diverged_at=stops, smooth=smooth, title=what)
+    fig2 = plot_training_details(history, out / "rnn_details.png", layers=layers,
+                                 diverged_at=stops, smooth=smooth,
+                                 title=what + ": gradient norms and clipping")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    plt.close(fig2)
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -265,6 +303,8 @@ def parse(argv=None):
     p.add_argument("--sweep-methods", default="none,global_norm,value,agc")
     p.add_argument("--jobs", type=int, default=2, help="methods trained at once (threads)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    p.add_argument("--table", metavar="SUMMARY_JSON",
+                   help="print the markdown table of outcomes of a summary.json and exit")
     args = p.parse_args(argv)
     if args.lr is None:
         args.lr = 0.5 if args.cell == "lstm" else 0.1
@@ -281,6 +321,9 @@ def parse(argv=None):
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     chunk = max(1, min(100, args.steps // 10))
@@ -300,20 +343,15 @@ def main(argv=None) -> dict:
             history[m] = hist
             runs += summarise(m, seeds, hist)
     bar.close()
-    config = {k: v for k, v in vars(args).items() if k not in ("out",)}
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "table")}
     config["clippers"] = {m: CLIPPER_SETTINGS[m] for m in args.methods}
     config["task"] = "adding problem; MSE; fresh batch each step; plain SGD"
     config["mean_predictor_loss"] = MEAN_PREDICTOR_LOSS
     summary = {"config": config, "runs": runs}
-    layers = [n for n in ("rnn.cell.dense_h.kernel", "rnn.cell.dense_i.kernel")
-              if n in history[args.methods[0]]["layers"]]
-    stops = {m: [r["steps_to_divergence"] for r in runs if r["method"] == m]
-             for m in args.methods}
-    plot_training(history, out / "rnn_exploding.png", layers=layers,
-                  reference_loss=MEAN_PREDICTOR_LOSS, diverged_at=stops,
-                  smooth=max(1, min(25, args.steps // 40)),
-                  title=f"{args.cell.upper()} on the adding problem (T={args.seq_len}), SGD "
-                        f"lr={args.lr}, {args.seeds} seeds")
+    np.savez_compressed(out / "history.npz", **{
+        f"{m}/{k}": v for m, h in history.items() for k, v in h.items() if k != "layers"},
+        **{f"{m}/layers/{n}": v for m, h in history.items() for n, v in h["layers"].items()})
+    draw(history, runs, args, out)
     print_table(runs, args.methods)
 
     if args.sweep:
@@ -350,7 +388,8 @@ def main(argv=None) -> dict:
         for m in sweep_methods:
             print(f"{m:<12} " + " ".join(f"{f:>7.0%}" for f in frac[m]))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"\nwrote {out / 'rnn_exploding.png'}, {out / 'summary.json'}"
+    print(f"\nwrote {out / 'rnn_exploding.png'}, {out / 'rnn_details.png'}, "
+          f"{out / 'summary.json'}"
           + (f", {out / 'rnn_sweep.png'}" if args.sweep else "")
           + f" in {time.time() - t0:.0f} s")
     return summary

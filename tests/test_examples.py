@@ -1,16 +1,23 @@
 """The examples run as a user runs them."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_example(name, *args, timeout=300):
+    # this checkout's optclip, not whichever one is installed
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OPTCLIP_NO_BAR": "1"}
     return subprocess.run([sys.executable, str(ROOT / "examples" / name), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 def test_quickstart_runs_and_prints_stats():
@@ -43,7 +50,7 @@ def test_rnn_demo_quick_writes_schema_and_figures(tmp_path):
                             "max_grad_norm"}
         assert isinstance(run["diverged"], bool)
         assert (run["steps_to_divergence"] is None) == (not run["diverged"])
-    for png in ("rnn_exploding.png", "rnn_sweep.png"):
+    for png in ("rnn_exploding.png", "rnn_details.png", "rnn_sweep.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     assert "final MSE" in r.stdout
@@ -74,3 +81,117 @@ def test_gradient_field(tmp_path):
     raw, clipped = [float(w.rstrip(";")) for w in line.replace(":", " ").split()
                     if w.replace(".", "").rstrip(";").isdigit()][:2]
     assert clipped <= 0.1 + 1e-6 and raw > 1.0
+
+
+def _synthetic_history(stops, steps=200, seed=0):
+    """A method's history whose seeds diverge at ``stops``; after that its records are junk."""
+    rng = np.random.default_rng(seed)
+    n = len(stops)
+    loss = np.full((n, steps), 0.2) + 0.01 * rng.random((n, steps))
+    for i, s in enumerate(stops):
+        if s is not None:
+            loss[i, s:] = np.nan  # what a diverged run records
+    return {"loss": loss,
+            "grad_norm": np.exp(rng.normal(size=(n, steps))),
+            # a diverged run's clip flags keep arriving (NaN comparisons, garbage norms)
+            "clipped": rng.random((n, steps)) < 0.3,
+            "layers": {"rnn.cell.dense_h.kernel": np.exp(rng.normal(size=(n, steps)))}}
+
+
+def test_all_diverged_method_contributes_nothing_after_divergence():
+    # The old figure averaged a diverged seed's clip flags into the clip-fraction panel:
+    # zclip showed 8-16% clipping at steps 50-100 although every seed had diverged by step 4.
+    from optclip.plotting import aggregate_history, plot_training, plot_training_details
+
+    stops = [2, 3, 4]
+    h = _synthetic_history(stops)
+    a = aggregate_history(h, stops, window=50, smooth=5)
+    after = slice(max(stops) + 1, None)
+    assert np.all(a["running"][after] == 0)
+    for key in ("loss_median", "grad_norm_median", "clip_fraction"):
+        assert np.isfinite(a[key][: min(stops) + 1]).any(), key  # drawn before divergence
+        assert not np.isfinite(a[key][after]).any(), key  # and nothing after
+    assert not np.isfinite(a["loss"][:, after]).any()
+    assert not np.isfinite(a["layers"]["rnn.cell.dense_h.kernel"][after]).any()
+
+    # a partly diverged method: the fraction is over the seeds still running
+    stops2 = [None, 10, None]
+    h2 = _synthetic_history(stops2, seed=1)
+    b = aggregate_history(h2, stops2, window=1)
+    alive = h2["clipped"][[0, 2], 20:].mean(axis=0)
+    np.testing.assert_allclose(b["clip_fraction"][20:], alive)
+
+    # and in the figures: no line of the diverged method holds a point after its divergence
+    history = {"global_norm": _synthetic_history([None] * 3, seed=2), "zclip": h}
+    at = {"global_norm": [None] * 3, "zclip": stops}
+    import matplotlib.pyplot as plt
+
+    for fig in (plot_training(history, diverged_at=at, smooth=5),
+                plot_training_details(history, diverged_at=at, smooth=5)):
+        lines = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_gid() == "zclip"]
+        assert lines
+        for ln in lines:
+            x, y = (np.asarray(v, np.float64) for v in ln.get_data())
+            assert not np.isfinite(y[x > max(stops) + 1]).any()  # x is step + 1
+        plt.close(fig)
+
+
+def test_lm_demo_quick_writes_schema_and_figure(tmp_path):
+    # one method of each kind: no clipper, a guard, a guard around a clipper
+    methods = ["none", "skip_on_spike", "zclip+skip_nonfinite"]
+    r = run_example("lm_spikes.py", "--quick", "--methods", ",".join(methods), "--out",
+                    str(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    cfg = summary["config"]
+    assert cfg["methods"] == methods
+    assert cfg["scenarios"] == ["base", "drift"]
+    assert {"spike_rule", "divergence_rule", "data", "clippers"} <= set(cfg)
+    assert len(summary["runs"]) == 2 * len(cfg["methods"]) * cfg["seeds"]
+    for run in summary["runs"]:
+        assert set(run) >= {"scenario", "method", "seed", "spikes", "spike_steps", "diverged",
+                            "final_train_loss", "heldout_loss", "acted_fraction"}
+        assert run["spikes"] == len(run["spike_steps"])
+        assert isinstance(run["diverged"], bool)
+        assert 0.0 <= run["acted_fraction"] <= 1.0
+        assert run["method"] != "none" or run["acted_fraction"] == 0.0
+    data = (tmp_path / "lm_spikes.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    # the README table comes from the summary by a command
+    t = run_example("lm_spikes.py", "--table", str(tmp_path / "summary.json"))
+    assert t.returncode == 0, t.stderr
+    rows = [ln for ln in t.stdout.splitlines() if ln.startswith("| ")]
+    assert len(rows) == 1 + 2 * len(cfg["methods"])  # the header, then a row per run group
+
+
+def test_lm_spike_rule():
+    sys.path.insert(0, str(ROOT / "examples"))
+    import lm_spikes
+
+    loss = np.full(200, 2.0)
+    glitch = np.zeros(200, bool)
+    loss[100], loss[101], loss[150] = 3.5, 3.2, 3.1  # two spikes (100-101 is one)
+    loss[120], glitch[120] = 9.0, True  # a glitch step's own loss is not a spike
+    assert lm_spikes.spike_steps(loss, glitch) == [100, 150]
+    assert lm_spikes.spike_steps(np.full(200, 2.0), glitch) == []
+
+
+@pytest.mark.parametrize("scenario", ["base", "drift"])
+def test_lm_demo_headline(tmp_path, scenario):
+    # The default configuration, seed 0. base: junk batches at a high lr give loss spikes
+    # without clipping and none with clip_by_global_norm(1.0), whose held-out loss is far
+    # better. drift: with the gradient norm drifting 1e4x, the fixed threshold misses an
+    # early junk batch (a spike in the first half, where 1.0 is above the norm); zclip,
+    # adaptive, has no spike and a better held-out loss.
+    sys.path.insert(0, str(ROOT / "examples"))
+    import lm_spikes
+
+    a, b = ("none", "global_norm") if scenario == "base" else ("global_norm", "zclip")
+    summary = lm_spikes.main(["--seeds", "1", "--methods", f"{a},{b}", "--scenarios", scenario,
+                              "--out", str(tmp_path)])
+    worse, better = (next(r for r in summary["runs"] if r["method"] == m) for m in (a, b))
+    assert not worse["diverged"] and not better["diverged"]
+    assert worse["spikes"] >= 1 and better["spikes"] == 0
+    assert worse["heldout_loss"] > better["heldout_loss"] + (0.5 if scenario == "base" else 0.1)
+    if scenario == "drift":
+        assert worse["spike_steps"][0] < 300

@@ -16,8 +16,9 @@ from bench.trees import TREES, make_tree, tree_bytes
 REG = entries()
 CLIPPERS = [n for n in OPTCLIP if n in REG]  # clippy only once it exists
 
-# Measured on c4ed847's optclip (clippy: 231927a) (jax 0.10.2, XLA:CPU), on the 4.6 MB "small" tree. Strict: once
-# the clipper is fixed the test passes, the xfail fails, and the mark should be removed.
+# Measured on c4ed847's optclip (clippy: 231927a; jax 0.10.2, XLA:CPU), on the 4.6 MB "small"
+# tree. Strict: once the clipper is fixed the test passes, the xfail fails, and the mark
+# should be removed.
 _GROUPED = ("temp {} of the tree: the leaves under 65,536 elements (8% of this tree's bytes, "
             "about 25% of ResNet-50's) are concatenated into one buffer for the norm")
 TEMP_XFAIL = {

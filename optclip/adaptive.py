@@ -190,35 +190,31 @@ def agc(
                                               for g, a in zip(gs, axes, strict=True)])
         full_axes = _n.leaf_axes(updates, axis_name, partition_specs) or [None] * len(gs)
         flag_axes = _n.union_axes(full_axes)
-        # one kernel (one overflow check, one cond) for the gradients' and the params' units,
-        # as one flat vector: the first half the gradients' units, the second the params'
+        # one kernel (one overflow check, one cond) for the gradients' and the params' units
+        n = len(gs)
         norms, _ = _n.norm_core(gs + ws, 2.0, axes=axes + axes,
                                 axes_per_leaf=None if mesh_axes is None else mesh_axes * 2,
-                                flag_axes=flag_axes, flat=True)
-        lay = _n.layout_of(gs, axes)
-        g_n, w_n = norms[:lay.total], norms[lay.total:]
+                                flag_axes=flag_axes)
+        g_norms, w_norms = norms[:n], norms[n:]
         # a NaN or inf gradient element makes its unit's norm (a sum) NaN or inf
-        nonfinite = _n.any_across(jnp.any(~jnp.isfinite(g_n)), flag_axes)
+        nonfinite = _n.any_across(
+            jnp.any(jnp.stack([jnp.any(~jnp.isfinite(v)) for v in g_norms])), flag_axes)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "agc")
-        scales = global_scale(g_n, c.astype(g_n.dtype) * jnp.maximum(w_n, eps))
         out = list(flat)
-        for i, s_i in zip(idx, _n.split_flat(scales, lay), strict=True):
-            out[i] = scale_leaf(flat[i], s_i)
         # the stats' global norms, grouped by the mesh axes that still split the units
-        # (tensor parallelism): each group is combined once, then across those axes
-        groups: dict[Any, list[int]] = {}
-        for j in range(len(gs)):
+        # (tensor parallelism): each group is one vector of unit norms, combined once
+        groups: dict[Any, list[tuple[jax.Array, jax.Array]]] = {}
+        for j, i in enumerate(idx):
+            s_j = global_scale(g_norms[j], c.astype(g_norms[j].dtype) *
+                               jnp.maximum(w_norms[j], eps))
+            out[i] = scale_leaf(flat[i], s_j)
             red = set(_n.union_axes([mesh_axes[j]] if mesh_axes else []))
             other = tuple(a for a in _n.union_axes([full_axes[j]]) if a not in red)
-            groups.setdefault(other, []).append(j)
+            groups.setdefault(other, []).append((jnp.ravel(g_norms[j]), jnp.ravel(s_j)))
         before, after, any_clip = [], [], []
-        for other, js in groups.items():
-            if len(js) == len(gs):
-                gn, sc = g_n, scales
-            else:
-                ids = np.concatenate([np.arange(lay.offsets[j], lay.offsets[j] + lay.n_units[j])
-                                      for j in js])
-                gn, sc = g_n[ids], scales[ids]
+        for other, items in groups.items():
+            gn = jnp.concatenate([g for g, _ in items])
+            sc = jnp.concatenate([s for _, s in items])
             any_clip.append(_n.any_across(jnp.any(sc != 1), other))
             before.append(_n.norm_across(_n.combine_norms(gn, 2.0), other))
             after.append(_n.norm_across(_n.combine_norms(gn * sc, 2.0), other))

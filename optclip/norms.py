@@ -239,24 +239,6 @@ def _reduce_flat(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: An
     return flat
 
 
-def _collect_flat(flat: jax.Array, lay: Layout, axes_per_leaf: Sequence[AxisName] | None,
-                  op) -> jax.Array:
-    """Combines each array's units across its own mesh axes (None: replicated)."""
-    if axes_per_leaf is None:
-        return flat
-    groups: dict[Any, list[int]] = {}
-    for i, ax in enumerate(axes_per_leaf):
-        if ax is not None and ax != () and lay.n_units[i]:
-            groups.setdefault(ax, []).append(i)
-    for ax, ids in groups.items():
-        if len(ids) == len(axes_per_leaf):
-            return op(flat, ax)
-        idx = np.concatenate([np.arange(lay.offsets[i], lay.offsets[i] + lay.n_units[i])
-                              for i in ids])
-        flat = flat.at[idx].set(op(flat[idx], ax))
-    return flat
-
-
 def safe_root(s: jax.Array, p: float) -> jax.Array:
     """``s ** (1/p)`` with a finite derivative at ``s == 0`` (NaN stays NaN)."""
     zero = s == 0
@@ -458,9 +440,19 @@ def norm_core(
     mags = [_magnitude(x, acc) for x in xs]
     mesh = [None] * len(xs) if axes_per_leaf is None else list(axes_per_leaf)
     lay = layout_of(xs, axes)
-
-    def finish(v: jax.Array) -> Any:
-        return [v] if combine else (v if flat else split_flat(v, lay))
+    # Arrays that share mesh axes form a group, reduced into one vector and combined across
+    # those axes together. Groups stay separate vectors to the end: inside shard_map, mixing
+    # a replicated array's units into a vector of device-varying values would make them
+    # "varying" too.
+    groups: dict[Any, list[int]] = {}
+    for i, ax in enumerate(mesh):
+        groups.setdefault(None if ax == () else ax, []).append(i)
+    plan = []  # (mesh axes, array ids, the group's layout, its units' flat indices)
+    for ax, ids in groups.items():
+        sub = layout_of([xs[i] for i in ids], [axes[i] for i in ids])
+        idx = np.concatenate([np.arange(lay.offsets[i], lay.offsets[i] + lay.n_units[i])
+                              for i in ids]) if ids else np.zeros((0,), np.int64)
+        plan.append((ax, ids, sub, idx))
 
     def terms(kind: str):
         if kind == "sum":
@@ -478,63 +470,88 @@ def norm_core(
             term = lambda v, sc: jnp.abs(v)  # noqa: E731
         return red, (lax.pmax if kind == "max" else lax.psum), term
 
-    def reduce(kind: str, scale: Any = None) -> jax.Array:
-        """Per unit (a flat vector; with ``combine``, one value in all): the sum of
-        ``|x * scale| ** p`` (``|x / scale| ** p`` for p > 2), the max of ``|x|``, or the
-        sum of ``|x| * 0`` (NaN exactly when an element is NaN or infinite); combined
-        across the mesh axes."""
+    def reduce(kind: str, scales: list[Any] | None = None) -> list[jax.Array]:
+        """Per group, per unit (with ``combine``: one value in all, in a list of one): the
+        sum of ``|x * scale| ** p`` (``|x / scale| ** p`` for p > 2), the max of ``|x|``,
+        or the sum of ``|x| * 0`` (NaN exactly when an element is NaN or infinite);
+        combined across the group's mesh axes."""
         red, coll, term = terms(kind)
-        if not combine:
-            flat = _reduce_flat(mags, axes, lay, scale, term, red)
-            return _collect_flat(flat, lay, axes_per_leaf, coll)
-        groups: dict[Any, list[int]] = {}
-        for i, ax in enumerate(mesh):
-            groups.setdefault(ax, []).append(i)
-        parts = []
-        for ax, ids in groups.items():
-            part = grouped_total([mags[i] for i in ids], scale, term, red)
-            parts.append(part if ax is None or ax == () else coll(part, ax))
-        return red(jnp.stack(parts)) if len(parts) > 1 else parts[0]
+        if combine:
+            parts = []
+            for ax, ids, _, _ in plan:
+                part = grouped_total([mags[i] for i in ids], None if scales is None else
+                                     scales[0], term, red)
+                parts.append(part if ax is None else coll(part, ax))
+            return [red(jnp.stack(parts)) if len(parts) > 1 else parts[0]]
+        out = []
+        for g, (ax, ids, sub, _) in enumerate(plan):
+            v = _reduce_flat([mags[i] for i in ids], [axes[i] for i in ids], sub,
+                             None if scales is None else scales[g], term, red)
+            out.append(v if ax is None else coll(v, ax))
+        return out
 
-    def any_nonfinite(v: jax.Array) -> jax.Array:
-        return any_across(jnp.any(~jnp.isfinite(v)), flag_axes)
+    def finish(vs: Sequence[jax.Array]) -> Any:
+        if combine:
+            return [vs[0]]
+        if flat:
+            v = vs[0] if len(vs) == 1 else jnp.concatenate(list(vs))
+            order = np.concatenate([idx for _, _, _, idx in plan])
+            return v if np.array_equal(order, np.arange(lay.total)) else v[np.argsort(order)]
+        out: list[Any] = [None] * len(xs)
+        for v, (_, ids, sub, _) in zip(vs, plan, strict=True):
+            for i, part in zip(ids, split_flat(v, sub), strict=True):
+                out[i] = part
+        return out
+
+    def any_nonfinite(vs: Sequence[jax.Array]) -> jax.Array:
+        return any_across(jnp.any(jnp.stack([jnp.any(~jnp.isfinite(v)) for v in vs])),
+                          flag_axes)
 
     if p == math.inf:
         ms = reduce("max")
         # NaN where an element is NaN or inf, even when a sharded max dropped the NaN
         poison = reduce("nan")
-        ms = jnp.where(jnp.isnan(poison) & jnp.isfinite(ms), jnp.full_like(ms, jnp.nan), ms)
+        ms = [jnp.where(jnp.isnan(z) & jnp.isfinite(m), jnp.full_like(m, jnp.nan), m)
+              for m, z in zip(ms, poison, strict=True)]
         return finish(ms), any_nonfinite(poison)
 
     parts = reduce("sum")
-    if combine:
-        sizes = np.array([sum(int(x.size) for x in xs)])
-    else:
-        sizes = np.repeat(np.array(lay.sizes, np.int64), lay.n_units)
     info = jnp.finfo(acc)
-    # Below this, terms |x|**p may have lost precision as subnormals. (An empty array's sum is
-    # an exact 0: it never needs the rescue.)
-    lows = np.where(sizes > 0, float(info.tiny) / float(info.eps) * np.maximum(sizes, 1), 0.0)
-    lows = lows.astype(acc).reshape(jnp.shape(parts))
-    need = any_across(jnp.any(~jnp.isfinite(parts) | (parts < lows)), flag_axes)
+    lows = []
+    for g, v in enumerate(parts):
+        if combine:
+            sizes = np.array(sum(int(x.size) for x in xs))
+        else:
+            sub = plan[g][2]
+            sizes = np.repeat(np.array(sub.sizes, np.int64), sub.n_units)
+        # Below this, terms |x|**p may have lost precision as subnormals. (An empty array's
+        # sum is an exact 0: it never needs the rescue.)
+        low = np.where(sizes > 0, float(info.tiny) / float(info.eps) * np.maximum(sizes, 1), 0.0)
+        lows.append(low.astype(acc).reshape(jnp.shape(v)))
+    need = any_across(jnp.any(jnp.stack([jnp.any(~jnp.isfinite(v) | (v < lo))
+                                         for v, lo in zip(parts, lows, strict=True)])),
+                      flag_axes)
 
-    def fast() -> tuple[jax.Array, jax.Array]:
+    def fast() -> tuple[tuple[jax.Array, ...], jax.Array]:
         # False here, but computed from the data so that inside shard_map its type
         # (which devices it may vary over) matches the rescue branch's flag.
-        return safe_root(parts, p), any_nonfinite(parts)
+        return tuple(safe_root(v, p) for v in parts), any_nonfinite(parts)
 
-    def rescue() -> tuple[jax.Array, jax.Array]:
+    def rescue() -> tuple[tuple[jax.Array, ...], jax.Array]:
         ms = reduce("max")
         if p > 2:
             # divide by the largest magnitude itself: every term is then <= 1 and the largest
             # is 1, whatever p (a power of two in [2, 4) would overflow 4**p for p > 64)
-            down = up = jnp.where((ms > 0) & jnp.isfinite(ms), ms, jnp.ones_like(ms))
+            scales = [jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m)) for m in ms]
+            ups = scales
         else:
-            down, up = _pow2_scale(ms)
-        s = reduce("sum", down)
+            scales, ups = zip(*[_pow2_scale(m) for m in ms], strict=True)
+        s = reduce("sum", list(scales))
         # A sum of finite terms brought to at most 4**p stays finite: a non-finite sum means
         # a NaN or inf element (one a sharded max may have dropped from ``ms``).
-        norms = jnp.where((ms == 0) & jnp.isfinite(s), jnp.zeros_like(ms), safe_root(s, p) * up)
+        norms = tuple(jnp.where((m == 0) & jnp.isfinite(si), jnp.zeros_like(m),
+                                safe_root(si, p) * up)
+                      for m, si, up in zip(ms, s, ups, strict=True))
         return norms, any_nonfinite(s)
 
     norms, flag = lax.cond(need, rescue, fast)

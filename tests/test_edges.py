@@ -227,3 +227,19 @@ def test_zero_threshold_zero_gradient_has_zero_derivative():
 def test_zclip_clip_factor_zero_is_rejected():
     with pytest.raises(ValueError, match="clip_factor must be > 0"):
         optclip.zclip(clip_factor=0.0)
+
+
+def test_clip_by_value_reports_a_clamp_beside_a_nan():
+    tx = optclip.clip_by_value(1.0)
+    u, state = tx.update({"w": jnp.array([jnp.nan, 5.0, 0.5])}, tx.init(None))
+    assert bool(state.stats.clipped) and bool(state.stats.nonfinite)
+    np.testing.assert_array_equal(np.asarray(u["w"])[1:], [1.0, 0.5])
+    assert np.isnan(np.asarray(u["w"])[0])  # passed through, visible
+
+
+def test_agc_axis_under_inject_hyperparams_needs_static_args():
+    tx = optax.inject_hyperparams(optclip.agc, static_args=("axis",))(clipping=0.01, axis=0)
+    u, state = jax.jit(tx.update)(G, tx.init(P), P)
+    ref, _ = optclip.agc(0.01, axis=0).update(G, optclip.agc(0.01, axis=0).init(P), P)
+    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)

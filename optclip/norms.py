@@ -609,7 +609,12 @@ def global_norm(
 
 
 def leaf_norms(
-    tree: PyTree, ord: Ord = 2, *, axis_name: AxisName = None, partition_specs: Any = None
+    tree: PyTree,
+    ord: Ord = 2,
+    *,
+    axis_name: AxisName = None,
+    partition_specs: Any = None,
+    layer_axis: Any = None,
 ) -> PyTree:
     """The p-norm of each leaf on its own, as a pytree of scalars.
 
@@ -624,23 +629,36 @@ def leaf_norms(
         (every leaf is taken to be sharded along it).
       partition_specs: per leaf, its ``PartitionSpec`` inside ``shard_map``
         (see :func:`global_norm`).
+      layer_axis: for scanned (stacked) layers, the axis along which a leaf
+        stacks L layers (an int, a pytree prefix or a callable; see
+        :mod:`optclip.layers`): such a leaf gives a vector of L norms, one per
+        layer. Inside ``shard_map`` with the layer axis split (named in
+        ``partition_specs``), each device gets its own layers' norms.
 
     Returns:
-      A pytree of the same structure whose leaves are float32 scalars.
+      A pytree of the same structure whose leaves are float32 scalars (a
+      ``(L,)`` vector for a stacked leaf).
 
     Example:
       >>> import jax.numpy as jnp, optclip
       >>> optclip.leaf_norms({"w": jnp.array([3.0, 4.0]), "b": jnp.zeros(2)})
       {'b': Array(0., dtype=float32), 'w': Array(5., dtype=float32)}
     """
+    from optclip import layers  # noqa: PLC0415 (layers builds on this module)
+
     p = check_ord(ord)
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     idx = [i for i, x in enumerate(leaves) if is_float_leaf(x)]
-    norms, _ = norm_core([jnp.asarray(leaves[i]) for i in idx], p,
-                         axes_per_leaf=leaf_axes(tree, axis_name, partition_specs))
+    xs = [jnp.asarray(leaves[i]) for i in idx]
+    las = layers.resolve_layer_axes(layer_axis, tree)
+    axes = layers.reduce_axes(xs, las)
+    mesh = leaf_axes(tree, axis_name, partition_specs, reduce_axes=axes)
+    # with the layer axis split across devices, the per-layer norms differ across devices
+    flag_axes = union_axes(leaf_axes(tree, axis_name, partition_specs)) if las else ()
+    norms, _ = norm_core(xs, p, axes=axes, axes_per_leaf=mesh, flag_axes=flag_axes)
     out = [jnp.zeros((), jnp.float32)] * len(leaves)
     for i, n in zip(idx, norms, strict=False):
-        out[i] = n
+        out[i] = n.reshape(-1) if jnp.ndim(n) else n
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -239,22 +239,60 @@ def _reduce_flat(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: An
     return flat
 
 
-def _collect_flat(flat: jax.Array, lay: Layout, axes_per_leaf: Sequence[AxisName] | None,
-                  op) -> jax.Array:
-    """Combines each array's units across its own mesh axes (None: replicated)."""
-    if axes_per_leaf is None:
-        return flat
+def _reduce_collect(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: Any, term,
+                    red, axes_per_leaf: Sequence[AxisName] | None, op) -> jax.Array:
+    """:func:`_reduce_flat`, each array's units combined across its own mesh axes (None:
+    replicated).
+
+    Arrays are reduced and combined in groups that share their mesh axes, and the groups'
+    results are concatenated only then: inside ``shard_map`` a vector is typed as varying
+    across every mesh axis that any of its parts varies across, so a combined part written
+    into a vector that also holds uncombined ones would still be typed as varying, and a
+    state built from it could not leave with ``out_specs=P()``.
+    """
+    mesh = [None] * len(vals) if axes_per_leaf is None else \
+        [None if ax == () else ax for ax in axes_per_leaf]
     groups: dict[Any, list[int]] = {}
-    for i, ax in enumerate(axes_per_leaf):
-        if ax is not None and ax != () and lay.n_units[i]:
-            groups.setdefault(ax, []).append(i)
+    for i, ax in enumerate(mesh):
+        groups.setdefault(ax, []).append(i)
+    if len(groups) == 1:
+        ax = next(iter(groups))
+        flat = _reduce_flat(vals, axes, lay, scales, term, red)
+        return flat if ax is None else op(flat, ax)
+    pieces, index = [], []
     for ax, ids in groups.items():
-        if len(ids) == len(axes_per_leaf):
-            return op(flat, ax)
-        idx = np.concatenate([np.arange(lay.offsets[i], lay.offsets[i] + lay.n_units[i])
-                              for i in ids])
-        flat = flat.at[idx].set(op(flat[idx], ax))
+        sub_vals, sub_axes = [vals[i] for i in ids], [axes[i] for i in ids]
+        units = np.concatenate([np.arange(lay.offsets[i], lay.offsets[i] + lay.n_units[i])
+                                for i in ids]).astype(np.int64)
+        sc = None if scales is None else scales[units]
+        part = _reduce_flat(sub_vals, sub_axes, layout_of(sub_vals, sub_axes), sc, term, red)
+        pieces.append(part if ax is None else op(part, ax))
+        index.append(units)
+    flat = jnp.concatenate(pieces)
+    order = np.concatenate(index)
+    if not np.array_equal(order, np.arange(lay.total)):
+        flat = flat[np.argsort(order)]
     return flat
+
+
+def linear_index(names: tuple[Hashable, ...]) -> jax.Array:
+    """This device's position along the mesh axes ``names`` taken together (major to minor),
+    as a ``PartitionSpec`` entry ``("a", "b")`` orders the blocks."""
+    idx = jnp.zeros((), jnp.int32)
+    for name in names:
+        idx = idx * lax.axis_size(name) + lax.axis_index(name)
+    return idx
+
+
+def replicate(x: jax.Array, axes: tuple[Hashable, ...]) -> jax.Array:
+    """``x``, equal on every device across mesh ``axes``, typed as such inside ``shard_map``.
+
+    The first device's value is summed with zeros from the others: exact for every value,
+    NaN and inf included (a ``pmax`` might drop a NaN). Without axes, ``x`` itself.
+    """
+    if not axes:
+        return x
+    return lax.psum(jnp.where(linear_index(axes) == 0, x, jnp.zeros_like(x)), axes)
 
 
 def safe_root(s: jax.Array, p: float) -> jax.Array:
@@ -485,8 +523,7 @@ def norm_core(
         across the mesh axes."""
         red, coll, term = terms(kind)
         if not combine:
-            flat = _reduce_flat(mags, axes, lay, scale, term, red)
-            return _collect_flat(flat, lay, axes_per_leaf, coll)
+            return _reduce_collect(mags, axes, lay, scale, term, red, axes_per_leaf, coll)
         groups: dict[Any, list[int]] = {}
         for i, ax in enumerate(mesh):
             groups.setdefault(ax, []).append(i)

@@ -211,16 +211,31 @@ def agc(
         nonfinite = _n.any_across(jnp.any(~jnp.isfinite(g_n)), flag_axes)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "agc")
         scales = global_scale(g_n, c.astype(g_n.dtype) * jnp.maximum(w_n, eps))
-        out = list(flat)
-        for i, s_i in zip(idx, _n.split_flat(scales, lay), strict=True):
-            out[i] = scale_leaf(flat[i], s_i)
-        # the stats' global norms, grouped by the mesh axes that still split the units
-        # (tensor parallelism): each group is combined once, then across those axes
+        # the leaves grouped by the mesh axes that still split their units (tensor
+        # parallelism, or a split layer axis)
         groups: dict[Any, list[int]] = {}
         for j in range(len(gs)):
             red = set(_n.union_axes([mesh_axes[j]] if mesh_axes else []))
             other = tuple(a for a in _n.union_axes([full_axes[j]]) if a not in red)
             groups.setdefault(other, []).append(j)
+        split_axes = _n.union_axes(list(groups))
+        leaf_scales = _n.split_flat(scales, lay)
+        for other, js in groups.items():
+            # inside shard_map the vector is typed as varying across every axis that splits
+            # some units; a group whose units those axes do not split is marked replicated
+            # there, so that a replicated leaf may leave with out_specs P()
+            fix = tuple(a for a in split_axes if a not in other)
+            if fix:
+                ids = np.concatenate([np.arange(lay.offsets[j], lay.offsets[j] + lay.n_units[j])
+                                      for j in js])
+                fixed, o = _n.replicate(scales[ids], fix), 0
+                for j in js:
+                    leaf_scales[j] = fixed[o:o + lay.n_units[j]].reshape(lay.shapes[j])
+                    o += lay.n_units[j]
+        out = list(flat)
+        for i, s_i in zip(idx, leaf_scales, strict=True):
+            out[i] = scale_leaf(flat[i], s_i)
+        # the stats' global norms: each group is combined once, then across its split axes
         before, after, any_clip = [], [], []
         for other, js in groups.items():
             if len(js) == len(gs):
@@ -234,8 +249,16 @@ def agc(
             after.append(_n.norm_across(_n.combine_norms(gn * sc, 2.0), other))
         before = _n.combine_norms(jnp.stack(before), 2.0)
         after = _n.combine_norms(jnp.stack(after), 2.0)
+        any_clip = jnp.any(jnp.stack(any_clip))
+        # equal on every device now, but inside shard_map typed as varying across the axes
+        # that split some units (they were read from one vector): marked replicated, so that
+        # the state may leave shard_map with out_specs=P()
+        if split_axes:
+            before, after, any_clip = _n.replicate(
+                jnp.stack([before, after, any_clip.astype(before.dtype)]), split_axes)
+            any_clip = any_clip > 0
         stats = state.stats.advance(grad_norm=before, threshold=c, scale=_ratio(after, before),
-                                    clipped=jnp.any(jnp.stack(any_clip)), nonfinite=nonfinite,
+                                    clipped=any_clip, nonfinite=nonfinite,
                                     invalid_threshold=invalid)
         return (jax.tree_util.tree_unflatten(treedef, out),
                 AGCState(count=increment(state.count), stats=stats))

@@ -173,15 +173,6 @@ class LayerNorms(NamedTuple):
     split: Callable[[jax.Array], list[jax.Array]]  # a [n_units] vector -> per array
 
 
-def _linear_index(names: tuple[Hashable, ...]) -> jax.Array:
-    """This device's position along the mesh axes ``names`` (major to minor), as a
-    ``PartitionSpec`` entry ``("a", "b")`` lays the blocks out."""
-    idx = jnp.zeros((), jnp.int32)
-    for name in names:
-        idx = idx * lax.axis_size(name) + lax.axis_index(name)
-    return idx
-
-
 def _names(ax: Any) -> tuple[Hashable, ...]:
     return _n.union_axes([ax])
 
@@ -221,16 +212,26 @@ def layer_norms(
         unit_sizes = jnp.repeat(jnp.stack(sizes), np.asarray(lay.n_units),
                                 total_repeat_length=lay.total) if sizes else flat
         return LayerNorms(flat, unit_sizes, nonfinite, lambda v: _n.split_flat(v, lay))
+    # Every layer's norm on every device, in one psum across the mesh axes that split a
+    # layer axis: each device writes its own layers' norms at their place (zeros elsewhere),
+    # and the first device along the other axes writes the norms of the leaves those axes do
+    # not split (which every device there holds alike). Exact, NaN and inf included.
     pieces, size_pieces, offsets, off = [], [], [], 0
     for i, (o, k) in enumerate(zip(lay.offsets, lay.n_units, strict=True)):
         seg = flat[o:o + k]
-        if layer_mesh[i] is not None:
-            seg = lax.all_gather(seg, _names(layer_mesh[i]), tiled=True)
+        own = _names(layer_mesh[i])
+        rest = tuple(a for a in flag_axes if a not in own)
+        n = int(np.prod([lax.axis_size(a) for a in own], dtype=np.int64))
+        if own:
+            seg = lax.dynamic_update_slice(jnp.zeros((n * k,), seg.dtype), seg,
+                                           (_n.linear_index(own) * k,))
+        if rest:
+            seg = jnp.where(_n.linear_index(rest) == 0, seg, jnp.zeros_like(seg))
         pieces.append(seg)
         size_pieces.append(jnp.broadcast_to(sizes[i], seg.shape))
         offsets.append(off)
         off += seg.shape[0]
-    norms = jnp.concatenate(pieces)
+    norms = lax.psum(jnp.concatenate(pieces), flag_axes)
     unit_sizes = jnp.concatenate(size_pieces)
 
     def split(v: jax.Array) -> list[jax.Array]:
@@ -240,7 +241,7 @@ def layer_norms(
             if layer_mesh[i] is None:
                 part = v[start:start + k]
             else:
-                part = lax.dynamic_slice(v, (start + _linear_index(_names(layer_mesh[i])) * k,),
+                part = lax.dynamic_slice(v, (start + _n.linear_index(_names(layer_mesh[i])) * k,),
                                          (k,))
             out.append(part.reshape(shape))
         return out

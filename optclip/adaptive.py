@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optclip import layers as _layers
 from optclip import norms as _n
 from optclip._common import (
     Threshold,
@@ -30,6 +31,7 @@ from optclip._common import (
     resolve_threshold,
     scale_leaf,
 )
+from optclip.layers import LayerAxis
 from optclip.norms import AxisName
 from optclip.static import applied_scale, global_scale
 from optclip.stats import ClipStats
@@ -94,6 +96,7 @@ def agc(
     *,
     axis_name: AxisName = None,
     partition_specs: Any = None,
+    layer_axis: LayerAxis = None,
     error_if_nonfinite: bool = False,
 ) -> optax.GradientTransformation:
     """Adaptive gradient clipping, unit-wise against the parameters' norms.
@@ -126,6 +129,11 @@ def agc(
         a unit norm is combined only across the mesh axes that split a
         reduced dim, so tensor parallelism over output units needs no
         communication. Wins over ``axis_name``.
+      layer_axis: for scanned (stacked) layers, the axis along which a leaf
+        stacks L layers (an int, a pytree prefix or a callable; see
+        :mod:`optclip.layers`). The units are then those of one layer: Flax's
+        rules (or ``axis``) apply to the per-layer shape, the leaf's shape
+        without the layer axis, and the layer axis is never reduced.
       error_if_nonfinite: raise on NaN or inf updates (see
         :func:`optclip.clip_by_global_norm`).
 
@@ -136,8 +144,8 @@ def agc(
       before, and whether any unit was clipped.
 
     Raises:
-      ValueError: for a negative or NaN ``clipping`` or ``eps``; at update
-        time, when ``params`` are missing.
+      ValueError: for a negative or NaN ``clipping`` or ``eps``, or an invalid
+        ``layer_axis``; at update time, when ``params`` are missing.
 
     Example:
       >>> import jax.numpy as jnp, optclip
@@ -150,6 +158,7 @@ def agc(
     """
     check_threshold("clipping", clipping)
     check_threshold("eps", eps)
+    _layers.check_layer_axis(layer_axis)
 
     def init_fn(params):
         del params
@@ -181,7 +190,8 @@ def agc(
                     f"{jnp.shape(g)} but its param has shape {jnp.shape(w)}; pass the params "
                     "the gradients belong to."
                 )
-        axes = [_n.unitwise_axes(g, axis if g.ndim >= 2 else None) for g in gs]
+        las = _layers.resolve_layer_axes(layer_axis, updates) or [None] * len(gs)
+        axes = [_layers.unit_axes(g, la, axis) for g, la in zip(gs, las, strict=True)]
         c, invalid = resolve_threshold(clipping, state.count, name="clipping")
         if not gs:
             return updates, AGCState(count=increment(state.count), stats=state.stats)
@@ -190,38 +200,65 @@ def agc(
                                               for g, a in zip(gs, axes, strict=True)])
         full_axes = _n.leaf_axes(updates, axis_name, partition_specs) or [None] * len(gs)
         flag_axes = _n.union_axes(full_axes)
-        # one kernel (one overflow check, one cond) for the gradients' and the params' units
-        n = len(gs)
+        # one kernel (one overflow check, one cond) for the gradients' and the params' units,
+        # as one flat vector: the first half the gradients' units, the second the params'
         norms, _ = _n.norm_core(gs + ws, 2.0, axes=axes + axes,
                                 axes_per_leaf=None if mesh_axes is None else mesh_axes * 2,
-                                flag_axes=flag_axes)
-        g_norms, w_norms = norms[:n], norms[n:]
+                                flag_axes=flag_axes, flat=True)
+        lay = _n.layout_of(gs, axes)
+        g_n, w_n = norms[:lay.total], norms[lay.total:]
         # a NaN or inf gradient element makes its unit's norm (a sum) NaN or inf
-        nonfinite = _n.any_across(
-            jnp.any(jnp.stack([jnp.any(~jnp.isfinite(v)) for v in g_norms])), flag_axes)
+        nonfinite = _n.any_across(jnp.any(~jnp.isfinite(g_n)), flag_axes)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "agc")
-        out = list(flat)
-        # the stats' global norms, grouped by the mesh axes that still split the units
-        # (tensor parallelism): each group is one vector of unit norms, combined once
-        groups: dict[Any, list[tuple[jax.Array, jax.Array]]] = {}
-        for j, i in enumerate(idx):
-            s_j = global_scale(g_norms[j], c.astype(g_norms[j].dtype) *
-                               jnp.maximum(w_norms[j], eps))
-            out[i] = scale_leaf(flat[i], s_j)
+        scales = global_scale(g_n, c.astype(g_n.dtype) * jnp.maximum(w_n, eps))
+        # the leaves grouped by the mesh axes that still split their units (tensor
+        # parallelism, or a split layer axis)
+        groups: dict[Any, list[int]] = {}
+        for j in range(len(gs)):
             red = set(_n.union_axes([mesh_axes[j]] if mesh_axes else []))
             other = tuple(a for a in _n.union_axes([full_axes[j]]) if a not in red)
-            groups.setdefault(other, []).append((jnp.ravel(g_norms[j]), jnp.ravel(s_j)))
+            groups.setdefault(other, []).append(j)
+        split_axes = _n.union_axes(list(groups))
+        leaf_scales = _n.split_flat(scales, lay)
+        for other, js in groups.items():
+            # inside shard_map the vector is typed as varying across every axis that splits
+            # some units; a group whose units those axes do not split is marked replicated
+            # there, so that a replicated leaf may leave with out_specs P()
+            fix = tuple(a for a in split_axes if a not in other)
+            if fix:
+                ids = np.concatenate([np.arange(lay.offsets[j], lay.offsets[j] + lay.n_units[j])
+                                      for j in js])
+                fixed, o = _n.replicate(scales[ids], fix), 0
+                for j in js:
+                    leaf_scales[j] = fixed[o:o + lay.n_units[j]].reshape(lay.shapes[j])
+                    o += lay.n_units[j]
+        out = list(flat)
+        for i, s_i in zip(idx, leaf_scales, strict=True):
+            out[i] = scale_leaf(flat[i], s_i)
+        # the stats' global norms: each group is combined once, then across its split axes
         before, after, any_clip = [], [], []
-        for other, items in groups.items():
-            gn = jnp.concatenate([g for g, _ in items])
-            sc = jnp.concatenate([s for _, s in items])
+        for other, js in groups.items():
+            if len(js) == len(gs):
+                gn, sc = g_n, scales
+            else:
+                ids = np.concatenate([np.arange(lay.offsets[j], lay.offsets[j] + lay.n_units[j])
+                                      for j in js])
+                gn, sc = g_n[ids], scales[ids]
             any_clip.append(_n.any_across(jnp.any(sc != 1), other))
             before.append(_n.norm_across(_n.combine_norms(gn, 2.0), other))
             after.append(_n.norm_across(_n.combine_norms(gn * sc, 2.0), other))
         before = _n.combine_norms(jnp.stack(before), 2.0)
         after = _n.combine_norms(jnp.stack(after), 2.0)
+        any_clip = jnp.any(jnp.stack(any_clip))
+        # equal on every device now, but inside shard_map typed as varying across the axes
+        # that split some units (they were read from one vector): marked replicated, so that
+        # the state may leave shard_map with out_specs=P()
+        if split_axes:
+            before, after, any_clip = _n.replicate(
+                jnp.stack([before, after, any_clip.astype(before.dtype)]), split_axes)
+            any_clip = any_clip > 0
         stats = state.stats.advance(grad_norm=before, threshold=c, scale=_ratio(after, before),
-                                    clipped=jnp.any(jnp.stack(any_clip)), nonfinite=nonfinite,
+                                    clipped=any_clip, nonfinite=nonfinite,
                                     invalid_threshold=invalid)
         return (jax.tree_util.tree_unflatten(treedef, out),
                 AGCState(count=increment(state.count), stats=stats))
@@ -677,7 +714,9 @@ class AdaGCState(NamedTuple):
     Attributes:
       count: int32 [], steps so far.
       gamma: float32 [n_leaves], each float leaf's EMA of its clipped norm (in
-        the order of ``jax.tree.leaves``); ``inf`` until the first step.
+        the order of ``jax.tree.leaves``); ``inf`` until the first step. With
+        ``layer_axis``, one entry per layer: a stacked leaf of L layers holds
+        L consecutive entries.
       stats: the latest :class:`ClipStats`.
     """
 
@@ -696,6 +735,7 @@ def adagc(
     *,
     axis_name: AxisName = None,
     partition_specs: Any = None,
+    layer_axis: LayerAxis = None,
     error_if_nonfinite: bool = False,
 ) -> optax.GradientTransformation:
     """AdaGC: per-tensor adaptive clipping against each tensor's EMA norm.
@@ -722,6 +762,13 @@ def adagc(
       partition_specs: inside ``shard_map``, the ``PartitionSpec`` of every leaf
         (None for replicated ones), for trees of mixed layouts; see
         :func:`optclip.global_norm`. Wins over ``axis_name``.
+      layer_axis: for scanned (stacked) layers, the axis along which a leaf
+        stacks L layers (an int, a pytree prefix or a callable; see
+        :mod:`optclip.layers`): each layer is a tensor of its own, with its
+        own norm, threshold and EMA. ``init`` reads the layout from
+        ``params``. With the layer axis split across devices inside
+        ``shard_map`` (named in ``partition_specs``), the per-layer norms are
+        gathered, so the state stays replicated and equals the unsharded one.
       error_if_nonfinite: raise on NaN or inf updates.
 
     Returns:
@@ -730,8 +777,8 @@ def adagc(
       norm of the per-tensor thresholds ``lambda_rel * gamma``.
 
     Raises:
-      ValueError: for a beta outside [0, 1), ``warmup_steps < 1`` or
-        negative thresholds.
+      ValueError: for a beta outside [0, 1), ``warmup_steps < 1``,
+        negative thresholds or an invalid ``layer_axis``.
 
     Example:
       >>> import jax.numpy as jnp, optclip
@@ -746,9 +793,16 @@ def adagc(
     check_threshold("lambda_abs", lambda_abs)
     _check_alpha("beta", beta)
     _check_warmup(warmup_steps)
+    _layers.check_layer_axis(layer_axis)
+
+    def n_tensors(tree: Any) -> int:
+        """The number of tensors: float leaves, each stacked one counting as its layers."""
+        xs = [jnp.asarray(x) for x in _n.float_leaves(tree)] if tree is not None else []
+        las = _layers.resolve_layer_axes(layer_axis, tree) if xs else None
+        return _n.layout_of(xs, _layers.reduce_axes(xs, las)).total
 
     def init_fn(params):
-        n = len(_flat_float(params)[2])
+        n = n_tensors(params)
         return AdaGCState(count=jnp.zeros((), jnp.int32),
                           gamma=jnp.full((n,), jnp.inf, jnp.float32), stats=ClipStats.zeros())
 
@@ -756,16 +810,25 @@ def adagc(
         del params
         check_state(state, AdaGCState, "adagc")
         flat, treedef, idx = _flat_float(updates)
-        if len(idx) != state.gamma.shape[0]:
-            raise ValueError(
-                f"adagc was initialised with {state.gamma.shape[0]} float leaves but the "
-                f"updates have {len(idx)}: init it with the params the updates belong to."
-            )
-        if not idx:
-            return updates, state._replace(count=increment(state.count))
         xs = [jnp.asarray(flat[i]) for i in idx]
-        norms, nonfinite = _n.norm_core(
-            xs, 2.0, axes_per_leaf=_n.leaf_axes(updates, axis_name, partition_specs), flat=True)
+        las = _layers.resolve_layer_axes(layer_axis, updates)
+        if not xs:
+            if state.gamma.shape[0]:
+                raise ValueError(
+                    f"adagc was initialised with {state.gamma.shape[0]} tensors but the "
+                    "updates have none: init it with the params the updates belong to.")
+            return updates, state._replace(count=increment(state.count))
+        ln = _layers.layer_norms(xs, 2.0, las, updates, axis_name=axis_name,
+                                 partition_specs=partition_specs)
+        norms, nonfinite = ln.norms, ln.nonfinite
+        if norms.shape[0] != state.gamma.shape[0]:
+            what = "tensors (float leaves, each stacked leaf counting as its layers)" \
+                if las is not None else "float leaves"
+            raise ValueError(
+                f"adagc was initialised with {state.gamma.shape[0]} {what} but the updates "
+                f"have {norms.shape[0]}: init it with the params the updates belong to (and "
+                "the same layer_axis)."
+            )
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "adagc")
         gnorm = _n.combine_norms(norms, 2.0)
         warm = state.count < warmup_steps
@@ -782,8 +845,8 @@ def adagc(
                           beta * state.gamma + (1 - beta) * clipped_norms)
         gamma = jnp.where(nonfinite, state.gamma, gamma)
         out = list(flat)
-        for j, i in enumerate(idx):
-            out[i] = scale_leaf(flat[i], h[j])
+        for i, h_i in zip(idx, ln.split(h), strict=True):
+            out[i] = scale_leaf(flat[i], h_i)
         after = _n.combine_norms(norms * h, 2.0)
         thr = jnp.where(warm, lam_abs, _n.combine_norms(rel_thr, 2.0))
         stats = state.stats.advance(grad_norm=gnorm, threshold=thr,

@@ -239,6 +239,62 @@ def _reduce_flat(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: An
     return flat
 
 
+def _reduce_collect(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: Any, term,
+                    red, axes_per_leaf: Sequence[AxisName] | None, op) -> jax.Array:
+    """:func:`_reduce_flat`, each array's units combined across its own mesh axes (None:
+    replicated).
+
+    Arrays are reduced and combined in groups that share their mesh axes, and the groups'
+    results are concatenated only then: inside ``shard_map`` a vector is typed as varying
+    across every mesh axis that any of its parts varies across, so a combined part written
+    into a vector that also holds uncombined ones would still be typed as varying, and a
+    state built from it could not leave with ``out_specs=P()``.
+    """
+    mesh = [None] * len(vals) if axes_per_leaf is None else \
+        [None if ax == () else ax for ax in axes_per_leaf]
+    groups: dict[Any, list[int]] = {}
+    for i, ax in enumerate(mesh):
+        groups.setdefault(ax, []).append(i)
+    if len(groups) == 1:
+        ax = next(iter(groups))
+        flat = _reduce_flat(vals, axes, lay, scales, term, red)
+        return flat if ax is None else op(flat, ax)
+    pieces, index = [], []
+    for ax, ids in groups.items():
+        sub_vals, sub_axes = [vals[i] for i in ids], [axes[i] for i in ids]
+        units = np.concatenate([np.arange(lay.offsets[i], lay.offsets[i] + lay.n_units[i])
+                                for i in ids]).astype(np.int64)
+        sc = None if scales is None else scales[units]
+        part = _reduce_flat(sub_vals, sub_axes, layout_of(sub_vals, sub_axes), sc, term, red)
+        pieces.append(part if ax is None else op(part, ax))
+        index.append(units)
+    flat = jnp.concatenate(pieces)
+    order = np.concatenate(index)
+    if not np.array_equal(order, np.arange(lay.total)):
+        flat = flat[np.argsort(order)]
+    return flat
+
+
+def linear_index(names: tuple[Hashable, ...]) -> jax.Array:
+    """This device's position along the mesh axes ``names`` taken together (major to minor),
+    as a ``PartitionSpec`` entry ``("a", "b")`` orders the blocks."""
+    idx = jnp.zeros((), jnp.int32)
+    for name in names:
+        idx = idx * lax.axis_size(name) + lax.axis_index(name)
+    return idx
+
+
+def replicate(x: jax.Array, axes: tuple[Hashable, ...]) -> jax.Array:
+    """``x``, equal on every device across mesh ``axes``, typed as such inside ``shard_map``.
+
+    The first device's value is summed with zeros from the others: exact for every value,
+    NaN and inf included (a ``pmax`` might drop a NaN). Without axes, ``x`` itself.
+    """
+    if not axes:
+        return x
+    return lax.psum(jnp.where(linear_index(axes) == 0, x, jnp.zeros_like(x)), axes)
+
+
 def safe_root(s: jax.Array, p: float) -> jax.Array:
     """``s ** (1/p)`` with a finite derivative at ``s == 0`` (NaN stays NaN)."""
     zero = s == 0
@@ -440,19 +496,9 @@ def norm_core(
     mags = [_magnitude(x, acc) for x in xs]
     mesh = [None] * len(xs) if axes_per_leaf is None else list(axes_per_leaf)
     lay = layout_of(xs, axes)
-    # Arrays that share mesh axes form a group, reduced into one vector and combined across
-    # those axes together. Groups stay separate vectors to the end: inside shard_map, mixing
-    # a replicated array's units into a vector of device-varying values would make them
-    # "varying" too.
-    groups: dict[Any, list[int]] = {}
-    for i, ax in enumerate(mesh):
-        groups.setdefault(None if ax == () else ax, []).append(i)
-    plan = []  # (mesh axes, array ids, the group's layout, its units' flat indices)
-    for ax, ids in groups.items():
-        sub = layout_of([xs[i] for i in ids], [axes[i] for i in ids])
-        idx = np.concatenate([np.arange(lay.offsets[i], lay.offsets[i] + lay.n_units[i])
-                              for i in ids]) if ids else np.zeros((0,), np.int64)
-        plan.append((ax, ids, sub, idx))
+
+    def finish(v: jax.Array) -> Any:
+        return [v] if combine else (v if flat else split_flat(v, lay))
 
     def terms(kind: str):
         if kind == "sum":
@@ -470,88 +516,62 @@ def norm_core(
             term = lambda v, sc: jnp.abs(v)  # noqa: E731
         return red, (lax.pmax if kind == "max" else lax.psum), term
 
-    def reduce(kind: str, scales: list[Any] | None = None) -> list[jax.Array]:
-        """Per group, per unit (with ``combine``: one value in all, in a list of one): the
-        sum of ``|x * scale| ** p`` (``|x / scale| ** p`` for p > 2), the max of ``|x|``,
-        or the sum of ``|x| * 0`` (NaN exactly when an element is NaN or infinite);
-        combined across the group's mesh axes."""
+    def reduce(kind: str, scale: Any = None) -> jax.Array:
+        """Per unit (a flat vector; with ``combine``, one value in all): the sum of
+        ``|x * scale| ** p`` (``|x / scale| ** p`` for p > 2), the max of ``|x|``, or the
+        sum of ``|x| * 0`` (NaN exactly when an element is NaN or infinite); combined
+        across the mesh axes."""
         red, coll, term = terms(kind)
-        if combine:
-            parts = []
-            for ax, ids, _, _ in plan:
-                part = grouped_total([mags[i] for i in ids], None if scales is None else
-                                     scales[0], term, red)
-                parts.append(part if ax is None else coll(part, ax))
-            return [red(jnp.stack(parts)) if len(parts) > 1 else parts[0]]
-        out = []
-        for g, (ax, ids, sub, _) in enumerate(plan):
-            v = _reduce_flat([mags[i] for i in ids], [axes[i] for i in ids], sub,
-                             None if scales is None else scales[g], term, red)
-            out.append(v if ax is None else coll(v, ax))
-        return out
+        if not combine:
+            return _reduce_collect(mags, axes, lay, scale, term, red, axes_per_leaf, coll)
+        groups: dict[Any, list[int]] = {}
+        for i, ax in enumerate(mesh):
+            groups.setdefault(ax, []).append(i)
+        parts = []
+        for ax, ids in groups.items():
+            part = grouped_total([mags[i] for i in ids], scale, term, red)
+            parts.append(part if ax is None or ax == () else coll(part, ax))
+        return red(jnp.stack(parts)) if len(parts) > 1 else parts[0]
 
-    def finish(vs: Sequence[jax.Array]) -> Any:
-        if combine:
-            return [vs[0]]
-        if flat:
-            v = vs[0] if len(vs) == 1 else jnp.concatenate(list(vs))
-            order = np.concatenate([idx for _, _, _, idx in plan])
-            return v if np.array_equal(order, np.arange(lay.total)) else v[np.argsort(order)]
-        out: list[Any] = [None] * len(xs)
-        for v, (_, ids, sub, _) in zip(vs, plan, strict=True):
-            for i, part in zip(ids, split_flat(v, sub), strict=True):
-                out[i] = part
-        return out
-
-    def any_nonfinite(vs: Sequence[jax.Array]) -> jax.Array:
-        return any_across(jnp.any(jnp.stack([jnp.any(~jnp.isfinite(v)) for v in vs])),
-                          flag_axes)
+    def any_nonfinite(v: jax.Array) -> jax.Array:
+        return any_across(jnp.any(~jnp.isfinite(v)), flag_axes)
 
     if p == math.inf:
         ms = reduce("max")
         # NaN where an element is NaN or inf, even when a sharded max dropped the NaN
         poison = reduce("nan")
-        ms = [jnp.where(jnp.isnan(z) & jnp.isfinite(m), jnp.full_like(m, jnp.nan), m)
-              for m, z in zip(ms, poison, strict=True)]
+        ms = jnp.where(jnp.isnan(poison) & jnp.isfinite(ms), jnp.full_like(ms, jnp.nan), ms)
         return finish(ms), any_nonfinite(poison)
 
     parts = reduce("sum")
+    if combine:
+        sizes = np.array([sum(int(x.size) for x in xs)])
+    else:
+        sizes = np.repeat(np.array(lay.sizes, np.int64), lay.n_units)
     info = jnp.finfo(acc)
-    lows = []
-    for g, v in enumerate(parts):
-        if combine:
-            sizes = np.array(sum(int(x.size) for x in xs))
-        else:
-            sub = plan[g][2]
-            sizes = np.repeat(np.array(sub.sizes, np.int64), sub.n_units)
-        # Below this, terms |x|**p may have lost precision as subnormals. (An empty array's
-        # sum is an exact 0: it never needs the rescue.)
-        low = np.where(sizes > 0, float(info.tiny) / float(info.eps) * np.maximum(sizes, 1), 0.0)
-        lows.append(low.astype(acc).reshape(jnp.shape(v)))
-    need = any_across(jnp.any(jnp.stack([jnp.any(~jnp.isfinite(v) | (v < lo))
-                                         for v, lo in zip(parts, lows, strict=True)])),
-                      flag_axes)
+    # Below this, terms |x|**p may have lost precision as subnormals. (An empty array's sum is
+    # an exact 0: it never needs the rescue.)
+    lows = np.where(sizes > 0, float(info.tiny) / float(info.eps) * np.maximum(sizes, 1), 0.0)
+    lows = lows.astype(acc).reshape(jnp.shape(parts))
+    need = any_across(jnp.any(~jnp.isfinite(parts) | (parts < lows)), flag_axes)
 
-    def fast() -> tuple[tuple[jax.Array, ...], jax.Array]:
+    def fast() -> tuple[jax.Array, jax.Array]:
         # False here, but computed from the data so that inside shard_map its type
         # (which devices it may vary over) matches the rescue branch's flag.
-        return tuple(safe_root(v, p) for v in parts), any_nonfinite(parts)
+        return safe_root(parts, p), any_nonfinite(parts)
 
-    def rescue() -> tuple[tuple[jax.Array, ...], jax.Array]:
+    def rescue() -> tuple[jax.Array, jax.Array]:
         ms = reduce("max")
         if p > 2:
             # divide by the largest magnitude itself: every term is then <= 1 and the largest
             # is 1, whatever p (a power of two in [2, 4) would overflow 4**p for p > 64)
-            scales = [jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m)) for m in ms]
-            ups = scales
+            down = up = jnp.where((ms > 0) & jnp.isfinite(ms), ms, jnp.ones_like(ms))
         else:
-            scales, ups = zip(*[_pow2_scale(m) for m in ms], strict=True)
-        s = reduce("sum", list(scales))
+            down, up = _pow2_scale(ms)
+        s = reduce("sum", down)
         # A sum of finite terms brought to at most 4**p stays finite: a non-finite sum means
         # a NaN or inf element (one a sharded max may have dropped from ``ms``).
-        norms = tuple(jnp.where((m == 0) & jnp.isfinite(si), jnp.zeros_like(m),
-                                safe_root(si, p) * up)
-                      for m, si, up in zip(ms, s, ups, strict=True))
+        norms = jnp.where((ms == 0) & jnp.isfinite(s), jnp.zeros_like(ms), safe_root(s, p) * up)
         return norms, any_nonfinite(s)
 
     norms, flag = lax.cond(need, rescue, fast)
@@ -626,7 +646,12 @@ def global_norm(
 
 
 def leaf_norms(
-    tree: PyTree, ord: Ord = 2, *, axis_name: AxisName = None, partition_specs: Any = None
+    tree: PyTree,
+    ord: Ord = 2,
+    *,
+    axis_name: AxisName = None,
+    partition_specs: Any = None,
+    layer_axis: Any = None,
 ) -> PyTree:
     """The p-norm of each leaf on its own, as a pytree of scalars.
 
@@ -641,23 +666,36 @@ def leaf_norms(
         (every leaf is taken to be sharded along it).
       partition_specs: per leaf, its ``PartitionSpec`` inside ``shard_map``
         (see :func:`global_norm`).
+      layer_axis: for scanned (stacked) layers, the axis along which a leaf
+        stacks L layers (an int, a pytree prefix or a callable; see
+        :mod:`optclip.layers`): such a leaf gives a vector of L norms, one per
+        layer. Inside ``shard_map`` with the layer axis split (named in
+        ``partition_specs``), each device gets its own layers' norms.
 
     Returns:
-      A pytree of the same structure whose leaves are float32 scalars.
+      A pytree of the same structure whose leaves are float32 scalars (a
+      ``(L,)`` vector for a stacked leaf).
 
     Example:
       >>> import jax.numpy as jnp, optclip
       >>> optclip.leaf_norms({"w": jnp.array([3.0, 4.0]), "b": jnp.zeros(2)})
       {'b': Array(0., dtype=float32), 'w': Array(5., dtype=float32)}
     """
+    from optclip import layers  # noqa: PLC0415 (layers builds on this module)
+
     p = check_ord(ord)
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     idx = [i for i, x in enumerate(leaves) if is_float_leaf(x)]
-    norms, _ = norm_core([jnp.asarray(leaves[i]) for i in idx], p,
-                         axes_per_leaf=leaf_axes(tree, axis_name, partition_specs))
+    xs = [jnp.asarray(leaves[i]) for i in idx]
+    las = layers.resolve_layer_axes(layer_axis, tree)
+    axes = layers.reduce_axes(xs, las)
+    mesh = leaf_axes(tree, axis_name, partition_specs, reduce_axes=axes)
+    # with the layer axis split across devices, the per-layer norms differ across devices
+    flag_axes = union_axes(leaf_axes(tree, axis_name, partition_specs)) if las else ()
+    norms, _ = norm_core(xs, p, axes=axes, axes_per_leaf=mesh, flag_axes=flag_axes)
     out = [jnp.zeros((), jnp.float32)] * len(leaves)
     for i, n in zip(idx, norms, strict=False):
-        out[i] = n
+        out[i] = n.reshape(-1) if jnp.ndim(n) else n
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optclip import layers as _layers
 from optclip import norms as _n
 from optclip._common import (
     Threshold,
@@ -27,6 +28,7 @@ from optclip._common import (
     resolve_threshold,
     scale_leaf,
 )
+from optclip.layers import LayerAxis
 from optclip.norms import AxisName, Ord
 from optclip.stats import ClipStats
 
@@ -375,33 +377,35 @@ def per_leaf_clip(
     *,
     axis_name: AxisName = None,
     partition_specs: Any = None,
+    layer_axis: Any = None,
 ) -> tuple[Any, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Shared body of the per-leaf clippers.
 
     ``leaf_scale(norms, sizes)`` maps the vector of leaf p-norms (and the leaf
-    sizes) to a vector of scales. Returns the scaled updates, the global norm,
-    the ratio of norms after and before, whether any leaf was scaled, and the
-    non-finite flag.
+    sizes) to a vector of scales; with ``layer_axis``, a stacked leaf gives one
+    entry per layer (see :mod:`optclip.layers`). Returns the scaled updates,
+    the global norm, the ratio of norms after and before, whether any leaf (or
+    layer) was scaled, and the non-finite flag.
     """
     flat, treedef = jax.tree_util.tree_flatten(updates)
     idx = [i for i, x in enumerate(flat) if _n.is_float_leaf(x)]
     xs = [jnp.asarray(flat[i]) for i in idx]
+    las = _layers.resolve_layer_axes(layer_axis, updates)
     if not xs:
         z = jnp.zeros((), jnp.float32)
         return updates, z, jnp.ones((), jnp.float32), jnp.zeros((), bool), jnp.zeros((), bool)
-    axes = _n.leaf_axes(updates, axis_name, partition_specs)
-    norms, nonfinite = _n.norm_core(xs, p, axes_per_leaf=axes, flat=True)
-    sizes = _n.collect([jnp.asarray(x.size, norms.dtype) for x in xs], axes, jax.lax.psum)
-    sizes = jnp.stack(sizes)
-    scales = leaf_scale(norms, sizes).astype(norms.dtype)
+    ln = _layers.layer_norms(xs, p, las, updates, axis_name=axis_name,
+                             partition_specs=partition_specs)
+    norms = ln.norms
+    scales = leaf_scale(norms, ln.sizes).astype(norms.dtype)
     out = list(flat)
-    for j, i in enumerate(idx):
-        out[i] = scale_leaf(flat[i], scales[j])
+    for i, s_i in zip(idx, ln.split(scales), strict=True):
+        out[i] = scale_leaf(flat[i], s_i)
     before = _n.combine_norms(norms, p)
     after = _n.combine_norms(norms * scales, p)
     ratio = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), 1)
     return (jax.tree_util.tree_unflatten(treedef, out), before, ratio, jnp.any(scales != 1),
-            nonfinite)
+            ln.nonfinite)
 
 
 def clip_by_leaf_norm(
@@ -410,6 +414,7 @@ def clip_by_leaf_norm(
     ord: Ord = _n.L2,
     axis_name: AxisName = None,
     partition_specs: Any = None,
+    layer_axis: LayerAxis = None,
     error_if_nonfinite: bool = False,
 ) -> optax.GradientTransformation:
     """Clips the p-norm of each leaf on its own to ``max_norm``.
@@ -429,15 +434,27 @@ def clip_by_leaf_norm(
       partition_specs: inside ``shard_map``, the ``PartitionSpec`` of every leaf
         (None for replicated ones), for trees of mixed layouts; see
         :func:`optclip.global_norm`. Wins over ``axis_name``.
+      layer_axis: for scanned (stacked) layers, the axis along which a leaf
+        stacks L layers: each slice along it is clipped on its own, as if the
+        layers were separate leaves. An int (for every leaf of 2 or more
+        dims), a pytree prefix of the updates with int or None leaves, or a
+        callable ``(path, leaf) -> int | None``; see :mod:`optclip.layers`.
+        With the layer axis split across devices inside ``shard_map``, name
+        it in ``partition_specs`` (``axis_name`` means a split along the
+        other dims). Under ``optax.inject_hyperparams``, pass it in
+        ``static_args=("layer_axis",)``.
       error_if_nonfinite: raise on NaN or inf updates.
 
     Returns:
       An ``optax.GradientTransformation`` with a :class:`LeafNormClipState`.
       Its stats hold the global p-norm before, the ratio of global norms
-      after and before, and whether any leaf was clipped.
+      after and before, and whether any leaf (with ``layer_axis``: any
+      layer) was clipped. The per-layer norms themselves are
+      ``optclip.leaf_norms(updates, layer_axis=...)``.
 
     Raises:
-      ValueError: for a negative or NaN ``max_norm`` or an unknown ``ord``.
+      ValueError: for a negative or NaN ``max_norm``, an unknown ``ord``, or
+        an invalid ``layer_axis``.
 
     Example:
       >>> import jax.numpy as jnp, optclip
@@ -448,6 +465,7 @@ def clip_by_leaf_norm(
     """
     check_threshold("max_norm", max_norm)
     p = _n.check_ord(ord)
+    _layers.check_layer_axis(layer_axis)
 
     def update_fn(updates, state, params=None):
         del params
@@ -460,7 +478,7 @@ def clip_by_leaf_norm(
 
         updates, before, ratio, clipped, nonfinite = per_leaf_clip(
             updates, leaf_scale, p, axis_name=axis_name,
-            partition_specs=partition_specs)
+            partition_specs=partition_specs, layer_axis=layer_axis)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_leaf_norm")
         stats = state.stats.advance(grad_norm=before, threshold=max_n, scale=ratio,
                                     clipped=clipped, nonfinite=nonfinite,
@@ -475,6 +493,7 @@ def clip_by_block_rms(
     *,
     axis_name: AxisName = None,
     partition_specs: Any = None,
+    layer_axis: LayerAxis = None,
     error_if_nonfinite: bool = False,
 ) -> optax.GradientTransformation:
     """Clips the root-mean-square of each leaf (block) to ``threshold``.
@@ -492,13 +511,18 @@ def clip_by_block_rms(
       partition_specs: inside ``shard_map``, the ``PartitionSpec`` of every leaf
         (None for replicated ones), for trees of mixed layouts; see
         :func:`optclip.global_norm`. Wins over ``axis_name``.
+      layer_axis: for scanned (stacked) layers, the axis along which a leaf
+        stacks L layers: each layer's RMS (over its own size) is clipped on
+        its own, as Levanter's scan-aware block-RMS clipping does. An int, a
+        pytree prefix or a callable, as in :func:`clip_by_leaf_norm`.
       error_if_nonfinite: raise on NaN or inf updates.
 
     Returns:
       An ``optax.GradientTransformation`` with a :class:`BlockRMSClipState`.
 
     Raises:
-      ValueError: for a negative or NaN ``threshold``.
+      ValueError: for a negative or NaN ``threshold``, or an invalid
+        ``layer_axis``.
 
     Example:
       >>> import jax.numpy as jnp, optclip
@@ -508,6 +532,7 @@ def clip_by_block_rms(
       Array([1., 1., 1., 1.], dtype=float32)
     """
     check_threshold("threshold", threshold)
+    _layers.check_layer_axis(layer_axis)
 
     def update_fn(updates, state, params=None):
         del params
@@ -519,7 +544,7 @@ def clip_by_block_rms(
 
         updates, before, ratio, clipped, nonfinite = per_leaf_clip(
             updates, leaf_scale, 2.0, axis_name=axis_name,
-            partition_specs=partition_specs)
+            partition_specs=partition_specs, layer_axis=layer_axis)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_block_rms")
         stats = state.stats.advance(grad_norm=before, threshold=t, scale=ratio,
                                     clipped=clipped, nonfinite=nonfinite,

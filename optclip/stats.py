@@ -114,6 +114,23 @@ class ClipStats(NamedTuple):
         )
 
 
+def _guard_fields(prev: Any, grad_norm: Any, threshold: Any, skipped: Any,
+                  nonfinite: Any) -> dict[str, jax.Array]:
+    """The fields every guard's record shares, advanced from ``prev``."""
+    grad_norm = _f32(grad_norm)
+    skipped = _flag(skipped)
+    nonfinite = _flag(nonfinite)
+    return {
+        "grad_norm": grad_norm,
+        "threshold": _f32(threshold),
+        "skipped": skipped,
+        "skip_count": _saturating_inc(prev.skip_count, skipped),
+        "nonfinite": nonfinite,
+        "nonfinite_count": _saturating_inc(prev.nonfinite_count, nonfinite),
+        "peak_grad_norm": jnp.fmax(prev.peak_grad_norm, grad_norm),
+    }
+
+
 class GuardStats(NamedTuple):
     """The record of :func:`optclip.skip_nonfinite` (:class:`SpikeStats` extends it).
 
@@ -153,18 +170,7 @@ class GuardStats(NamedTuple):
     def advance(self, *, grad_norm: Any, threshold: Any, skipped: Any,
                 nonfinite: Any) -> GuardStats:
         """The record of the next step: the latest values, and the counters carried on."""
-        grad_norm = _f32(grad_norm)
-        skipped = _flag(skipped)
-        nonfinite = _flag(nonfinite)
-        return GuardStats(
-            grad_norm=grad_norm,
-            threshold=_f32(threshold),
-            skipped=skipped,
-            skip_count=_saturating_inc(self.skip_count, skipped),
-            nonfinite=nonfinite,
-            nonfinite_count=_saturating_inc(self.nonfinite_count, nonfinite),
-            peak_grad_norm=jnp.fmax(self.peak_grad_norm, grad_norm),
-        )
+        return GuardStats(**_guard_fields(self, grad_norm, threshold, skipped, nonfinite))
 
 
 class SpikeStats(NamedTuple):
@@ -244,18 +250,9 @@ class SpikeStats(NamedTuple):
                 loss_mean: Any, loss_std: Any, spike_grad_norm: Any, spike_loss: Any,
                 forced: Any) -> SpikeStats:
         """The record of the next step: the latest values, and the counters carried on."""
-        grad_norm = _f32(grad_norm)
-        skipped = _flag(skipped)
-        nonfinite = _flag(nonfinite)
         forced = _flag(forced)
         return SpikeStats(
-            grad_norm=grad_norm,
-            threshold=_f32(threshold),
-            skipped=skipped,
-            skip_count=_saturating_inc(self.skip_count, skipped),
-            nonfinite=nonfinite,
-            nonfinite_count=_saturating_inc(self.nonfinite_count, nonfinite),
-            peak_grad_norm=jnp.fmax(self.peak_grad_norm, grad_norm),
+            **_guard_fields(self, grad_norm, threshold, skipped, nonfinite),
             grad_norm_mean=_f32(grad_norm_mean),
             grad_norm_std=_f32(grad_norm_std),
             loss=_f32(loss),

@@ -49,13 +49,13 @@ CLIPPERS = {
 STEPS = 4
 
 
-def run(tx, step_fn=None):
+def run(tx, step_fn=None, grads=grads_at):
     """Updates and flat stats for STEPS steps; step_fn defaults to a plain jit."""
     step_fn = step_fn or jax.jit(tx.update)
     state = tx.init(PARAMS)
     outs = []
     for t in range(STEPS):
-        u, state = step_fn(grads_at(t), state, PARAMS)
+        u, state = step_fn(grads(t), state, PARAMS)
         outs.append((jax.device_get(u), jax.device_get(optclip.stats(state))))
     return outs
 
@@ -195,13 +195,7 @@ def bad_grads_at(step):
 
 
 def run_bad(tx, step_fn=None):
-    step_fn = step_fn or jax.jit(tx.update)
-    state = tx.init(PARAMS)
-    outs = []
-    for t in range(STEPS):
-        u, state = step_fn(bad_grads_at(t), state, PARAMS)
-        outs.append((jax.device_get(u), jax.device_get(optclip.stats(state))))
-    return outs
+    return run(tx, step_fn, grads=bad_grads_at)
 
 
 BAD_REFERENCE = {}

@@ -460,6 +460,7 @@ def norm_core(
     axes_per_leaf: Sequence[AxisName] | None = None,
     flag_axes: tuple[Hashable, ...] = (),
     flat: bool = False,
+    xform: Any = None,
 ) -> tuple[Any, jax.Array]:
     """The one norm kernel behind every public norm and clipper.
 
@@ -476,6 +477,12 @@ def norm_core(
         OR-ed across them, so that every device takes the same branch.
       flat: return the per-unit norms as one flat vector (see :func:`layout_of`)
         rather than one array per input.
+      xform: an element-wise function applied to each array before its norm is
+        taken (the norm of ``xform(x, for_max)``; ``for_max`` asks for the same
+        values by another expression, for the rescue's max). It is applied inside each branch of
+        the rescue's ``lax.cond``, whose operands are then the arrays themselves:
+        a transformed tree handed in instead would be written out in full as
+        the ``cond``'s operand.
 
     Returns:
       ``(norms, nonfinite)``: a list with one norm per array (one in all when
@@ -493,7 +500,12 @@ def norm_core(
         empty = jnp.zeros((0,), acc) if flat and not combine else [jnp.zeros((), acc)]
         return empty, jnp.zeros((), bool)
     axes = [None] * len(xs) if axes is None else list(axes)
-    mags = [_magnitude(x, acc) for x in xs]
+    # Built afresh by every reduction, so that inside the rescue branch they are traced from
+    # ``xs`` (the cond's operands) rather than captured, materialised, from outside.
+    # ``xform(x, for_max)``: the max's copy is written differently, so that XLA does not merge
+    # it with the sum's into one producer of two reductions, which it would write out.
+    mags_of = lambda for_max=False: [  # noqa: E731
+        _magnitude(x if xform is None else xform(x, for_max), acc) for x in xs]
     mesh = [None] * len(xs) if axes_per_leaf is None else list(axes_per_leaf)
     lay = layout_of(xs, axes)
 
@@ -522,6 +534,7 @@ def norm_core(
         sum of ``|x| * 0`` (NaN exactly when an element is NaN or infinite); combined
         across the mesh axes."""
         red, coll, term = terms(kind)
+        mags = mags_of(kind == "max")
         if not combine:
             return _reduce_collect(mags, axes, lay, scale, term, red, axes_per_leaf, coll)
         groups: dict[Any, list[int]] = {}

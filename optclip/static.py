@@ -6,6 +6,7 @@ Each returns an ``optax.GradientTransformation`` whose state holds a step
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -233,36 +234,69 @@ def _clip_leaf(x: Any, lo: jax.Array, hi: jax.Array) -> Any:
     return jnp.where(jnp.isfinite(wide), clipped, wide).astype(x.dtype)
 
 
-def _clamp_for_norm(x: Any, lo: jax.Array, hi: jax.Array) -> Any:
-    """The clamped values as selects (equal to :func:`_clip_leaf`'s for the norm)."""
+def _clamp_for_norm(x: Any, lo: jax.Array, hi: jax.Array, symmetric: bool,
+                    for_max: bool = False) -> Any:
+    """Values whose magnitudes are those of :func:`_clip_leaf`'s output, for its norm.
+
+    Written differently from the clamp itself (for ``[-hi, hi]``, ``min(|x|, hi)``), so
+    that XLA does not share one expression between the norm and the optimizer's
+    element-wise pass: shared, the clamped tree would be written out in full for both.
+    Plain min and max also keep the reduction on the backends' fast reduce kernels.
+    ``for_max`` gives the same values by yet another expression (see ``norm_core``).
+    """
     if not _n.is_float_leaf(x):
         return x
     x = jnp.asarray(x)
     if jnp.iscomplexobj(x):
-        return jax.lax.complex(_clamp_for_norm(x.real, lo, hi), _clamp_for_norm(x.imag, lo, hi))
+        return jax.lax.complex(_clamp_for_norm(x.real, lo, hi, symmetric, for_max),
+                               _clamp_for_norm(x.imag, lo, hi, symmetric, for_max))
     w = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     lo, hi = lo.astype(w.dtype), hi.astype(w.dtype)
-    return jnp.where(w > hi, hi, jnp.where(w < lo, lo, w))
+    if symmetric:
+        return jnp.minimum(jnp.maximum(w, -hi), hi) if for_max else jnp.minimum(jnp.abs(w), hi)
+    return jnp.minimum(jnp.maximum(w, lo), hi) if for_max else jnp.maximum(jnp.minimum(w, hi), lo)
 
 
-def _value_clamped(leaves: list[jax.Array], lo: jax.Array, hi: jax.Array) -> jax.Array:
-    """Whether some finite element lies outside [lo, hi]: exact, from one float max of an
-    indicator (float reductions vectorise, a boolean ``any`` does not on CPU). A NaN element
-    is not "outside", and does not hide one that is."""
+def _value_clamped(leaves: list[jax.Array], lo: jax.Array, hi: jax.Array, symmetric: bool,
+                   nonfinite: jax.Array) -> jax.Array:
+    """Whether some finite element lies outside [lo, hi]: exact.
+
+    On a finite step this is the largest magnitude compared with ``hi`` (with a
+    ``min_value``, the largest and smallest elements compared with the bounds): plain max
+    reductions, which vectorise on every backend, and beside the norms' sums cost about one
+    more read of the updates. A NaN would poison those maxima, so on a non-finite step (a
+    ``lax.cond`` on the flag the norm already gives) a max of an indicator of the finite
+    elements outside the bounds decides instead: a NaN does not hide a clamp beside it.
+    """
     parts = []
     for x in leaves:
         if x.size:
             parts += [x.real, x.imag] if jnp.iscomplexobj(x) else [x]
     if not parts:
-        return jnp.zeros((), jnp.float32), jnp.zeros((), bool)
+        return jnp.zeros((), bool)
     wide = [v.astype(jnp.promote_types(v.dtype, jnp.float32)) for v in parts]
     lo_, hi_ = lo.astype(wide[0].dtype), hi.astype(wide[0].dtype)
 
-    def out(v, sc):
-        del sc
-        return (jnp.isfinite(v) & ((v > hi_) | (v < lo_))).astype(v.dtype)
+    def finite_step():
+        if symmetric:
+            return _n.grouped_total(wide, None, lambda v, sc: jnp.abs(v), _n._max0) > hi_
+        top = _n.grouped_total(wide, None, lambda v, sc: v, _signed(jnp.max, -jnp.inf))
+        bottom = _n.grouped_total(wide, None, lambda v, sc: v, _signed(jnp.min, jnp.inf))
+        return (top > hi_) | (bottom < lo_)
 
-    return _n.grouped_total(wide, None, out, _n._max0) > 0
+    def nonfinite_step():
+        # a boolean ``any``: slow on CPU, but it fuses its operand, and this step is rare
+        return functools.reduce(jnp.logical_or, [
+            jnp.any(jnp.isfinite(v) & ((v > hi_) | (v < lo_))) for v in wide])
+
+    return jax.lax.cond(nonfinite, nonfinite_step, finite_step)
+
+
+def _signed(red, identity: float):
+    """A max or min reduction with ``identity`` as its start (empty arrays included)."""
+    def f(x, axis=None, keepdims=False):
+        return red(x, axis=axis, keepdims=keepdims, initial=jnp.asarray(identity, x.dtype))
+    return f
 
 
 def clip_by_value(
@@ -347,19 +381,24 @@ def clip_by_value(
         shard = {"axis_name": axis_name, "partition_specs": partition_specs}
         before, nonfinite = _n.global_norm_and_flag(updates, **shard)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_value")
-        clipped = _value_clamped(_n.float_leaves(updates), lo, hi)
+        clipped = _value_clamped(_n.float_leaves(updates), lo, hi, min_value is None, nonfinite)
         clipped = _n.any_across(clipped, _n.union_axes(
             _n.leaf_axes(updates, axis_name, partition_specs)))
+        # The norm after the clamp reads the input again through its own expression (see
+        # _clamp_for_norm), and its own copy of the bounds: a bound broadcast that XLA shares
+        # between this reduction and the clamp is written out in full on CPU.
+        # (The rescue's max gets a copy of its own, for the same reason.)
+        bounds = jax.lax.optimization_barrier((lo, hi, lo, hi))
+        after = _n.norm_core(
+            _n.float_leaves(updates), 2.0, combine=True,
+            axes_per_leaf=_n.leaf_axes(updates, axis_name, partition_specs),
+            xform=lambda x, m: _clamp_for_norm(x, *bounds[2 * m:2 * m + 2],
+                                               min_value is None, m))[0][0]
         # The clamp does not need these reductions, and when the input is donated XLA then
         # copies the whole input to keep it for them. Bounds that depend on the reductions
         # (never changing their value: a norm is never < 0) order them before the clamp.
-        order = (before < 0) & clipped
+        order = (before < 0) & (after < 0) & clipped
         lo, hi = jnp.where(order, hi, lo), jnp.where(order, lo, hi)
-        # The norm after the clamp reads the input again, through selects rather than the
-        # clamp itself: shared with the clamp, the clamped tree would be written out in full
-        # for both consumers (the norm, and the optimizer's element-wise pass).
-        after = _n.global_norm(jax.tree.map(lambda x: _clamp_for_norm(x, lo, hi), updates),
-                               **shard)
         updates = jax.tree.map(lambda x: _clip_leaf(x, lo, hi), updates)
         ratio = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), 1)
         stats = state.stats.advance(grad_norm=before, threshold=hi, scale=ratio,

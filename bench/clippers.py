@@ -78,6 +78,9 @@ def entries() -> dict[str, Entry]:
         Entry("optax.adaptive_grad_clip", lambda: optax.adaptive_grad_clip(0.01),
               _with_adam(lambda: optax.adaptive_grad_clip(0.01)),
               "optax.adaptive_grad_clip(0.01) + adam", "optax"),
+        Entry("optax.apply_if_finite", lambda: optax.apply_if_finite(optax.identity(), 10**9),
+              lambda: optax.apply_if_finite(adam(), 10**9),
+              "optax.apply_if_finite(adam, 10**9)", "optax"),
         # optclip
         Entry("clip_by_value", lambda: optclip.clip_by_value(0.1),
               _with_adam(lambda: optclip.clip_by_value(0.1)),
@@ -111,7 +114,7 @@ def entries() -> dict[str, Entry]:
         # guards wrap the optimizer; alone, they wrap optax.identity()
         Entry("skip_nonfinite", lambda: optclip.skip_nonfinite(optax.identity()),
               lambda: optclip.skip_nonfinite(adam()),
-              "skip_nonfinite(adam)", "optclip", "adam", "guard"),
+              "skip_nonfinite(adam)", "optclip", "optax.apply_if_finite", "guard"),
         Entry("skip_on_spike",
               lambda: optclip.skip_on_spike(optax.identity(), warmup_steps=1),
               lambda: optclip.skip_on_spike(adam(), warmup_steps=1),
@@ -146,6 +149,8 @@ def step_ratios(names: list[str]) -> list[tuple[str, str, float | None]]:
             out += [(n, "adam", 1.35), (n, "optax.adaptive_grad_clip", None), (n, GN, None)]
         elif n == "clip_by_block_rms":
             out += [(n, GN, 1.05), (n, "optax.clip_by_block_rms", None), (n, "adam", None)]
+        elif n == "skip_nonfinite":
+            out += [(n, GN, 1.05), (n, "optax.apply_if_finite", None), (n, "adam", None)]
         elif n == "clippy":  # no target is stated for update-space clipping
             out += [(n, "adam", None), (n, GN, None)]
         elif n in OPTCLIP:  # per-leaf, adaptive and guards: against the global-norm chain

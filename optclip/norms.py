@@ -119,14 +119,28 @@ def _pow_terms(m: jax.Array, p: float) -> jax.Array:
 SMALL_LEAF = 1 << 16
 
 
+def own_copies(x: Any, n: int) -> list[Any]:
+    """``n`` copies of the scalar ``x`` that XLA keeps apart (None: ``n`` Nones).
+
+    A scalar that scales several arrays of one shape is broadcast once and the broadcast
+    shared; XLA:CPU then writes that broadcast out in full (it does not fuse a shared
+    broadcast into its reduce kernels). An optimization barrier gives each array its own.
+    """
+    if x is None or n <= 1:
+        return [x] * n
+    return list(lax.optimization_barrier((x,) * n))
+
+
 def grouped_total(vals: list[jax.Array], scale: Any, term, red) -> jax.Array:
     """``red(term(v, scale))`` over every element of every array: large arrays one by one,
     the small ones concatenated first (raw, so that the concatenation has plain operands)."""
-    big = [red(term(v, scale)) for v in vals if v.size > SMALL_LEAF]
+    large = [v for v in vals if v.size > SMALL_LEAF]
     small = [v.ravel() for v in vals if 0 < v.size <= SMALL_LEAF]
+    scales = own_copies(scale, len(large) + 1)
+    big = [red(term(v, sc)) for v, sc in zip(large, scales)]
     if small:
         flat = small[0] if len(small) == 1 else jnp.concatenate(small)
-        big.append(red(term(flat, scale)))
+        big.append(red(term(flat, scales[-1])))
     if not big:
         return jnp.zeros((), vals[0].dtype)
     return red(jnp.stack(big)) if len(big) > 1 else big[0]
@@ -478,8 +492,9 @@ def norm_core(
       flat: return the per-unit norms as one flat vector (see :func:`layout_of`)
         rather than one array per input.
       xform: an element-wise function applied to each array before its norm is
-        taken (the norm of ``xform(x, for_max)``; ``for_max`` asks for the same
-        values by another expression, for the rescue's max). It is applied inside each branch of
+        taken (the norm of ``xform(x, i, for_max)``, ``i`` the array's index;
+        ``for_max`` asks for the same values by another expression, for the
+        rescue's max). It is applied inside each branch of
         the rescue's ``lax.cond``, whose operands are then the arrays themselves:
         a transformed tree handed in instead would be written out in full as
         the ``cond``'s operand.
@@ -505,7 +520,7 @@ def norm_core(
     # ``xform(x, for_max)``: the max's copy is written differently, so that XLA does not merge
     # it with the sum's into one producer of two reductions, which it would write out.
     mags_of = lambda for_max=False: [  # noqa: E731
-        _magnitude(x if xform is None else xform(x, for_max), acc) for x in xs]
+        _magnitude(x if xform is None else xform(x, i, for_max), acc) for i, x in enumerate(xs)]
     mesh = [None] * len(xs) if axes_per_leaf is None else list(axes_per_leaf)
     lay = layout_of(xs, axes)
 

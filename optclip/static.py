@@ -285,9 +285,11 @@ def _value_clamped(leaves: list[jax.Array], lo: jax.Array, hi: jax.Array, symmet
         return (top > hi_) | (bottom < lo_)
 
     def nonfinite_step():
-        # a boolean ``any``: slow on CPU, but it fuses its operand, and this step is rare
+        # a boolean ``any`` (slow on CPU, but this step is rare), each leaf with its own copy
+        # of the bounds (see norms.own_copies)
+        his, los = _n.own_copies(hi_, len(wide)), _n.own_copies(lo_, len(wide))
         return functools.reduce(jnp.logical_or, [
-            jnp.any(jnp.isfinite(v) & ((v > hi_) | (v < lo_))) for v in wide])
+            jnp.any(jnp.isfinite(v) & ((v > h) | (v < lo))) for v, h, lo in zip(wide, his, los)])
 
     return jax.lax.cond(nonfinite, nonfinite_step, finite_step)
 
@@ -387,13 +389,16 @@ def clip_by_value(
         # The norm after the clamp reads the input again through its own expression (see
         # _clamp_for_norm), and its own copy of the bounds: a bound broadcast that XLA shares
         # between this reduction and the clamp is written out in full on CPU.
-        # (The rescue's max gets a copy of its own, for the same reason.)
-        bounds = jax.lax.optimization_barrier((lo, hi, lo, hi))
+        # Each leaf, and the rescue's max, gets a copy of its own, for the same reason (see
+        # norms.own_copies).
+        leaves = _n.float_leaves(updates)
+        los = _n.own_copies(lo, 2 * len(leaves))
+        his = _n.own_copies(hi, 2 * len(leaves))
         after = _n.norm_core(
-            _n.float_leaves(updates), 2.0, combine=True,
+            leaves, 2.0, combine=True,
             axes_per_leaf=_n.leaf_axes(updates, axis_name, partition_specs),
-            xform=lambda x, m: _clamp_for_norm(x, *bounds[2 * m:2 * m + 2],
-                                               min_value is None, m))[0][0]
+            xform=lambda x, i, m: _clamp_for_norm(x, los[2 * i + m], his[2 * i + m],
+                                                  min_value is None, m))[0][0]
         # The clamp does not need these reductions, and when the input is donated XLA then
         # copies the whole input to keep it for them. Bounds that depend on the reductions
         # (never changing their value: a norm is never < 0) order them before the clamp.

@@ -16,28 +16,31 @@ from bench.trees import TREES, make_tree, tree_bytes
 REG = entries()
 CLIPPERS = [n for n in OPTCLIP if n in REG]  # clippy only once it exists
 
-# Measured on c4ed847's optclip (clippy: 231927a; jax 0.10.2, XLA:CPU), on the 4.6 MB "small"
-# tree. Strict: once the clipper is fixed the test passes, the xfail fails, and the mark
-# should be removed.
-_GROUPED = ("temp {} of the tree: the leaves under 65,536 elements (8% of this tree's bytes, "
-            "about 25% of ResNet-50's) are concatenated into one buffer for the norm")
+# Measured on the 4.6 MB "small" tree (jax 0.10.2, XLA:CPU), re-measured at the commit that
+# added norms.own_copies. Strict: once the clipper is fixed the test passes, the xfail fails,
+# and the mark should be removed.
+_GROUPED = ("temp {} of the tree: the leaves under 65,536 elements (8% of this tree's bytes) "
+            "are concatenated into one buffer for the norm (per-leaf norms: padded into "
+            "buckets)")
 TEMP_XFAIL = {
-    "clip_by_value": "temp 25% of the tree (108% before): the boolean mask of the exact "
-                     "`clipped` flag on non-finite steps, in a cond branch that XLA:CPU "
-                     "does not fuse, plus the grouped small leaves",
+    "clip_by_value": "temp 25% of the tree (108% before): the 1-byte mask of the exact "
+                     "`clipped` flag on non-finite steps (XLA:CPU writes out the operand "
+                     "of a boolean or a select-based reduction)",
     "clip_by_global_norm": _GROUPED.format("8.1%"),
-    "clip_by_block_rms": _GROUPED.format("6.7%"),
-    "clip_by_leaf_norm": _GROUPED.format("6.7%"),
+    "clip_by_block_rms": _GROUPED.format("11.7%"),
+    "clip_by_leaf_norm": _GROUPED.format("11.7%"),
     "autoclip": _GROUPED.format("8.1%"),
     "autoclip_h1000": _GROUPED.format("8.1%"),
     "zclip": _GROUPED.format("8.1%"),
-    "adagc": _GROUPED.format("6.7%"),
-    "skip_nonfinite": "temp 110% of the tree: the inner updates are written out before the "
-                      "select that skips the step (and the grouped small leaves)",
-    "skip_on_spike": "temp 110% of the tree: the inner updates are written out before the "
-                     "select that skips the step (and the grouped small leaves)",
-    "clippy": "temp 311% of the tree (measured at 231927a): the per-tensor bound and ratio "
-              "are materialised before their min",
+    "adagc": _GROUPED.format("11.7%"),
+    "skip_nonfinite": "temp 110% of the tree on XLA:CPU, which does not fuse the select "
+                      "between old and new state into adam's pass and copies the donated "
+                      "moments (0.11% on an H200: bench/results/h200)",
+    "skip_on_spike": "temp 110% of the tree on XLA:CPU, which does not fuse the select "
+                     "between old and new state into adam's pass and copies the donated "
+                     "moments (0.11% on an H200: bench/results/h200)",
+    "clippy": "temp 312% of the tree (144% on GPT-2 on an H200): the per-tensor bound and "
+              "ratio are materialised before their min",
 }
 DONATE_XFAIL: dict[str, str] = {}  # zclip and skip_on_spike shared a buffer; fixed
 

@@ -137,7 +137,7 @@ def grouped_total(vals: list[jax.Array], scale: Any, term, red) -> jax.Array:
     large = [v for v in vals if v.size > SMALL_LEAF]
     small = [v.ravel() for v in vals if 0 < v.size <= SMALL_LEAF]
     scales = own_copies(scale, len(large) + 1)
-    big = [red(term(v, sc)) for v, sc in zip(large, scales)]
+    big = [red(term(v, sc)) for v, sc in zip(large, scales[:-1], strict=True)]
     if small:
         flat = small[0] if len(small) == 1 else jnp.concatenate(small)
         big.append(red(term(flat, scales[-1])))
@@ -494,10 +494,10 @@ def norm_core(
       xform: an element-wise function applied to each array before its norm is
         taken (the norm of ``xform(x, i, for_max)``, ``i`` the array's index;
         ``for_max`` asks for the same values by another expression, for the
-        rescue's max). It is applied inside each branch of
-        the rescue's ``lax.cond``, whose operands are then the arrays themselves:
-        a transformed tree handed in instead would be written out in full as
-        the ``cond``'s operand.
+        rescue's max). It is applied inside each branch of the rescue's
+        ``lax.cond``, whose operands are then the arrays themselves: a
+        transformed tree handed in instead would be written out in full as the
+        ``cond``'s operand.
 
     Returns:
       ``(norms, nonfinite)``: a list with one norm per array (one in all when
@@ -517,10 +517,11 @@ def norm_core(
     axes = [None] * len(xs) if axes is None else list(axes)
     # Built afresh by every reduction, so that inside the rescue branch they are traced from
     # ``xs`` (the cond's operands) rather than captured, materialised, from outside.
-    # ``xform(x, for_max)``: the max's copy is written differently, so that XLA does not merge
-    # it with the sum's into one producer of two reductions, which it would write out.
+    # ``xform(x, i, for_max)``: the max's copy is written differently, so that XLA does not
+    # merge it with the sum's into one producer of two reductions, which it would write out.
     mags_of = lambda for_max=False: [  # noqa: E731
-        _magnitude(x if xform is None else xform(x, i, for_max), acc) for i, x in enumerate(xs)]
+        _magnitude(x if xform is None else xform(x, i, for_max), acc)
+        for i, x in enumerate(xs)]
     mesh = [None] * len(xs) if axes_per_leaf is None else list(axes_per_leaf)
     lay = layout_of(xs, axes)
 

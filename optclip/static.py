@@ -289,7 +289,8 @@ def _value_clamped(leaves: list[jax.Array], lo: jax.Array, hi: jax.Array, symmet
         # of the bounds (see norms.own_copies)
         his, los = _n.own_copies(hi_, len(wide)), _n.own_copies(lo_, len(wide))
         return functools.reduce(jnp.logical_or, [
-            jnp.any(jnp.isfinite(v) & ((v > h) | (v < lo))) for v, h, lo in zip(wide, his, los)])
+            jnp.any(jnp.isfinite(v) & ((v > h) | (v < lo)))
+            for v, h, lo in zip(wide, his, los, strict=True)])
 
     return jax.lax.cond(nonfinite, nonfinite_step, finite_step)
 

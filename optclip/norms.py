@@ -519,9 +519,26 @@ def norm_core(
     # ``xs`` (the cond's operands) rather than captured, materialised, from outside.
     # ``xform(x, i, for_max)``: the max's copy is written differently, so that XLA does not
     # merge it with the sum's into one producer of two reductions, which it would write out.
-    mags_of = lambda for_max=False: [  # noqa: E731
-        _magnitude(x if xform is None else xform(x, i, for_max), acc)
-        for i, x in enumerate(xs)]
+    def mags_of(for_max: bool = False, ids: Any = None) -> list[jax.Array]:
+        ids = range(len(xs)) if ids is None else ids
+        return [_magnitude(xs[i] if xform is None else xform(xs[i], i, for_max), acc)
+                for i in ids]
+
+    def group_mags(ids: list[int], for_max: bool) -> list[jax.Array]:
+        """The magnitudes of a group of arrays to be reduced together. With ``xform``, the
+        small arrays are concatenated raw and transformed once (with the first one's
+        index): transformed one by one, a model's thousand small leaves would each add
+        their own op, and compile time grows with them."""
+        if xform is None:
+            return mags_of(for_max, ids)
+        big = [i for i in ids if xs[i].size > SMALL_LEAF]
+        small = [i for i in ids if 0 < xs[i].size <= SMALL_LEAF]
+        out = mags_of(for_max, big)
+        if small:
+            flat = jnp.concatenate([jnp.ravel(xs[i]) for i in small]) if len(small) > 1 \
+                else jnp.ravel(xs[small[0]])
+            out.append(_magnitude(xform(flat, small[0], for_max), acc))
+        return out or [jnp.zeros((0,), acc)]
     mesh = [None] * len(xs) if axes_per_leaf is None else list(axes_per_leaf)
     lay = layout_of(xs, axes)
 
@@ -550,15 +567,15 @@ def norm_core(
         sum of ``|x| * 0`` (NaN exactly when an element is NaN or infinite); combined
         across the mesh axes."""
         red, coll, term = terms(kind)
-        mags = mags_of(kind == "max")
         if not combine:
-            return _reduce_collect(mags, axes, lay, scale, term, red, axes_per_leaf, coll)
+            return _reduce_collect(mags_of(kind == "max"), axes, lay, scale, term, red,
+                                   axes_per_leaf, coll)
         groups: dict[Any, list[int]] = {}
         for i, ax in enumerate(mesh):
             groups.setdefault(ax, []).append(i)
         parts = []
         for ax, ids in groups.items():
-            part = grouped_total([mags[i] for i in ids], scale, term, red)
+            part = grouped_total(group_mags(ids, kind == "max"), scale, term, red)
             parts.append(part if ax is None or ax == () else coll(part, ax))
         return red(jnp.stack(parts)) if len(parts) > 1 else parts[0]
 

@@ -6,7 +6,6 @@ Each returns an ``optax.GradientTransformation`` whose state holds a step
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -259,14 +258,18 @@ def _clamp_for_norm(x: Any, lo: jax.Array, hi: jax.Array, symmetric: bool,
 
 def _value_clamped(leaves: list[jax.Array], lo: jax.Array, hi: jax.Array, symmetric: bool,
                    nonfinite: jax.Array) -> jax.Array:
-    """Whether some finite element lies outside [lo, hi]: exact.
+    """Whether some finite element lies outside [lo, hi].
 
-    On a finite step this is the largest magnitude compared with ``hi`` (with a
-    ``min_value``, the largest and smallest elements compared with the bounds): plain max
-    reductions, which vectorise on every backend, and beside the norms' sums cost about one
-    more read of the updates. A NaN would poison those maxima, so on a non-finite step (a
-    ``lax.cond`` on the flag the norm already gives) a max of an indicator of the finite
-    elements outside the bounds decides instead: a NaN does not hide a clamp beside it.
+    On a finite step this is one max reduction: the largest magnitude compared with ``hi``
+    (exact), or, with a ``min_value``, the largest of ``max(x - hi, lo - x)`` compared with 0
+    (exact but where ``x`` and a bound are distinct floats below about 1e-38, whose
+    difference a backend that flushes subnormals may take as 0). Plain max reductions stay on
+    every backend's fast reduce kernels and, beside the norms' sums, cost about one more read
+    of the updates. A NaN would poison the max, so on a non-finite step (a ``lax.cond`` on the
+    flag the norm already gives) a boolean ``any`` of the finite elements outside the bounds
+    decides instead: a NaN does not hide a clamp beside it. Both group the small leaves as
+    the norms do (``norms.grouped_total``), so that compile time stays linear in the number
+    of leaves.
     """
     parts = []
     for x in leaves:
@@ -280,17 +283,17 @@ def _value_clamped(leaves: list[jax.Array], lo: jax.Array, hi: jax.Array, symmet
     def finite_step():
         if symmetric:
             return _n.grouped_total(wide, None, lambda v, sc: jnp.abs(v), _n._max0) > hi_
-        top = _n.grouped_total(wide, None, lambda v, sc: v, _signed(jnp.max, -jnp.inf))
-        bottom = _n.grouped_total(wide, None, lambda v, sc: v, _signed(jnp.min, jnp.inf))
-        return (top > hi_) | (bottom < lo_)
+        # each leaf with its own copy of the bounds (see norms.own_copies)
+        over = _n.grouped_total(wide, (lo_, hi_), lambda v, b: jnp.maximum(v - b[1], b[0] - v),
+                                _signed(jnp.max, -jnp.inf))
+        return over > 0
 
     def nonfinite_step():
-        # a boolean ``any`` (slow on CPU, but this step is rare), each leaf with its own copy
-        # of the bounds (see norms.own_copies)
-        his, los = _n.own_copies(hi_, len(wide)), _n.own_copies(lo_, len(wide))
-        return functools.reduce(jnp.logical_or, [
-            jnp.any(jnp.isfinite(v) & ((v > h) | (v < lo)))
-            for v, h, lo in zip(wide, his, los, strict=True)])
+        # a boolean ``any``: XLA:CPU writes its operand out (a 1-byte mask), but this step is
+        # rare
+        out = _n.grouped_total(
+            wide, (lo_, hi_), lambda v, b: jnp.isfinite(v) & ((v > b[1]) | (v < b[0])), jnp.any)
+        return out.astype(bool)
 
     return jax.lax.cond(nonfinite, nonfinite_step, finite_step)
 

@@ -155,3 +155,18 @@ def test_layers_of_one_shape_share_no_written_out_broadcast(name):
     # clip_by_value keeps the 1-byte mask of its non-finite branch (25% of a float32 tree)
     bound = 0.3 if name == "clip_by_value" else bench_run.TEMP_FRACTION
     assert bench_run.temp_bytes(compiled) < bound * tree_bytes(tree)
+
+
+@pytest.mark.parametrize("bounds", [(0.5,), (0.5, -0.25)], ids=["symmetric", "min_value"])
+def test_clip_by_value_reductions_do_not_grow_with_small_leaves(bounds):
+    # XLA:CPU's compile time grows with the number of separate reductions; small leaves are
+    # reduced together (norms.grouped_total). Counted in the lowered program: a per-leaf
+    # reduction anywhere (the non-finite branch's indicator, the clamped norm) would make
+    # the count grow with the leaves.
+    def count(n):
+        tree = {f"l{i:04d}": jnp.ones((4, 8)) for i in range(n)}
+        tx = optclip.clip_by_value(*bounds)
+        text = jax.jit(tx.update).lower(tree, tx.init(tree)).as_text()
+        return text.count("stablehlo.reduce")
+
+    assert count(40) == count(10)

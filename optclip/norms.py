@@ -323,7 +323,8 @@ def safe_root(s: jax.Array, p: float) -> jax.Array:
 
 
 def _pow2_scale(m: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Powers of two ``(down, up)`` that bring ``m`` into [2, 4) and back.
+    """Powers of two ``(down, up)`` that bring ``m`` into [2, 4) (into [1, 2) in the lowest
+    binade of normal numbers) and back.
 
     Scaling by a power of two is exact. The target [2, 4), rather than
     [1, 2), keeps ``down`` a normal number even for ``m`` near the largest
@@ -339,10 +340,13 @@ def _pow2_scale(m: jax.Array) -> tuple[jax.Array, jax.Array]:
     bits = lax.bitcast_convert_type(m, itype)
     e = (bits >> nm) & ((1 << info.nexp) - 1)  # the biased exponent: m in [2^(e-bias), ...)
     ok = ((e > 0) & (e < 2 * bias + 1) & (m > 0)).astype(itype)
+    # In the lowest binade of normal numbers, [2, 4) would need ``up`` = 2^(emin - 1), a
+    # subnormal (flushed to 0): bring m into [1, 2) there instead.
+    low = (e == 1).astype(itype)
     # integer blends rather than selects: XLA compiles a select that feeds thousands of
     # per-leaf fusions very slowly
-    down_e = ok * (2 * bias + 1 - e) + (1 - ok) * bias
-    up_e = ok * (e - 1) + (1 - ok) * bias
+    down_e = ok * (2 * bias + 1 - e - low) + (1 - ok) * bias
+    up_e = ok * (e - 1 + low) + (1 - ok) * bias
     down = lax.bitcast_convert_type(down_e.astype(itype) << nm, m.dtype)
     up = lax.bitcast_convert_type(up_e.astype(itype) << nm, m.dtype)
     return lax.stop_gradient(down), lax.stop_gradient(up)

@@ -178,3 +178,12 @@ def test_nan_and_inf_are_flagged_for_every_ord(p):
         x = jnp.array([1.0, bad, 2.0])
         n, flag = jax.jit(lambda x: optclip.norms.global_norm_and_flag(x, p))(x)
         assert bool(flag) and want(float(n))
+
+
+@pytest.mark.parametrize("ord", [1, 2])
+def test_rescue_in_the_lowest_normal_binade(ord):
+    # The largest magnitude in [2^-126, 2^-125): the rescale's way back was a subnormal
+    # power of two, flushed to 0 on CPU, and the norm came out 0 (found in review).
+    x = np.array([2.1e-38, 1.5e-38], np.float32)
+    got = float(optclip.global_norm(jnp.asarray(x), ord=ord))
+    np.testing.assert_allclose(got, np.linalg.norm(x.astype(np.float64), ord=ord), rtol=1e-6)

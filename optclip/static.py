@@ -285,7 +285,7 @@ def _value_clamped(leaves: list[jax.Array], lo: jax.Array, hi: jax.Array, symmet
             return _n.grouped_total(wide, None, lambda v, sc: jnp.abs(v), _n._max0) > hi_
         # each leaf with its own copy of the bounds (see norms.own_copies)
         over = _n.grouped_total(wide, (lo_, hi_), lambda v, b: jnp.maximum(v - b[1], b[0] - v),
-                                _signed(jnp.max, -jnp.inf))
+                                _max_or_minus_inf)
         return over > 0
 
     def nonfinite_step():
@@ -298,11 +298,9 @@ def _value_clamped(leaves: list[jax.Array], lo: jax.Array, hi: jax.Array, symmet
     return jax.lax.cond(nonfinite, nonfinite_step, finite_step)
 
 
-def _signed(red, identity: float):
-    """A max or min reduction with ``identity`` as its start (empty arrays included)."""
-    def f(x, axis=None, keepdims=False):
-        return red(x, axis=axis, keepdims=keepdims, initial=jnp.asarray(identity, x.dtype))
-    return f
+def _max_or_minus_inf(x: jax.Array) -> jax.Array:
+    """The max of ``x``; -inf for an empty array."""
+    return jnp.max(x, initial=jnp.asarray(-jnp.inf, x.dtype))
 
 
 def clip_by_value(
@@ -384,23 +382,21 @@ def clip_by_value(
             # an invalid pair of bounds acts as [0, 0]: the update is zeroed, never let through
             hi = jnp.where(invalid, jnp.zeros_like(hi), hi)
             lo = jnp.where(invalid, jnp.zeros_like(lo), lo)
-        shard = {"axis_name": axis_name, "partition_specs": partition_specs}
-        before, nonfinite = _n.global_norm_and_flag(updates, **shard)
+        before, nonfinite = _n.global_norm_and_flag(updates, axis_name=axis_name,
+                                                    partition_specs=partition_specs)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_value")
-        clipped = _value_clamped(_n.float_leaves(updates), lo, hi, min_value is None, nonfinite)
-        clipped = _n.any_across(clipped, _n.union_axes(
-            _n.leaf_axes(updates, axis_name, partition_specs)))
-        # The norm after the clamp reads the input again through its own expression (see
-        # _clamp_for_norm), and its own copy of the bounds: a bound broadcast that XLA shares
-        # between this reduction and the clamp is written out in full on CPU.
-        # Each leaf, and the rescue's max, gets a copy of its own, for the same reason (see
-        # norms.own_copies).
         leaves = _n.float_leaves(updates)
+        leaf_axes = _n.leaf_axes(updates, axis_name, partition_specs)
+        clipped = _value_clamped(leaves, lo, hi, min_value is None, nonfinite)
+        clipped = _n.any_across(clipped, _n.union_axes(leaf_axes))
+        # The norm after the clamp reads the input again through its own expression (see
+        # _clamp_for_norm), each leaf and the rescue's max with their own copies of the bounds:
+        # a bound broadcast that XLA shares (with the clamp, or among leaves of one shape) is
+        # written out in full on CPU (see norms.own_copies).
         los = _n.own_copies(lo, 2 * len(leaves))
         his = _n.own_copies(hi, 2 * len(leaves))
         after = _n.norm_core(
-            leaves, 2.0, combine=True,
-            axes_per_leaf=_n.leaf_axes(updates, axis_name, partition_specs),
+            leaves, 2.0, combine=True, axes_per_leaf=leaf_axes,
             xform=lambda x, i, m: _clamp_for_norm(x, los[2 * i + m], his[2 * i + m],
                                                   min_value is None, m))[0][0]
         # The clamp does not need these reductions, and when the input is donated XLA then

@@ -162,18 +162,27 @@ def compile_all(keys: list[str], params, grads) -> dict[str, Measured]:
     return out
 
 
-def time_group(ms: list[Measured], reps: int, warmup: int) -> dict[str, list[float]]:
-    """Interleaved: each round runs every member once (order rotated), after ``warmup`` rounds."""
+def time_group(ms: list[Measured], reps: int, warmup: int, steps: int = 1
+               ) -> dict[str, list[float]]:
+    """Interleaved: each round runs every member once (order rotated), after ``warmup`` rounds.
+
+    With ``steps > 1`` a member's turn is ``steps`` calls back to back (each call's outputs
+    the next one's carry) and one wait at the end, and its time is the mean per call: on an
+    accelerator a single step of a few milliseconds measures the host's dispatch and the
+    wait as much as the device, and varies by 10-30% from round to round.
+    """
     carries = {m.key: m.make_carry() for m in ms}
     times: dict[str, list[float]] = {m.key: [] for m in ms}
     for r in range(warmup + reps):
         k = r % len(ms)
         for m in ms[k:] + ms[:k]:
             t0 = time.perf_counter()
-            out = jax.block_until_ready(m.compiled(*carries[m.key], *m.rest))
-            dt = time.perf_counter() - t0
-            if m.chain:
-                carries[m.key] = out if isinstance(out, tuple) else (out,)
+            for _ in range(steps):
+                out = m.compiled(*carries[m.key], *m.rest)
+                if m.chain:
+                    carries[m.key] = out if isinstance(out, tuple) else (out,)
+            jax.block_until_ready(out)
+            dt = (time.perf_counter() - t0) / steps
             if r >= warmup:
                 times[m.key].append(dt)
     del carries
@@ -223,7 +232,7 @@ def plan_groups(names: list[str], ms: dict[str, Measured], budget: float) -> dic
 
 
 def bench_step_tree(tree: str, names: list[str], reps: int, warmup: int,
-                    budget_gb: float | None) -> dict:
+                    budget_gb: float | None, steps: int = 1) -> dict:
     shapes = TREES[tree]()
     grads = make_tree(shapes, seed=0)
     params = make_tree(shapes, seed=1, scale=0.1)
@@ -233,16 +242,16 @@ def bench_step_tree(tree: str, names: list[str], reps: int, warmup: int,
           f"{_fmt_bytes(size)}; chains: {', '.join(keys)}", flush=True)
     ms = compile_all(keys, params, grads)
     groups = plan_groups(names, ms, live_budget(budget_gb))
-    print(f"  timing {len(groups)} interleaved group(s), {reps} rounds after {warmup} warm-up",
-          flush=True)
+    print(f"  timing {len(groups)} interleaved group(s), {reps} rounds of {steps} step(s) after "
+          f"{warmup} warm-up", flush=True)
     group_times: dict[str, dict[str, list[float]]] = {}
     for gname, members in groups.items():
-        group_times[gname] = time_group([ms[k] for k in members], reps, warmup)
+        group_times[gname] = time_group([ms[k] for k in members], reps, warmup, steps)
         print(f"  group {gname}: " + ", ".join(
             f"{k} {statistics.median(v) * 1e3:.2f} ms" for k, v in group_times[gname].items()),
             flush=True)
     res: dict[str, Any] = {"tree": tree, "leaves": len(shapes), "params": n_params(shapes),
-                           "tree_bytes": size, "reps": reps, "groups": groups,
+                           "tree_bytes": size, "reps": reps, "steps": steps, "groups": groups,
                            "group_step_s": {g: {k: statistics.median(v) for k, v in t.items()}
                                             for g, t in group_times.items()},
                            "entries": {}}
@@ -494,7 +503,8 @@ def markdown(step: list[dict], many: dict | None, rows: list[dict], meta: dict) 
     for res in step:
         ent = res["entries"]
         L += [f"### {res['tree']}: {res['leaves']} leaves, {res['params'] / 1e6:.1f}M params "
-              f"({_fmt_bytes(res['tree_bytes'])}), medians of {res['reps']} interleaved rounds", "",
+              f"({_fmt_bytes(res['tree_bytes'])}), medians of {res['reps']} interleaved rounds"
+              + (f" of {res['steps']} steps each" if res.get("steps", 1) > 1 else ""), "",
               "| chain | step (ms) | / adam | / global-norm chain | / counterpart "
               "| first call (s) | / counterpart | temp | temp / tree |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -591,6 +601,9 @@ def main(argv=None) -> dict:
                    help=f"comma list of {','.join(OPTCLIP)} (default all; baselines follow)")
     p.add_argument("--reps", type=int, default=None, help="timed rounds (default 7; --quick 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per member per round, one wait at the end (default 1 on CPU, "
+                        "20 on an accelerator, where one step is too short to time alone)")
     p.add_argument("--max-compile-s", type=float, default=None,
                    help="many leaves: cut off a compile after this (default 120; --quick 60)")
     p.add_argument("--max-live-gb", type=float, default=None,
@@ -635,7 +648,10 @@ def main(argv=None) -> dict:
         print(f"jax {meta['jax']}, optax {meta['optax']}, device {meta['device']}, "
               f"{meta['machine']}, {meta['cpus']} CPUs; clippers: {', '.join(names)}", flush=True)
         _warm_up()
-        step = [bench_step_tree(t, names, reps, args.warmup, args.max_live_gb) for t in trees]
+        steps = args.steps or (1 if meta["platform"] == "cpu" else 20)
+        meta["steps"] = steps
+        step = [bench_step_tree(t, names, reps, args.warmup, args.max_live_gb, steps)
+                for t in trees]
         many = bench_many(many_trees, names, max_s, args.backend) if many_trees else None
         rows = targets(step, many, names)
         meta["wall_s"] = time.perf_counter() - t_start

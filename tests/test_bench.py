@@ -86,6 +86,25 @@ def test_bench_groups_fit_the_memory_budget(tmp_path):
     assert {r["num"] for r in result["step"][0]["ratios"]} >= {"agc", "zclip"}
 
 
+def test_time_group_runs_steps_back_to_back_with_the_carry_chained():
+    # --steps N: each member's turn is N calls, each fed the previous call's outputs, and its
+    # time is per call
+    calls = []
+
+    def step(x):
+        calls.append(x)
+        return x + 1
+
+    m = bench_run.Measured("count", step, lambda: (0,), ())
+    times = bench_run.time_group([m], reps=2, warmup=1, steps=4)
+    assert calls == list(range(12))  # 3 rounds of 4 steps, the carry chained throughout
+    assert len(times["count"]) == 2 and all(t > 0 for t in times["count"])
+    # the default is one call per round
+    calls.clear()
+    bench_run.time_group([m], reps=2, warmup=0)
+    assert calls == [0, 1]
+
+
 def test_many_leaves_compile_is_cut_off():
     tasks = [("tiny_many", "agc"), ("tiny_many", "clip_by_global_norm")]
     results, rest = bench_run.run_worker(tasks, max_s=0.01, backend=None)

@@ -1,0 +1,114 @@
+"""Diagnostic: where the global-norm chain's step time goes on a device.
+
+Times, interleaved and donated as ``python -m bench`` does, adam alone, the hand-fused clip,
+``clip_by_global_norm`` as shipped, the same with a threshold it never reaches, with its
+overflow rescue's ``lax.cond`` replaced by the fast branch alone (a diagnostic only: not
+overflow-safe), and zclip; computes both
+branches and selects; prints each compiled step's kernel and conditional counts.
+
+    python -m bench.gn_probe [--trees gpt2,resnet50] [--reps 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import optclip
+from bench import clippers, trees
+from bench.run import train_step
+from optclip import norms as _n
+
+
+@contextlib.contextmanager
+def no_cond(how: str = "fast"):
+    """While tracing: ``lax.cond`` inside optclip.norms takes the false (fast) branch
+    (``how="fast"``), or computes both branches and selects (``how="select"``)."""
+    real = _n.lax
+
+    class _Lax:
+        def __getattr__(self, k):
+            return getattr(real, k)
+
+        @staticmethod
+        def cond(pred, true_fn, false_fn, *ops):
+            if how == "fast":
+                return false_fn(*ops)
+            return jax.tree.map(lambda a, b: jnp.where(pred, a, b), true_fn(*ops),
+                                false_fn(*ops))
+
+    _n.lax = _Lax()
+    try:
+        yield
+    finally:
+        _n.lax = real
+
+
+def variants():
+    adam = clippers.adam
+    return {
+        "adam": (adam, False),
+        "fused": (lambda: optax.chain(clippers.fused_clip_by_global_norm(1.0), adam()), False),
+        "gn": (lambda: optax.chain(optclip.clip_by_global_norm(1.0), adam()), False),
+        "gn_noclip": (lambda: optax.chain(optclip.clip_by_global_norm(1e30), adam()), False),
+        "gn_nocond": (lambda: optax.chain(optclip.clip_by_global_norm(1.0), adam()), "fast"),
+        "gn_select": (lambda: optax.chain(optclip.clip_by_global_norm(1.0), adam()), "select"),
+        "zclip": (lambda: optax.chain(optclip.zclip(warmup_steps=1), adam()), False),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trees", default="gpt2,resnet50")
+    ap.add_argument("--reps", type=int, default=25)
+    ap.add_argument("--only", default="")
+    args = ap.parse_args()
+    print("device", jax.devices()[0], "jax", jax.__version__, flush=True)
+    for tname in args.trees.split(","):
+        shapes = trees.TREES[tname]()
+        params = trees.make_tree(shapes, seed=0)
+        grads = trees.make_tree(shapes, seed=1)
+        p_s = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        comp, carry = {}, {}
+        vs = variants()
+        if args.only:
+            vs = {k: v for k, v in vs.items() if k in args.only.split(",")}
+        for name, (make, nc) in vs.items():
+            tx = make()
+            s_s = jax.eval_shape(tx.init, p_s)
+            with no_cond(nc) if nc else contextlib.nullcontext():
+                low = train_step(tx).lower(p_s, s_s, p_s)
+            c = low.compile()
+            txt = c.as_text()
+            entry = txt.split("ENTRY")[-1]
+            print(f"{tname} {name}: conditionals {txt.count(' conditional(')}, entry fusions "
+                  f"{entry.count(' fusion(')}, temp {c.memory_analysis().temp_size_in_bytes}",
+                  flush=True)
+            comp[name] = c
+            carry[name] = (jax.tree.map(jnp.copy, params), tx.init(params))
+        names = list(comp)
+        times = {n: [] for n in names}
+        for r in range(3 + args.reps):
+            k = r % len(names)
+            for n in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                out = jax.block_until_ready(comp[n](*carry[n], grads))
+                dt = time.perf_counter() - t0
+                carry[n] = out
+                if r >= 3:
+                    times[n].append(dt)
+        med = {n: statistics.median(t) for n, t in times.items()}
+        for n in names:
+            print(f"{tname} {n:10s} {med[n] * 1e3:8.3f} ms  / adam {med[n] / med['adam']:.3f}"
+                  + (f"  / fused {med[n] / med['fused']:.3f}" if "fused" in med else ""),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

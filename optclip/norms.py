@@ -219,19 +219,29 @@ def _reduce_flat(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: An
     pieces: list[jax.Array] = []
     index: list[np.ndarray] = []
     buckets: dict[int, list[tuple[jax.Array, np.ndarray]]] = {}
-    for v, ax, off, k, shape in zip(vals, axes, lay.offsets, lay.n_units, lay.shapes,
-                                    strict=True):
+    alone = [j for j, (v, ax) in enumerate(zip(vals, axes, strict=True))
+             if v.size and (v.size > SMALL_LEAF or ax is not None)]
+    own: dict[int, jax.Array] = {}
+    if scales is not None and alone:
+        # Each array reduced on its own gets its own slice of the scales, through one
+        # optimization barrier: slices of one shared vector let XLA:GPU fuse the terms of
+        # every array of one shape into one multi-output kernel, whose outputs (each the
+        # size of its array) it then writes out for the reductions.
+        sl = [scales[lay.offsets[j]:lay.offsets[j] + lay.n_units[j]].reshape(lay.shapes[j])
+              for j in alone]
+        own = dict(zip(alone, lax.optimization_barrier(tuple(sl)), strict=True))
+    for j, (v, ax, off, k) in enumerate(zip(vals, axes, lay.offsets, lay.n_units,
+                                            strict=True)):
         ids = np.arange(off, off + k)
         if k == 0:
             continue
         if v.size == 0:
             pieces.append(jnp.zeros((k,), dtype))
             index.append(ids)
-        elif v.size > SMALL_LEAF or ax is not None:
+        elif j in alone:
             # large arrays, and unit-wise reductions (which would need a transposed copy to
             # be laid out as rows), are reduced on their own
-            sc = None if scales is None else scales[off:off + k].reshape(shape)
-            pieces.append(jnp.ravel(red(term(v, sc), axis=ax, keepdims=ax is not None)))
+            pieces.append(jnp.ravel(red(term(v, own.get(j)), axis=ax, keepdims=ax is not None)))
             index.append(ids)
         else:
             rows = _rows(v, ax)[0]

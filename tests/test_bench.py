@@ -105,6 +105,17 @@ def test_time_group_runs_steps_back_to_back_with_the_carry_chained():
     assert calls == [0, 1]
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a claim about XLA:CPU")
+def test_readme_claim_guards_copy_because_update_reads_the_old_state():
+    # README's "why the guards copy on XLA:CPU": selecting the kept state after computing
+    # the update from the new one copies the donated state; computing it from the kept one
+    # does not. If XLA changes this, README's note must change.
+    from bench import xla_probe
+
+    temps = xla_probe.guard_copy()
+    assert temps["as_guards"] > 0.99 and temps["from_kept"] < 0.01
+
+
 def test_many_leaves_compile_is_cut_off():
     tasks = [("tiny_many", "agc"), ("tiny_many", "clip_by_global_norm")]
     results, rest = bench_run.run_worker(tasks, max_s=0.01, backend=None)

@@ -1,0 +1,124 @@
+"""Diagnostics behind README's "why" notes on XLA:CPU (compile time, the guards' copies).
+
+    python -m bench.xla_probe kernels      distinct fused kernels and compile times
+    python -m bench.xla_probe guard_copy   the guards' copy of the donated state, reduced
+
+``kernels``: XLA:CPU compiles each distinct fused kernel on its own and identical ones once.
+It prints, for the global-norm and the per-leaf chain + adam on the GPT-2 tree, the
+compile time and the number of fused computations (all, and distinct once names are set
+aside); the compile time of slicing a 1,000-vector into 1,000 scalars; and, on GPT-2 and
+1,000 mixed leaves, ``clip_by_leaf_norm``'s update against a leaf-by-leaf variant (each
+leaf's norm, scale and clip computed on its own, the rescue's ``lax.cond`` returning one
+norm per leaf), the design that README says was tried.
+
+``guard_copy``: temp bytes of a donated step ``p, mu -> p + u(mu'), mu'`` where the kept
+state is ``where(skip, mu, mu')`` (as the guards do), against computing ``u`` from the
+kept state: the first copies ``mu`` on XLA:CPU, the second does not.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+import optclip
+from bench import trees
+from bench.run import train_step
+from optclip import norms as _n
+from optclip.static import global_scale
+
+
+def _compile(fn, *args) -> tuple[float, str]:
+    low = jax.jit(fn).lower(*args) if not hasattr(fn, "lower") else fn.lower(*args)
+    t0 = time.perf_counter()
+    c = low.compile()
+    return time.perf_counter() - t0, c.as_text()
+
+
+def _fused_counts(hlo: str) -> tuple[int, int]:
+    bodies = collections.Counter()
+    for comp in re.split(r"\n(?=%\S+ |ENTRY )", hlo):
+        if comp.startswith("%fused"):
+            body = re.sub(r"%[\w.\-]+", "%x", comp.split("{", 1)[1])
+            bodies[re.sub(r"metadata=\{[^}]*\}", "", body)] += 1
+    return sum(bodies.values()), len(bodies)
+
+
+def _leaf_by_leaf(g):
+    """clip_by_leaf_norm(1.0), leaf by leaf (L2, no stats beyond the global norms)."""
+    xs = jax.tree.leaves(g)
+    sums = [jnp.sum(x * x) for x in xs]
+    s = jnp.stack(sums)
+    need = jnp.any(~jnp.isfinite(s) | (s < 1e-30))
+
+    def rescue():
+        out = []
+        for x in xs:
+            m = jnp.max(jnp.abs(x))
+            down, up = _n._pow2_scale(m)
+            out.append(jnp.where(m == 0, 0.0, jnp.sqrt(jnp.sum((x * down) ** 2)) * up))
+        return out
+
+    norms = lax.cond(need, rescue, lambda: [jnp.sqrt(v) for v in sums])
+    one = jnp.ones((), jnp.float32)
+    out = [x * global_scale(n, one) for x, n in zip(xs, norms, strict=True)]
+    nv = jnp.stack(norms)
+    return out, _n.combine_norms(nv, 2.0), _n.combine_norms(nv * global_scale(nv, one), 2.0)
+
+
+def kernels() -> None:
+    gpt2 = trees.abstract_tree(trees.TREES["gpt2"]())
+    for name, tx in (("clip_by_global_norm", optclip.clip_by_global_norm(1.0)),
+                     ("clip_by_leaf_norm", optclip.clip_by_leaf_norm(1.0))):
+        chain = optax.chain(tx, optax.adam(1e-3))
+        s = jax.eval_shape(chain.init, gpt2)
+        secs, hlo = _compile(train_step(chain), gpt2, s, gpt2)
+        n, d = _fused_counts(hlo)
+        print(f"gpt2 {name} + adam: compile {secs:.2f} s, fused computations {n}, "
+              f"distinct {d}", flush=True)
+    v = jax.ShapeDtypeStruct((1000,), jnp.float32)
+    secs, _ = _compile(lambda v: [v[i] for i in range(1000)], v)
+    print(f"1,000 scalar slices of one vector: compile {secs:.2f} s", flush=True)
+    for tname in ("gpt2", "many1000"):
+        tree = trees.abstract_tree(trees.TREES[tname]())
+        tx = optclip.clip_by_leaf_norm(1.0)
+        st = tx.init(None)
+        a, _ = _compile(lambda g, tx=tx, st=st: tx.update(g, st), tree)
+        b, _ = _compile(_leaf_by_leaf, tree)
+        print(f"{tname} update alone: clip_by_leaf_norm {a:.2f} s, leaf by leaf {b:.2f} s",
+              flush=True)
+
+
+def guard_copy() -> dict[str, float]:
+    """Prints and returns each variant's temp bytes over the state's."""
+    n = 1 << 20
+    a = jax.ShapeDtypeStruct((n,), jnp.float32)
+
+    def as_guards(p, mu, g):
+        skip = ~jnp.isfinite(jnp.sum(g))
+        new = 0.9 * mu + 0.1 * g
+        return p + jnp.where(skip, 0.0, -0.01 * new), jnp.where(skip, mu, new)
+
+    def from_kept(p, mu, g):
+        skip = ~jnp.isfinite(jnp.sum(g))
+        kept = jnp.where(skip, mu, 0.9 * mu + 0.1 * g)
+        return p + jnp.where(skip, 0.0, -0.01 * kept), kept
+
+    out = {}
+    for f in (as_guards, from_kept):
+        c = jax.jit(f, donate_argnums=(0, 1)).lower(a, a, a).compile()
+        out[f.__name__] = c.memory_analysis().temp_size_in_bytes / (4 * n)
+        print(f"{f.__name__}: temp {out[f.__name__]:.2f}x the state", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    {"kernels": kernels, "guard_copy": guard_copy}[sys.argv[1] if len(sys.argv) > 1
+                                                   else "kernels"]()

@@ -1,10 +1,12 @@
 """Diagnostic: where the global-norm chain's step time goes on a device.
 
-Times, interleaved and donated as ``python -m bench`` does, adam alone, the hand-fused clip,
-``clip_by_global_norm`` as shipped, the same with a threshold it never reaches, with its
-overflow rescue's ``lax.cond`` replaced by the fast branch alone (a diagnostic only: not
-overflow-safe), and zclip; computes both
-branches and selects; prints each compiled step's kernel and conditional counts.
+Times, interleaved and donated as ``python -m bench`` does: adam alone; the hand-fused clip,
+and the same with a threshold it never reaches; ``clip_by_global_norm`` as shipped, with a
+threshold it never reaches, with its overflow rescue's ``lax.cond`` replaced by the fast
+branch alone or by both branches and a select (diagnostics only: the first is not
+overflow-safe); zclip, uncapped and capped at the chain's threshold (so that it scales every
+step as the chain does: a gap that stays between the two is in the code, not the data).
+Prints each compiled step's conditionals, fused kernels and temp bytes.
 
     python -m bench.gn_probe [--trees gpt2,resnet50] [--reps 25] [--steps 20]
 """

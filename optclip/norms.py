@@ -19,6 +19,7 @@ Conventions shared by every function in this module:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
@@ -110,7 +111,29 @@ def _pow_terms(m: jax.Array, p: float) -> jax.Array:
         return m * m
     if p == 1:
         return jnp.abs(m)
+    return _abs_pow(m, p)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _abs_pow(m: jax.Array, p: float) -> jax.Array:
+    """``|m| ** p``, whose derivative ``p |m| ** (p - 1)`` is held to the largest finite float.
+
+    The plain sum of powers is computed for every step, and the rescaled one only when it
+    overflows; on such a step the plain sum's cotangent is 0 and its derivative, for p > 2,
+    inf: 0 * inf would make the whole gradient NaN. Wherever the plain sum is the one used,
+    its terms are finite and so is their derivative: holding it to the largest float
+    changes nothing there.
+    """
     return jnp.abs(m) ** p
+
+
+@_abs_pow.defjvp
+def _abs_pow_jvp(p, primals, tangents):
+    (m,), (tm,) = primals, tangents
+    a = jnp.abs(m)
+    big = jnp.asarray(jnp.finfo(a.dtype).max, a.dtype)
+    coef = jnp.minimum(p * a ** (p - 1), big) * jnp.sign(m)
+    return a ** p, coef * tm
 
 
 # Leaves up to this many elements are reduced together rather than one by one: XLA:CPU's
@@ -213,7 +236,7 @@ def _reduce_flat(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: An
     width and stacked, and each stack is reduced in one op (zeros add nothing to a sum of
     powers, nor to a max of magnitudes). Arrays above ``SMALL_LEAF`` elements, and
     unit-wise reductions, are reduced on their own. ``scales`` is None or a flat vector
-    with one scale per unit.
+    with one scale per unit (or a tuple of such vectors, handed to ``term`` together).
     """
     dtype = vals[0].dtype
     pieces: list[jax.Array] = []
@@ -227,8 +250,8 @@ def _reduce_flat(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: An
         # optimization barrier: slices of one shared vector let XLA:GPU fuse the terms of
         # every array of one shape into one multi-output kernel, whose outputs (each the
         # size of its array) it then writes out for the reductions.
-        sl = [scales[lay.offsets[j]:lay.offsets[j] + lay.n_units[j]].reshape(lay.shapes[j])
-              for j in alone]
+        sl = [jax.tree.map(lambda v, j=j: v[lay.offsets[j]:lay.offsets[j] + lay.n_units[j]]
+                           .reshape(lay.shapes[j]), scales) for j in alone]
         own = dict(zip(alone, lax.optimization_barrier(tuple(sl)), strict=True))
     for j, (v, ax, off, k) in enumerate(zip(vals, axes, lay.offsets, lay.n_units,
                                             strict=True)):
@@ -251,7 +274,7 @@ def _reduce_flat(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: An
                 for r, _ in items]
         mat = mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=0)
         ids = np.concatenate([i for _, i in items])
-        sc = None if scales is None else scales[ids][:, None]
+        sc = None if scales is None else jax.tree.map(lambda v, ids=ids: v[ids][:, None], scales)
         pieces.append(red(term(mat, sc), axis=1))
         index.append(ids)
     if not pieces:
@@ -288,7 +311,7 @@ def _reduce_collect(vals: list[jax.Array], axes: list[Any], lay: Layout, scales:
         sub_vals, sub_axes = [vals[i] for i in ids], [axes[i] for i in ids]
         units = np.concatenate([np.arange(lay.offsets[i], lay.offsets[i] + lay.n_units[i])
                                 for i in ids]).astype(np.int64)
-        sc = None if scales is None else scales[units]
+        sc = None if scales is None else jax.tree.map(lambda v, u=units: v[u], scales)
         part = _reduce_flat(sub_vals, sub_axes, layout_of(sub_vals, sub_axes), sc, term, red)
         pieces.append(part if ax is None else op(part, ax))
         index.append(units)
@@ -563,33 +586,41 @@ def norm_core(
         if kind == "sum":
             red = jnp.sum
             if p > 2:
-                term = lambda v, sc: _pow_terms(v if sc is None else v / sc, p)  # noqa: E731
+                # sc = (down, t): |x * down / t| ** p, two steps that are each exact or normal
+                term = lambda v, sc: _pow_terms(  # noqa: E731
+                    v if sc is None else (v * sc[0]) / sc[1], p)
             else:
                 term = lambda v, sc: _pow_terms(v if sc is None else v * sc, p)  # noqa: E731
         elif kind == "nan":
             red = jnp.sum
             term = lambda v, sc: jnp.abs(v) * 0  # noqa: E731
-        else:
+        elif kind == "max":
             # |x| >= 0, so 0 is the identity of the max, and empty arrays reduce to 0
             red = _max0
             term = lambda v, sc: jnp.abs(v)  # noqa: E731
-        return red, (lax.pmax if kind == "max" else lax.psum), term
+        else:
+            # "scale": the rescue's max, which only picks a scale. The norm is homogeneous
+            # (c ||x / c|| = ||x|| for any c), so holding it constant leaves the gradient
+            # exact, and no derivative of a cross-device max is needed (JAX has none).
+            red = _max0
+            term = lambda v, sc: jnp.abs(lax.stop_gradient(v))  # noqa: E731
+        return red, (lax.psum if kind in ("sum", "nan") else lax.pmax), term
 
     def reduce(kind: str, scale: Any = None) -> jax.Array:
         """Per unit (a flat vector; with ``combine``, one value in all): the sum of
-        ``|x * scale| ** p`` (``|x / scale| ** p`` for p > 2), the max of ``|x|``, or the
+        ``|x * scale| ** p`` (``|x * down / t| ** p`` for p > 2), the max of ``|x|``, or the
         sum of ``|x| * 0`` (NaN exactly when an element is NaN or infinite); combined
         across the mesh axes."""
         red, coll, term = terms(kind)
         if not combine:
-            return _reduce_collect(mags_of(kind == "max"), axes, lay, scale, term, red,
+            return _reduce_collect(mags_of(kind in ("max", "scale")), axes, lay, scale, term, red,
                                    axes_per_leaf, coll)
         groups: dict[Any, list[int]] = {}
         for i, ax in enumerate(mesh):
             groups.setdefault(ax, []).append(i)
         parts = []
         for ax, ids in groups.items():
-            part = grouped_total(group_mags(ids, kind == "max"), scale, term, red)
+            part = grouped_total(group_mags(ids, kind in ("max", "scale")), scale, term, red)
             parts.append(part if ax is None or ax == () else coll(part, ax))
         return red(jnp.stack(parts)) if len(parts) > 1 else parts[0]
 
@@ -621,11 +652,18 @@ def norm_core(
         return safe_root(parts, p), any_nonfinite(parts)
 
     def rescue() -> tuple[jax.Array, jax.Array]:
-        ms = reduce("max")
+        ms = reduce("scale")
         if p > 2:
-            # divide by the largest magnitude itself: every term is then <= 1 and the largest
-            # is 1, whatever p (a power of two in [2, 4) would overflow 4**p for p > 64)
-            down = up = jnp.where((ms > 0) & jnp.isfinite(ms), ms, jnp.ones_like(ms))
+            # Divide by the largest magnitude itself, so that every term is <= 1 and the
+            # largest is 1, whatever p (a power of two in [2, 4) would overflow 4**p for
+            # p > 64, and one in [0.5, 1) underflow 0.5**p for p > 126). In two steps: a
+            # power of two brings x to [2, 4) times x / max, exactly, and then it is divided
+            # by max times that power, in [1, 4): a plain x / max is taken by XLA as x times
+            # 1 / max, a subnormal (flushed to 0) for a max above 2**126.
+            ok = (ms > 0) & jnp.isfinite(ms)
+            d, _ = _pow2_scale(ms)
+            down = (d, jnp.where(ok, ms * d, jnp.ones_like(ms)))
+            up = jnp.where(ok, ms, jnp.ones_like(ms))
         else:
             down, up = _pow2_scale(ms)
         s = reduce("sum", down)

@@ -187,3 +187,29 @@ def test_rescue_in_the_lowest_normal_binade(ord):
     x = np.array([2.1e-38, 1.5e-38], np.float32)
     got = float(optclip.global_norm(jnp.asarray(x), ord=ord))
     np.testing.assert_allclose(got, np.linalg.norm(x.astype(np.float64), ord=ord), rtol=1e-6)
+
+
+@pytest.mark.parametrize("p", [3, 200.0])
+def test_ord_above_2_near_the_float32_max(p):
+    # For p > 2 the rescue divided by the largest magnitude; XLA took x / max as x * (1 / max),
+    # a subnormal flushed to 0 above 2^126, and the norm came out 0 (found in review).
+    x = jnp.array([3.3e38, 1.0])
+    want = 3.3e38
+    np.testing.assert_allclose(float(optclip.leaf_norms({"a": x}, p)["a"]), want, rtol=1e-6)
+    big = {"a": x, "b": jnp.ones(70_000)}  # a leaf above SMALL_LEAF: reduced on its own
+    np.testing.assert_allclose(float(optclip.global_norm(big, p)), want, rtol=1e-6)
+    cols = jnp.array([[3.3e38, 1.0], [1.0, 2e38]])
+    np.testing.assert_allclose(np.asarray(optclip.norms.norm_core([cols], p, axes=[0])[0][0]),
+                               [[3.3e38, 2e38]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("x", [[3e30, -4e30], [3e-30, 4e-30], [3.3e38, 1.0]])
+def test_gradient_of_ord_3_through_the_rescue(x):
+    # d||x||_3 / dx = sign(x) x^2 / ||x||^2. The plain sum of cubes, computed on every step,
+    # overflows here: its derivative was inf, its cotangent 0, and the gradient NaN.
+    x64 = np.array(x, np.float64)
+    want = np.sign(x64) * x64**2 / np.linalg.norm(x64, 3) ** 2
+    for f in (lambda v: optclip.global_norm(v, ord=3),
+              lambda v: optclip.leaf_norms({"a": v}, 3)["a"]):
+        np.testing.assert_allclose(np.asarray(jax.grad(f)(jnp.array(x))), want, rtol=1e-5,
+                                   atol=1e-30)

@@ -289,3 +289,18 @@ def test_pmap_every_device_agrees_with_unsharded(name):
             np.testing.assert_allclose(per_device[0], np.asarray(v), rtol=1e-6, err_msg=k)
         if t in BAD:
             assert bool(want.get("skipped", want.get("nonfinite")))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e30, 1e-30])
+@pytest.mark.parametrize("p", [2, 3])
+def test_gradient_of_global_norm_inside_shard_map(p, scale):
+    # At 1e30 and 1e-30 the norm takes its rescue, whose scale came from a cross-device max:
+    # JAX has no derivative of pmax, and the gradient raised. The scale is held constant now
+    # (exact: c * ||x / c|| = ||x||).
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    f = jax.jit(jax.shard_map(lambda s: optclip.global_norm(s, ord=p, axis_name="data"),
+                              mesh=mesh, in_specs=P("data"), out_specs=P()))
+    x = jnp.arange(1.0, 17.0) * scale
+    x64 = np.asarray(x, np.float64)
+    want = x64 ** (p - 1) / np.linalg.norm(x64, p) ** (p - 1)
+    np.testing.assert_allclose(np.asarray(jax.grad(f)(x)), want, rtol=1e-5)

@@ -116,6 +116,19 @@ def test_readme_claim_guards_copy_because_update_reads_the_old_state():
     assert temps["as_guards"] > 0.99 and temps["from_kept"] < 0.01
 
 
+def test_dump_step_writes_the_optimized_hlo_and_buffer_assignment(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "bench.dump_step", "agc", "tiny", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         check=True).stdout
+    assert "temp" in out
+    names = [p.name for p in (tmp_path / "agc.tiny").iterdir()]
+    assert any(n.endswith("after_optimizations.txt") for n in names)
+    assert any(n.endswith("after_optimizations-buffer-assignment.txt") for n in names)
+
+
 def test_many_leaves_compile_is_cut_off():
     tasks = [("tiny_many", "agc"), ("tiny_many", "clip_by_global_norm")]
     results, rest = bench_run.run_worker(tasks, max_s=0.01, backend=None)

@@ -140,6 +140,9 @@ def _abs_pow_jvp(p, primals, tangents):
 # compile time grows much faster than linearly in the number of separate reductions, while
 # a concatenation of small leaves compiles in linear time (and usually fuses, with no copy).
 SMALL_LEAF = 1 << 16
+# A unit-wise reduction is laid out as rows through a transposed copy: only arrays up to
+# this many elements are, so that the copies stay a small part of a model's bytes.
+SMALL_UNITS = 1 << 12
 
 
 def own_copies(x: Any, n: int) -> list[Any]:
@@ -230,20 +233,22 @@ def _reduce_flat(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: An
                  red) -> jax.Array:
     """``red(term(v, scale))`` of every unit of every array, as one flat vector.
 
-    Small arrays reduced whole are not reduced one by one: XLA's compile time grows with
-    the number of separate reductions, and a model can have thousands of small leaves.
-    Each is laid out as a row; rows of similar width are zero-padded to a power-of-two
-    width and stacked, and each stack is reduced in one op (zeros add nothing to a sum of
-    powers, nor to a max of magnitudes). Arrays above ``SMALL_LEAF`` elements, and
-    unit-wise reductions, are reduced on their own. ``scales`` is None or a flat vector
-    with one scale per unit (or a tuple of such vectors, handed to ``term`` together).
+    Small arrays are not reduced one by one: XLA's compile time grows with the number of
+    separate reductions, and a model can have thousands of small leaves. Each is laid out
+    as rows, one per unit (a unit-wise reduction transposes the reduced dims last, a copy:
+    only for arrays up to ``SMALL_UNITS`` elements); rows of similar width are zero-padded
+    to a power-of-two width and stacked, and each stack is reduced in one op (zeros add
+    nothing to a sum of powers, nor to a max of magnitudes). Larger arrays are reduced on
+    their own.
+    ``scales`` is None or a flat vector with one scale per unit (or a tuple of such
+    vectors, handed to ``term`` together).
     """
     dtype = vals[0].dtype
     pieces: list[jax.Array] = []
     index: list[np.ndarray] = []
     buckets: dict[int, list[tuple[jax.Array, np.ndarray]]] = {}
     alone = [j for j, (v, ax) in enumerate(zip(vals, axes, strict=True))
-             if v.size and (v.size > SMALL_LEAF or ax is not None)]
+             if v.size > SMALL_LEAF or (ax is not None and v.size > SMALL_UNITS)]
     own: dict[int, jax.Array] = {}
     if scales is not None and alone:
         # Each array reduced on its own gets its own slice of the scales, through one
@@ -262,8 +267,7 @@ def _reduce_flat(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: An
             pieces.append(jnp.zeros((k,), dtype))
             index.append(ids)
         elif j in alone:
-            # large arrays, and unit-wise reductions (which would need a transposed copy to
-            # be laid out as rows), are reduced on their own
+            # large arrays are reduced on their own
             pieces.append(jnp.ravel(red(term(v, own.get(j)), axis=ax, keepdims=ax is not None)))
             index.append(ids)
         else:

@@ -2,6 +2,7 @@
 
     python -m bench.xla_probe kernels      distinct fused kernels and compile times
     python -m bench.xla_probe guard_copy   the guards' copy of the donated state, reduced
+    python -m bench.xla_probe guard_cond   skip_nonfinite against a lax.cond form, ResNet-50
 
 ``kernels``: XLA:CPU compiles each distinct fused kernel on its own and identical ones once.
 It prints, for the global-norm and the per-leaf chain + adam on the GPT-2 tree, the
@@ -119,6 +120,63 @@ def guard_copy() -> dict[str, float]:
     return out
 
 
+def guard_cond() -> None:
+    """skip_nonfinite(adam) as shipped (a select between old and new state) against the same
+    guard written as ``lax.cond(finite, take the step, skip)``, as ``optax.apply_if_finite``
+    orders its branches, and against that one: temp bytes and step time on ResNet-50."""
+    import statistics  # noqa: PLC0415
+
+    from optclip import guards  # noqa: PLC0415
+
+    def cond_guard(inner, take_first=True):
+        base = optclip.skip_nonfinite(inner)
+
+        def update(updates, state, params=None):
+            norm, bad = guards.norm_and_nonfinite(updates, (), None, None)
+
+            def take():
+                return inner.update(updates, state.inner_state, params)
+
+            def skip():
+                return jax.tree.map(jnp.zeros_like, updates), state.inner_state
+
+            out, inner_state = (lax.cond(~bad, take, skip) if take_first
+                                else lax.cond(bad, skip, take))
+            stats = state.stats.advance(grad_norm=norm, threshold=state.stats.threshold,
+                                        skipped=bad, nonfinite=bad)
+            return out, guards.SkipNonfiniteState(inner_state=inner_state, stats=stats)
+
+        return optax.GradientTransformation(base.init, update)
+
+    shapes = trees.TREES["resnet50"]()
+    params, grads = trees.make_tree(shapes, 1, 0.1), trees.make_tree(shapes, 0)
+    size = trees.tree_bytes(params)
+    p_s = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    adam = lambda: optax.adam(1e-3)  # noqa: E731
+    txs = {"global-norm chain": optax.chain(optclip.clip_by_global_norm(1.0), adam()),
+           "skip_nonfinite (select)": optclip.skip_nonfinite(adam()),
+           "cond, step first": cond_guard(adam()),
+           "cond, skip first": cond_guard(adam(), take_first=False),
+           "optax.apply_if_finite": optax.apply_if_finite(adam(), 10**9)}
+    comp, carry, times = {}, {}, {}
+    for n, tx in txs.items():
+        c = train_step(tx).lower(p_s, jax.eval_shape(tx.init, p_s), p_s).compile()
+        print(f"{n}: temp {c.memory_analysis().temp_size_in_bytes / size:.0%} of the tree",
+              flush=True)
+        comp[n], carry[n], times[n] = c, (jax.tree.map(jnp.copy, params), tx.init(params)), []
+    names = list(comp)
+    for r in range(8):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            carry[n] = jax.block_until_ready(comp[n](*carry[n], grads))
+            if r:
+                times[n].append(time.perf_counter() - t0)
+    base = statistics.median(times[names[0]])
+    for n in names:
+        print(f"{n}: {statistics.median(times[n]) / base:.2f}x the global-norm chain",
+              flush=True)
+
+
 if __name__ == "__main__":
-    {"kernels": kernels, "guard_copy": guard_copy}[sys.argv[1] if len(sys.argv) > 1
-                                                   else "kernels"]()
+    {"kernels": kernels, "guard_copy": guard_copy, "guard_cond": guard_cond}[
+        sys.argv[1] if len(sys.argv) > 1 else "kernels"]()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +23,7 @@ import optax
 
 import optclip
 from bench import clippers, trees
-from bench.run import train_step
+from bench.run import Measured, _copy, temp_bytes, time_group, train_step
 from optclip import norms as _n
 
 
@@ -88,7 +87,7 @@ def main() -> None:
         params = trees.make_tree(shapes, seed=0)
         grads = trees.make_tree(shapes, seed=1)
         p_s = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-        comp, carry = {}, {}
+        ms = []
         vs = variants()
         if args.only:
             vs = {k: v for k, v in vs.items() if k in args.only.split(",")}
@@ -101,22 +100,11 @@ def main() -> None:
             txt = c.as_text()
             entry = txt.split("ENTRY")[-1]
             print(f"{tname} {name}: conditionals {txt.count(' conditional(')}, entry fusions "
-                  f"{entry.count(' fusion(')}, temp {c.memory_analysis().temp_size_in_bytes}",
-                  flush=True)
-            comp[name] = c
-            carry[name] = (jax.tree.map(jnp.copy, params), tx.init(params))
-        names = list(comp)
-        times = {n: [] for n in names}
-        for r in range(3 + args.reps):
-            k = r % len(names)
-            for n in names[k:] + names[:k]:
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    carry[n] = comp[n](*carry[n], grads)
-                jax.block_until_ready(carry[n])
-                dt = (time.perf_counter() - t0) / steps
-                if r >= 3:
-                    times[n].append(dt)
+                  f"{entry.count(' fusion(')}, temp {temp_bytes(c)}", flush=True)
+            ms.append(Measured(name, c, lambda tx=tx, p=params: (_copy(p), tx.init(p)),
+                               (grads,)))
+        names = [m.key for m in ms]
+        times = time_group(ms, args.reps, 3, steps)
         med = {n: statistics.median(t) for n, t in times.items()}
         for n in names:
             print(f"{tname} {n:10s} {med[n] * 1e3:8.3f} ms  / adam {med[n] / med['adam']:.3f}"

@@ -31,7 +31,7 @@ from jax import lax
 
 import optclip
 from bench import trees
-from bench.run import train_step
+from bench.run import Measured, _copy, temp_bytes, time_group, train_step
 from optclip import norms as _n
 from optclip.static import global_scale
 
@@ -158,19 +158,13 @@ def guard_cond() -> None:
            "cond, step first": cond_guard(adam()),
            "cond, skip first": cond_guard(adam(), take_first=False),
            "optax.apply_if_finite": optax.apply_if_finite(adam(), 10**9)}
-    comp, carry, times = {}, {}, {}
+    ms = []
     for n, tx in txs.items():
         c = train_step(tx).lower(p_s, jax.eval_shape(tx.init, p_s), p_s).compile()
-        print(f"{n}: temp {c.memory_analysis().temp_size_in_bytes / size:.0%} of the tree",
-              flush=True)
-        comp[n], carry[n], times[n] = c, (jax.tree.map(jnp.copy, params), tx.init(params)), []
-    names = list(comp)
-    for r in range(8):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            carry[n] = jax.block_until_ready(comp[n](*carry[n], grads))
-            if r:
-                times[n].append(time.perf_counter() - t0)
+        print(f"{n}: temp {temp_bytes(c) / size:.0%} of the tree", flush=True)
+        ms.append(Measured(n, c, lambda tx=tx: (_copy(params), tx.init(params)), (grads,)))
+    names = [m.key for m in ms]
+    times = time_group(ms, reps=7, warmup=1)
     base = statistics.median(times[names[0]])
     for n in names:
         print(f"{n}: {statistics.median(times[n]) / base:.2f}x the global-norm chain",

@@ -2,7 +2,7 @@
 
     python -m bench.xla_probe kernels      distinct fused kernels and compile times
     python -m bench.xla_probe guard_copy   the guards' copy of the donated state, reduced
-    python -m bench.xla_probe guard_cond   skip_nonfinite against a lax.cond form, ResNet-50
+    python -m bench.xla_probe guard_cond   skip_nonfinite (a lax.cond) against a select, ResNet-50
 
 ``kernels``: XLA:CPU compiles each distinct fused kernel on its own and identical ones once.
 It prints, for the global-norm and the per-leaf chain + adam on the GPT-2 tree, the
@@ -13,8 +13,9 @@ leaf's norm, scale and clip computed on its own, the rescue's ``lax.cond`` retur
 norm per leaf), the design that README says was tried.
 
 ``guard_copy``: temp bytes of a donated step ``p, mu -> p + u(mu'), mu'`` where the kept
-state is ``where(skip, mu, mu')`` (as the guards do), against computing ``u`` from the
-kept state: the first copies ``mu`` on XLA:CPU, the second does not.
+state is ``where(skip, mu, mu')`` (as the guards did until they took the step inside a
+``lax.cond``), against computing ``u`` from the kept state: the first copies ``mu`` on
+XLA:CPU, the second does not.
 """
 
 from __future__ import annotations
@@ -121,14 +122,16 @@ def guard_copy() -> dict[str, float]:
 
 
 def guard_cond() -> None:
-    """skip_nonfinite(adam) as shipped (a select between old and new state) against the same
-    guard written as ``lax.cond(finite, take the step, skip)``, as ``optax.apply_if_finite``
-    orders its branches, and against that one: temp bytes and step time on ResNet-50."""
+    """skip_nonfinite(adam) as shipped (``lax.cond(finite, take the step, skip)``, as
+    ``optax.apply_if_finite`` orders its branches) against the same guard written as a select
+    between the old and the new state (as it was until the cond), against the cond with its
+    branches the other way round, and against ``apply_if_finite``: temp bytes and step time
+    on ResNet-50."""
     import statistics  # noqa: PLC0415
 
     from optclip import guards  # noqa: PLC0415
 
-    def cond_guard(inner, take_first=True):
+    def other_guard(inner, form):
         base = optclip.skip_nonfinite(inner)
 
         def update(updates, state, params=None):
@@ -140,8 +143,13 @@ def guard_cond() -> None:
             def skip():
                 return jax.tree.map(jnp.zeros_like, updates), state.inner_state
 
-            out, inner_state = (lax.cond(~bad, take, skip) if take_first
-                                else lax.cond(bad, skip, take))
+            if form == "select":
+                new_u, new_s = take()
+                out = jax.tree.map(lambda u: jnp.where(bad, jnp.zeros_like(u), u), new_u)
+                inner_state = jax.tree.map(lambda n, o: jnp.where(bad, o, n), new_s,
+                                           state.inner_state)
+            else:  # "skip first"
+                out, inner_state = lax.cond(bad, skip, take)
             stats = state.stats.advance(grad_norm=norm, threshold=state.stats.threshold,
                                         skipped=bad, nonfinite=bad)
             return out, guards.SkipNonfiniteState(inner_state=inner_state, stats=stats)
@@ -154,9 +162,9 @@ def guard_cond() -> None:
     p_s = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     adam = lambda: optax.adam(1e-3)  # noqa: E731
     txs = {"global-norm chain": optax.chain(optclip.clip_by_global_norm(1.0), adam()),
-           "skip_nonfinite (select)": optclip.skip_nonfinite(adam()),
-           "cond, step first": cond_guard(adam()),
-           "cond, skip first": cond_guard(adam(), take_first=False),
+           "skip_nonfinite (cond, step first)": optclip.skip_nonfinite(adam()),
+           "select (before)": other_guard(adam(), "select"),
+           "cond, skip first": other_guard(adam(), "skip first"),
            "optax.apply_if_finite": optax.apply_if_finite(adam(), 10**9)}
     ms = []
     for n, tx in txs.items():

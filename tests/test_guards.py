@@ -50,15 +50,40 @@ def test_skips_nonfinite_steps(bad):
 
 
 def test_finite_steps_equal_the_inner_optimizer():
+    # bit for bit against the inner optimizer's compiled step: the guard takes the step inside
+    # a lax.cond, which XLA compiles even when called eagerly, and Adam's eager op-by-op
+    # result differs from its compiled one by an ulp (as jit(adam.update) does)
     inner = optax.adam(1e-2)
     tx = optclip.skip_nonfinite(inner)
-    s1, s2 = tx.init(P), inner.init(P)
+    s1, s2, s3 = tx.init(P), inner.init(P), tx.init(P)
     for k in range(3):
         g = {"w": jnp.array([k + 1.0, -2.0]), "i": jnp.zeros(2, jnp.int32)}
         u1, s1 = tx.update(g, s1, P)
-        u2, s2 = inner.update(g, s2, P)
+        u2, s2 = jax.jit(inner.update)(g, s2, P)
+        u3, s3 = jax.jit(tx.update)(g, s3, P)
         leaves_equal(u1, u2)
+        leaves_equal(u3, u2)
     leaves_equal(s1.inner_state, s2)
+    leaves_equal(s3.inner_state, s2)
+
+
+@pytest.mark.parametrize("guard", [optclip.skip_nonfinite,
+                                   lambda i: optclip.skip_on_spike(i, warmup_steps=1)])
+def test_extra_args_that_are_not_arrays_reach_the_inner_optimizer(guard):
+    # the step runs inside a lax.cond, whose operands must be arrays: a string is passed on
+    def update(u, s, p=None, *, scale="half", **_):
+        return jax.tree.map(lambda x: x * {"half": 0.5, "one": 1.0}[scale], u), s
+
+    tx = guard(optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update))
+    g = jnp.array([2.0, 4.0])
+    s = tx.init(g)
+    for scale, want in (("half", [1.0, 2.0]), ("one", [2.0, 4.0])):
+        u, _ = jax.jit(lambda g, s, scale=scale: tx.update(g, s, None, scale=scale,
+                                                           value=jnp.asarray(1.0)))(g, s)
+        np.testing.assert_array_equal(np.asarray(u), want)
+        u, s2 = tx.update(g.at[0].set(jnp.nan), s, None, scale=scale, value=1.0)
+        assert bool(s2.stats.skipped)
+        np.testing.assert_array_equal(np.asarray(u), 0.0)
 
 
 def test_large_finite_fp16_is_not_skipped():
@@ -415,6 +440,47 @@ def test_nan_under_jit_with_named_sharding(name, bad):
     u, s = jax.jit(lambda g, s: tx.update(g, s, g, value=jnp.asarray(1.0)))(gs, tx.init(g))
     assert bool(s.stats.skipped)
     np.testing.assert_array_equal(np.asarray(u), 0.0)
+
+
+@needs8
+@pytest.mark.parametrize("name", sorted(GUARDS))
+def test_guarded_adam_with_sharded_state_inside_shard_map_equals_unsharded(name):
+    # A real inner optimizer inside shard_map: Adam's moments are sharded like the params
+    # (varying over "data"), its count is replicated. The guard's skipped branch must return
+    # the kept state and zero updates typed like the step's (shard_map checks it), and the
+    # result must be the unsharded one, bit for bit on skipped steps.
+    guard = {"skip_nonfinite": optclip.skip_nonfinite,
+             "spike_ema": lambda i, **kw: optclip.skip_on_spike(i, warmup_steps=2, **kw),
+             "spike_window": lambda i, **kw: optclip.skip_on_spike(i, window=2, **kw),
+             "spike_window_both": lambda i, **kw: optclip.skip_on_spike(i, window=2, on="both",
+                                                                        **kw)}[name]
+    make = lambda **kw: guard(  # noqa: E731
+        optax.chain(optclip.clip_by_global_norm(1.0, **kw), optax.adam(1e-2)), **kw)
+    params = {"w": jnp.linspace(-1.0, 1.0, 16).reshape(8, 2), "b": jnp.ones(3)}
+    pspec = {"w": PS("data"), "b": None}  # a mixed layout: "b" is replicated
+    ref, tx = make(), make(partition_specs=pspec)
+    state0 = tx.init(params)
+    sspec = jax.tree.map(lambda x: PS("data") if x.shape == (8, 2) else PS(), state0)
+    ispec = {"w": PS("data"), "b": PS()}
+    step = jax.jit(jax.shard_map(lambda g, s, p: tx.update(g, s, p, value=jnp.asarray(1.0)),
+                                 mesh=mesh1(), in_specs=(ispec, sspec, ispec),
+                                 out_specs=(ispec, sspec)))
+    s_ref, s = ref.init(params), state0
+    for k, bad in enumerate([None, None, jnp.nan, None, jnp.inf, None]):
+        g = {"w": jnp.full((8, 2), 0.3 + 0.05 * (k % 2)).at[3, 1].add(0.5),
+             "b": jnp.full(3, -0.2)}  # no spike: only the non-finite steps are skipped
+        if bad is not None:
+            g["w"] = g["w"].at[6, 0].set(bad)  # on the 7th device's shard only
+        before = s
+        u_ref, s_ref = jax.jit(ref.update)(g, s_ref, params, value=jnp.asarray(1.0))
+        u, s = step(g, s, params)
+        assert bool(s.stats.skipped) == (bad is not None) == bool(s_ref.stats.skipped)
+        for a, b in zip(jax.tree.leaves((u, s.inner_state)),
+                        jax.tree.leaves((u_ref, s_ref.inner_state)), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+        if bad is not None:
+            leaves_equal(s.inner_state, before.inner_state)
+            np.testing.assert_array_equal(np.asarray(u["w"]), 0.0)
 
 
 @needs8

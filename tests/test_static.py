@@ -145,14 +145,18 @@ def test_optax_parity_float32(tree, max_norm):
     # Optax is right where its float32 sum of squares neither overflows nor underflows.
     sq = float(sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(tree)))
     assume(1e-30 < sq < 1e38)
+    # Optax divides by the norm before it multiplies by max_norm: an element below
+    # tiny * norm becomes subnormal there and is flushed to 0 (1e-22 among 1e16 with
+    # max_norm=2: Optax 0, the true 2e-38). Its error is up to tiny * max_norm.
+    tol = atol(jnp.float32) * max(1.0, max_norm)
     ours, _ = apply(optclip.clip_by_global_norm(max_norm), tree)
     theirs, _ = apply(optax.clip_by_global_norm(max_norm), tree)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=atol(jnp.float32))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=tol)
     ours, _ = apply(optclip.clip_by_block_rms(max_norm), tree)
     theirs, _ = apply(optax.clip_by_block_rms(max_norm), tree)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=atol(jnp.float32))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=tol)
     ours, _ = apply(optclip.clip_by_value(max_norm), tree)
     theirs, _ = apply(optax.clip(max_norm), tree)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):

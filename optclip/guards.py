@@ -117,8 +117,14 @@ def guarded_step(skip: jax.Array, step: Any, operands: Any, old_inner: Any) -> t
     mesh axes: the step is traced once for its output types (``make_jaxpr`` runs nothing),
     the skipped branch's zeros and kept state are typed as varying like the step's
     outputs, and where the old state varies over more axes than the new one (an inner that
-    ``pmean``s its state) the step's state is typed as varying like the old one. Every array
-    ``step`` reads must come in ``operands``: arrays it closes over lose their types there.
+    ``pmean``s its state) the step's state is typed as varying like the old one. A state
+    leaf whose dtype the step changes (Adam's moments of int params start as ints) is kept
+    in the promoted dtype of the two, as a select would keep it.
+
+    Raises:
+      TypeError: when the step returns a state of another structure than ``old_inner``.
+      ValueError: when it returns a state leaf of another shape (a state built for other
+        params).
     """
     jaxpr, shapes = jax.make_jaxpr(step, return_shape=True)(operands)
     treedef = jax.tree.structure(shapes)
@@ -131,34 +137,40 @@ def guarded_step(skip: jax.Array, step: Any, operands: Any, old_inner: Any) -> t
         raise TypeError(
             "the wrapped optimizer's update returned a state of another structure than the "
             f"state it was given:\n  given:    {old_def}\n  returned: {s_def}")
+    for path_o, a in zip(jax.tree_util.tree_flatten_with_path(old_inner)[0], s_avals,
+                         strict=True):
+        path, o = path_o
+        if tuple(np.shape(o)) != tuple(a.shape):
+            raise ValueError(
+                f"the wrapped optimizer's state at {jax.tree_util.keystr(path) or '<root>'} "
+                f"has shape {tuple(np.shape(o))}, but its update returns shape "
+                f"{tuple(a.shape)}: was the state built by tx.init for other params?")
     want = [_vma(a) | _vma_of(o) for a, o in zip(s_avals, old_leaves, strict=True)]
+    dtypes = [jnp.promote_types(jnp.result_type(o), a.dtype)
+              for o, a in zip(old_leaves, s_avals, strict=True)]
 
     def take(ops):
         new_updates, new_inner = step(ops)
-        leaves = [_as_varying(n, _vma_of(n), w)
-                  for n, w in zip(jax.tree.leaves(new_inner), want, strict=True)]
+        leaves = [_as_varying(jnp.asarray(n, d), _vma_of(n), w)
+                  for n, d, w in zip(jax.tree.leaves(new_inner), dtypes, want, strict=True)]
         return new_updates, jax.tree.unflatten(s_def, leaves)
 
     def hold(ops):
-        # an inner whose state changes dtype (Adam's moments of int params start as ints)
-        # keeps the old values in the new dtype, as a select would promote them
-        leaves = [_as_varying(jnp.asarray(o, a.dtype), _vma_of(o), w)
-                  for o, a, w in zip(old_leaves, s_avals, want, strict=True)]
+        leaves = [_as_varying(jnp.asarray(o, d), _vma_of(o), w)
+                  for o, d, w in zip(old_leaves, dtypes, want, strict=True)]
         return jax.tree.map(_hold, u_avals), jax.tree.unflatten(s_def, leaves)
 
     return lax.cond(~skip, take, hold, operands)
 
 
-def _is_array_like(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex))
-
-
 def inner_step(inner: optax.GradientTransformationExtraArgs, updates: Any, state: Any,
                params: Any, extra_args: dict[str, Any]) -> tuple[Any, Any]:
-    """``inner.update`` as :func:`guarded_step`'s ``(step, operands)``: every array it reads
-    is an operand; an extra argument that is not made of arrays is closed over."""
+    """``inner.update`` as :func:`guarded_step`'s ``(step, operands)``: the updates, state,
+    params and every extra argument made of JAX arrays (``value=loss`` under ``jit``) are
+    operands; any other extra argument (a Python bool or int, a NumPy table, a string) is
+    closed over, so that the inner optimizer sees it as it was given."""
     arrays = {k: v for k, v in extra_args.items()
-              if all(_is_array_like(x) for x in jax.tree.leaves(v))}
+              if all(isinstance(x, jax.Array) for x in jax.tree.leaves(v))}
     rest = {k: v for k, v in extra_args.items() if k not in arrays}
 
     def step(ops):
@@ -576,8 +588,9 @@ def skip_on_spike(
                             for i, e in enumerate(h))
         else:
             take = ~skip
-            slot = h.values[:, h.pos]
-            values = h.values.at[:, h.pos].set(jnp.where(take, v.astype(dt), slot))
+            hv = jnp.asarray(h.values)  # a restored checkpoint may hold NumPy arrays
+            slot = hv[:, h.pos]
+            values = hv.at[:, h.pos].set(jnp.where(take, v.astype(dt), slot))
             history = SpikeWindow(
                 values=values,
                 count=jnp.where(take, jnp.minimum(h.count + 1, window), h.count).astype(jnp.int32),

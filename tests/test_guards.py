@@ -70,9 +70,13 @@ def test_finite_steps_equal_the_inner_optimizer():
 @pytest.mark.parametrize("guard", [optclip.skip_nonfinite,
                                    lambda i: optclip.skip_on_spike(i, warmup_steps=1)])
 def test_extra_args_that_are_not_arrays_reach_the_inner_optimizer(guard):
-    # the step runs inside a lax.cond, whose operands must be arrays: a string is passed on
-    def update(u, s, p=None, *, scale="half", **_):
-        return jax.tree.map(lambda x: x * {"half": 0.5, "one": 1.0}[scale], u), s
+    # the step runs inside a lax.cond; extra args that are not JAX arrays (a string, a
+    # Python bool or int, a NumPy table) reach the inner optimizer as they were given, not
+    # as traced operands (a Python `if` on a bool, a shape from an int)
+    def update(u, s, p=None, *, scale="half", halve=False, n_micro=1, table=None, **_):
+        k = {"half": 0.5, "one": 1.0}[scale] * (0.5 if halve else 1.0) / n_micro
+        k *= 1.0 if table is None else float(np.sum(table))
+        return jax.tree.map(lambda x: x * k + jnp.zeros((n_micro,)).sum(), u), s
 
     tx = guard(optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update))
     g = jnp.array([2.0, 4.0])
@@ -84,6 +88,27 @@ def test_extra_args_that_are_not_arrays_reach_the_inner_optimizer(guard):
         u, s2 = tx.update(g.at[0].set(jnp.nan), s, None, scale=scale, value=1.0)
         assert bool(s2.stats.skipped)
         np.testing.assert_array_equal(np.asarray(u), 0.0)
+    kw = {"halve": True, "n_micro": 2, "table": np.array([1.0, 1.0])}
+    u, _ = tx.update(g, s, None, scale="one", value=1.0, **kw)
+    np.testing.assert_array_equal(np.asarray(u), [1.0, 2.0])  # 2 * 0.5 / 2 * 2
+
+
+def test_state_built_for_other_params_is_refused_by_name():
+    tx = optclip.skip_nonfinite(optax.adam(1e-2))
+    with pytest.raises(ValueError, match=r"mu.*has shape \(1,\).*returns shape \(2,\)"):
+        tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.ones(1)}), {"w": jnp.ones(2)})
+
+
+def test_state_whose_dtype_the_inner_narrows_is_kept_bit_for_bit_on_a_skip():
+    # a select kept such a leaf in the promoted dtype; so does the cond
+    def update(u, s, p=None, **_):
+        return u, s.astype(jnp.int32)
+
+    tx = optclip.skip_nonfinite(optax.GradientTransformationExtraArgs(
+        lambda p: jnp.array([1.7, -2.5]), update))
+    _, s = tx.update(jnp.array([jnp.nan]), tx.init(None), None)
+    assert bool(s.stats.skipped)
+    np.testing.assert_array_equal(np.asarray(s.inner_state), np.float32([1.7, -2.5]))
 
 
 def test_large_finite_fp16_is_not_skipped():
@@ -347,6 +372,12 @@ def test_checkpoint_round_trip_mid_run_is_bit_identical(cfg):
     b = run_steps(step, x2, s2, 8, k0=10)
     leaves_equal(a, b)
     assert int(a[1].stats.skip_count) > int(s.stats.skip_count)
+    # a restored state holds NumPy arrays; an eager step takes it as it is (equal to the
+    # jitted step up to an ulp: eager and compiled arithmetic differ)
+    _, s3 = tx.update(jnp.ones(2), s2, x2, value=jnp.asarray(2.0))
+    _, s4 = step(jnp.ones(2), s2, x2, value=jnp.asarray(2.0))
+    for p, q in zip(jax.tree.leaves(s3), jax.tree.leaves(s4), strict=True):
+        np.testing.assert_allclose(np.asarray(p), np.asarray(q), rtol=1e-6)
 
 
 # --- Task B: every device skips together -----------------------------------------------------

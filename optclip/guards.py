@@ -149,14 +149,17 @@ def guarded_step(skip: jax.Array, step: Any, operands: Any, old_inner: Any) -> t
     dtypes = [jnp.promote_types(jnp.result_type(o), a.dtype)
               for o, a in zip(old_leaves, s_avals, strict=True)]
 
+    def cast(x, d):  # only where the dtype changes: a weak-typed leaf stays weak
+        return x if jnp.result_type(x) == d else jnp.asarray(x, d)
+
     def take(ops):
         new_updates, new_inner = step(ops)
-        leaves = [_as_varying(jnp.asarray(n, d), _vma_of(n), w)
+        leaves = [_as_varying(cast(n, d), _vma_of(n), w)
                   for n, d, w in zip(jax.tree.leaves(new_inner), dtypes, want, strict=True)]
         return new_updates, jax.tree.unflatten(s_def, leaves)
 
     def hold(ops):
-        leaves = [_as_varying(jnp.asarray(o, d), _vma_of(o), w)
+        leaves = [_as_varying(cast(o, d), _vma_of(o), w)
                   for o, d, w in zip(old_leaves, dtypes, want, strict=True)]
         return jax.tree.map(_hold, u_avals), jax.tree.unflatten(s_def, leaves)
 

@@ -99,6 +99,18 @@ def test_state_built_for_other_params_is_refused_by_name():
         tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.ones(1)}), {"w": jnp.ones(2)})
 
 
+def test_weak_typed_state_stays_weak_and_compiles_once():
+    inner = optax.GradientTransformation(lambda p: {"n": jnp.asarray(0.0)},  # weak-typed
+                                         lambda u, s, p=None: (u, {"n": s["n"] + 1.0}))
+    tx = optclip.skip_nonfinite(inner)
+    f = jax.jit(tx.update)
+    s = tx.init({"w": jnp.ones(2)})
+    for g in (1.0, jnp.nan, 1.0):
+        _, s = f({"w": jnp.full(2, g)}, s, None)
+    assert jax.typeof(s.inner_state["n"]).weak_type and float(s.inner_state["n"]) == 2.0
+    assert f._cache_size() == 1
+
+
 def test_state_whose_dtype_the_inner_narrows_is_kept_bit_for_bit_on_a_skip():
     # a select kept such a leaf in the promoted dtype; so does the cond
     def update(u, s, p=None, **_):

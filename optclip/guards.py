@@ -132,14 +132,13 @@ def guarded_step(skip: jax.Array, step: Any, operands: Any, old_inner: Any) -> t
     avals = jaxpr.out_avals
     u_avals = jax.tree.unflatten(u_def, avals[: u_def.num_leaves])
     s_avals = avals[u_def.num_leaves:]
-    old_leaves, old_def = jax.tree.flatten(old_inner)
+    old_paths, old_def = jax.tree_util.tree_flatten_with_path(old_inner)
+    old_leaves = [o for _, o in old_paths]
     if old_def != s_def:
         raise TypeError(
             "the wrapped optimizer's update returned a state of another structure than the "
             f"state it was given:\n  given:    {old_def}\n  returned: {s_def}")
-    for path_o, a in zip(jax.tree_util.tree_flatten_with_path(old_inner)[0], s_avals,
-                         strict=True):
-        path, o = path_o
+    for (path, o), a in zip(old_paths, s_avals, strict=True):
         if tuple(np.shape(o)) != tuple(a.shape):
             raise ValueError(
                 f"the wrapped optimizer's state at {jax.tree_util.keystr(path) or '<root>'} "

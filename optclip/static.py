@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from optclip import layers as _layers
 from optclip import norms as _n
@@ -289,13 +290,42 @@ def _value_clamped(leaves: list[jax.Array], lo: jax.Array, hi: jax.Array, symmet
         return over > 0
 
     def nonfinite_step():
-        # a boolean ``any``: XLA:CPU writes its operand out (a 1-byte mask), but this step is
-        # rare
-        out = _n.grouped_total(
-            wide, (lo_, hi_), lambda v, b: jnp.isfinite(v) & ((v > b[1]) | (v < b[0])), jnp.any)
-        return out.astype(bool)
+        return _chunked_any(wide, lambda v: jnp.isfinite(v) & ((v > hi_) | (v < lo_)))
 
     return jax.lax.cond(nonfinite, nonfinite_step, finite_step)
+
+
+# slices of the non-finite step's mask (see _chunked_any): 1/64 of a byte per element
+_ANY_CHUNKS = 64
+
+
+def _chunked_any(vals: list[jax.Array], pred, chunks: int = _ANY_CHUNKS) -> jax.Array:
+    """Whether ``pred`` holds for some element of some array, ``chunks`` slices at a time.
+
+    A boolean reduction's operand is written out in full on XLA:CPU (a 1-byte mask the size
+    of the arrays: a quarter of float32 updates). One loop takes slice ``i`` of every array
+    at step ``i``, so that only ``1/chunks`` of the mask exists at once; the last slice of
+    an array that does not divide evenly starts earlier and overlaps the one before it,
+    which an ``any`` does not mind. The small arrays are concatenated first, as in
+    ``norms.grouped_total``, so that the loop's body holds one reduction per large array.
+    """
+    large = [v.ravel() for v in vals if v.size > _n.SMALL_LEAF]
+    small = [v.ravel() for v in vals if 0 < v.size <= _n.SMALL_LEAF]
+    if small:
+        large.append(small[0] if len(small) == 1 else jnp.concatenate(small))
+    if not large:
+        return jnp.zeros((), bool)
+    widths = [-(-v.size // chunks) for v in large]
+
+    def step(i, acc):
+        for v, w in zip(large, widths, strict=True):
+            start = jnp.minimum(i * w, v.size - w)
+            acc = acc | jnp.any(pred(lax.dynamic_slice(v, (start,), (w,))))
+        return acc
+
+    # the first slices outside the loop, so that the carry has the body's type (inside
+    # shard_map: varying along the arrays' axes)
+    return lax.fori_loop(1, chunks, step, step(0, jnp.zeros((), bool)))
 
 
 def _max_or_minus_inf(x: jax.Array) -> jax.Array:

@@ -243,3 +243,68 @@ def test_agc_axis_under_inject_hyperparams_needs_static_args():
     ref, _ = optclip.agc(0.01, axis=0).update(G, optclip.agc(0.01, axis=0).init(P), P)
     for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+# --- NaN in leaves large enough that XLA:CPU's max reduction drops it ----------------------------
+# On XLA:CPU (jax 0.10.2), jnp.max of a float32 array of 4,096 elements or more can return the
+# largest finite element and drop a NaN (openxla/xla#21461). No clipper may rely on a max to see
+# a NaN: the flags come from sums. These leaves are above both that size and norms.SMALL_LEAF,
+# so that they are reduced on their own rather than concatenated with the small ones.
+
+_BIG = 2 * 65536 + 37  # does not divide into the non-finite step's 64 slices evenly
+
+
+def _big_tree(bad, pos):
+    x = np.linspace(-0.5, 0.5, _BIG, dtype=np.float32)
+    x[pos] = bad
+    return {"w": jnp.asarray(x.reshape(1, _BIG)), "b": jnp.full((3,), 0.25, jnp.float32)}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_nonfinite_in_a_large_leaf_is_flagged(name, bad):
+    tx = ALL[name]()
+    p = jax.tree.map(jnp.ones_like, _big_tree(0.0, 0))
+    step = jax.jit(tx.update)
+    for pos in (0, _BIG // 2, _BIG - 1):
+        g = _big_tree(bad, pos)
+        u, s = step(g, tx.init(p), p)
+        st = optclip.stats(s)
+        if "skipped" in st:
+            assert bool(st["skipped"]), pos
+            assert all(not np.any(np.asarray(v)) for v in jax.tree.leaves(u)), pos
+        else:
+            assert bool(st["nonfinite"]) and not math.isfinite(float(st["grad_norm"])), pos
+
+
+_CLAMP_AT = sorted({0, _BIG // 64 - 1, _BIG // 64, _BIG // 2, _BIG - _BIG // 64 - 2, _BIG - 1})
+
+
+@pytest.mark.parametrize("lo", [None, -0.75], ids=["symmetric", "bounds"])
+def test_clip_by_value_reports_a_clamp_beside_a_nan_anywhere_in_a_large_leaf(lo):
+    # the clamp flag on a non-finite step is taken slice by slice (static._chunked_any): a
+    # clamp in any slice, the last one (which overlaps the one before it) included, is seen
+    tx = optclip.clip_by_value(0.75, lo)
+    step = jax.jit(tx.update)
+    nan_at = 7
+    for at in [None, *_CLAMP_AT]:
+        g = _big_tree(math.nan, nan_at)
+        if at is not None:
+            g["w"] = g["w"].at[0, at if at != nan_at else at + 1].set(-3.0 if lo is None else 2.0)
+        u, s = step(g, tx.init(None))
+        assert bool(s.stats.nonfinite)
+        assert bool(s.stats.clipped) == (at is not None), at
+        assert np.isnan(np.asarray(u["w"])[0, nan_at])
+    g = _big_tree(math.nan, nan_at)
+    g["b"] = g["b"].at[1].set(9.0)  # a clamp in the small leaves only
+    _, s = step(g, tx.init(None))
+    assert bool(s.stats.clipped)
+
+
+@pytest.mark.parametrize("ord_", [1, 2, 3, math.inf], ids=["l1", "l2", "l3", "linf"])
+def test_norms_of_a_large_leaf_with_a_nan_are_nan(ord_):
+    f = jax.jit(lambda g: (optclip.global_norm(g, ord=ord_), optclip.leaf_norms(g, ord=ord_)))
+    for pos in (0, _BIG // 2, _BIG - 1):
+        total, per_leaf = f(_big_tree(math.nan, pos))
+        assert np.isnan(float(total)) and np.isnan(float(per_leaf["w"])), pos
+        assert float(per_leaf["b"]) > 0

@@ -43,7 +43,7 @@ import optclip  # noqa: F401  (the package measured; imported here so a broken o
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.clippers import GN, OPTCLIP, entries, needed, step_ratios  # noqa: E402
+from bench.clippers import GN, OPTCLIP, STEP_ONLY, entries, needed, step_ratios  # noqa: E402
 from bench.trees import (  # noqa: E402
     MANY_TREES,
     STEP_TREES,
@@ -369,7 +369,8 @@ def bench_many(trees: list[str], names: list[str], max_s: float,
     """First-call time and temp bytes of every clipper's ``update`` alone, per tree."""
     trees = sorted(trees, key=lambda t: len(TREES[t]()))
     reg = entries()
-    keys = [k for k in needed(names) if k != "adam" and reg[k].kind != "baseline"]
+    keys = [k for k in needed(names)
+            if k != "adam" and reg[k].kind != "baseline" and k not in STEP_ONLY]
     keys += ["fused_global_norm"]
     print(f"\nmany leaves: {', '.join(trees)}; update alone of {', '.join(keys)}; "
           f"cut-off {max_s:.0f} s", flush=True)

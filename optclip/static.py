@@ -425,10 +425,16 @@ def clip_by_value(
         # written out in full on CPU (see norms.own_copies).
         los = _n.own_copies(lo, 2 * len(leaves))
         his = _n.own_copies(hi, 2 * len(leaves))
-        after = _n.norm_core(
-            leaves, 2.0, combine=True, axes_per_leaf=leaf_axes,
-            xform=lambda x, i, m: _clamp_for_norm(x, los[2 * i + m], his[2 * i + m],
-                                                  min_value is None, m))[0][0]
+
+        def norm_after():
+            return _n.norm_core(
+                leaves, 2.0, combine=True, axes_per_leaf=leaf_axes,
+                xform=lambda x, i, m: _clamp_for_norm(x, los[2 * i + m], his[2 * i + m],
+                                                      min_value is None, m))[0][0]
+
+        # Nothing clamped on a finite step: the norm after is the norm before, and the
+        # updates are not read a third time.
+        after = lax.cond(clipped | nonfinite, norm_after, lambda: before)
         # The clamp does not need these reductions, and when the input is donated XLA then
         # copies the whole input to keep it for them. Bounds that depend on the reductions
         # (never changing their value: a norm is never < 0) order them before the clamp.

@@ -304,3 +304,42 @@ def test_gradient_of_global_norm_inside_shard_map(p, scale):
     x64 = np.asarray(x, np.float64)
     want = x64 ** (p - 1) / np.linalg.norm(x64, p) ** (p - 1)
     np.testing.assert_allclose(np.asarray(jax.grad(f)(x)), want, rtol=1e-5)
+
+
+def _one_clamp_grads(step):
+    # small gradients: nothing clamped at 0.5, but on odd steps one element of "dense" on the
+    # last shard (row 15 of 16), so that only one device sees a clamp
+    g = {k: jnp.asarray(np.random.default_rng(step).normal(size=s) * 0.01, jnp.float32)
+         for k, s in SHAPES.items()}
+    if step % 2:
+        g["dense"] = g["dense"].at[15, 3].set(-0.75)
+    return g
+
+
+@pytest.mark.parametrize("how", ["shard_map", "pmap", "named"])
+def test_clip_by_value_clamp_on_one_shard_only_equals_unsharded(how):
+    # the norm after the clamp is taken only on a step that clamped (a lax.cond on the global
+    # flag): every device must take the same branch, and the stats must be the unsharded ones
+    want = run(optclip.clip_by_value(0.5), grads=_one_clamp_grads)
+    assert [bool(s["clipped"]) for _, s in want] == [False, True, False, True]
+    devs = np.array(jax.devices()[:8])
+    mesh = Mesh(devs, ("data",))
+    if how == "shard_map":
+        tx = optclip.clip_by_value(0.5, axis_name="data")
+        got = run(tx, shard_map_step(tx, mesh, fsdp_specs()), grads=_one_clamp_grads)
+    elif how == "named":
+        tx = optclip.clip_by_value(0.5)
+        got = run(tx, sharded_step(tx, mesh, fsdp_specs()), grads=_one_clamp_grads)
+    else:
+        tx = optclip.clip_by_value(0.5, axis_name="i")
+        split = lambda g: {k: v.reshape(8, -1, *v.shape[1:]) if k != "conv"
+                           else jnp.moveaxis(v.reshape(3, 3, 8, 1, 8), 2, 0) for k, v in g.items()}
+        merge = lambda u: {k: v.reshape(SHAPES[k]) if k != "conv"
+                           else jnp.moveaxis(v, 0, 2).reshape(SHAPES[k]) for k, v in u.items()}
+        pstep = jax.pmap(tx.update, axis_name="i", in_axes=(0, None, 0), out_axes=(0, None))
+
+        def step(g, s, p):
+            u, s = pstep(split(g), s, split(p))
+            return merge(u), s
+        got = run(tx, step, grads=_one_clamp_grads)
+    assert_same(got, want)

@@ -226,9 +226,12 @@ LAYER_AXIS_FORMS = {
 }
 
 
-@pytest.mark.parametrize("form", sorted(LAYER_AXIS_FORMS))
-@pytest.mark.parametrize("axis", [0, 1])
-@pytest.mark.parametrize("clipper", ["leaf_norm", "leaf_norm_l1", "block_rms"])
+# Each clipper on both layer axes; the two ways of giving layer_axis alternate between them
+# (test_layer_axis_forms_agree checks that they resolve alike).
+@pytest.mark.parametrize("clipper,axis,form", [
+    ("leaf_norm", 0, "prefix"), ("leaf_norm", 1, "callable"),
+    ("leaf_norm_l1", 0, "callable"), ("leaf_norm_l1", 1, "prefix"),
+    ("block_rms", 0, "prefix"), ("block_rms", 1, "callable")])
 def test_static_clippers_equal_unrolled(clipper, axis, form):
     _, stacked, unrolled = model_data()
     g_s, g_u = move(stacked[1], axis), unrolled[1]

@@ -456,7 +456,7 @@ def targets(step: list[dict], many: dict | None, names: list[str]) -> list[dict]
         for t, per in many["results"].items():
             gn = per.get(GN, {}).get("first_call_s")
             size = many["trees"][t]["tree_bytes"]
-            for n in names:
+            for n in (n for n in names if n not in STEP_ONLY):
                 r = per.get(n, {})
                 if "first_call_s" in r:
                     v = r["first_call_s"] / gn if gn else None

@@ -516,6 +516,7 @@ def norm_core(
     flag_axes: tuple[Hashable, ...] = (),
     flat: bool = False,
     xform: Any = None,
+    rescue: bool = True,
 ) -> tuple[Any, jax.Array]:
     """The one norm kernel behind every public norm and clipper.
 
@@ -539,6 +540,9 @@ def norm_core(
         ``lax.cond``, whose operands are then the arrays themselves: a
         transformed tree handed in instead would be written out in full as the
         ``cond``'s operand.
+      rescue: False when the caller knows that the terms can neither overflow nor lose
+        precision as subnormals (``xform`` has scaled every element to at most 1, and one
+        to 1): the sum is then taken once, with no overflow rescue and its ``lax.cond``.
 
     Returns:
       ``(norms, nonfinite)``: a list with one norm per array (one in all when
@@ -639,6 +643,8 @@ def norm_core(
         return finish(ms), any_nonfinite(poison)
 
     parts = reduce("sum")
+    if not rescue:
+        return finish(safe_root(parts, p)), any_nonfinite(parts)
     if combine:
         sizes = np.array([sum(int(x.size) for x in xs)])
     else:

@@ -295,8 +295,9 @@ def _value_clamped(leaves: list[jax.Array], lo: jax.Array, hi: jax.Array, symmet
     return jax.lax.cond(nonfinite, nonfinite_step, finite_step)
 
 
-# slices of the non-finite step's mask (see _chunked_any): 1/64 of a byte per element
-_ANY_CHUNKS = 64
+# The non-finite step's clamp flag takes 1/_ANY_CHUNKS of the updates at a time (see
+# _chunked_any): a copy of that much, and its mask, are all it holds at once.
+_ANY_CHUNKS = 256
 
 
 def _chunked_any(vals: list[jax.Array], pred, chunks: int = _ANY_CHUNKS) -> jax.Array:
@@ -304,24 +305,27 @@ def _chunked_any(vals: list[jax.Array], pred, chunks: int = _ANY_CHUNKS) -> jax.
 
     A boolean reduction's operand is written out in full on XLA:CPU (a 1-byte mask the size
     of the arrays: a quarter of float32 updates). One loop takes slice ``i`` of every array
-    at step ``i``, so that only ``1/chunks`` of the mask exists at once; the last slice of
-    an array that does not divide evenly starts earlier and overlaps the one before it,
-    which an ``any`` does not mind. The small arrays are concatenated first, as in
-    ``norms.grouped_total``, so that the loop's body holds one reduction per large array.
+    at step ``i``, so that only ``1/chunks`` of the arrays and of the mask exist at once; the
+    last slice of an array that does not divide evenly starts earlier and overlaps the one
+    before it, which an ``any`` does not mind. The slices are concatenated, and reduced
+    once: a boolean reduction per array compiles to several kernels each on XLA:CPU, and
+    for a model's hundreds of leaves cost more compile time than the rest of the clipper.
+    The price is paid on non-finite steps only: on the GPT-2 tree, XLA:CPU, such a step of
+    ``chain(clip_by_value, adam)`` takes 2.4x a finite one (429 ms against 176 ms).
     """
-    large = [v.ravel() for v in vals if v.size > _n.SMALL_LEAF]
-    small = [v.ravel() for v in vals if 0 < v.size <= _n.SMALL_LEAF]
-    if small:
-        large.append(small[0] if len(small) == 1 else jnp.concatenate(small))
-    if not large:
+    dtype = jnp.result_type(*vals) if vals else jnp.float32
+    flat = [v.ravel().astype(dtype) for v in vals if v.size > _n.SMALL_LEAF]
+    small = [v.ravel().astype(dtype) for v in vals if 0 < v.size <= _n.SMALL_LEAF]
+    if small:  # once, outside the loop (as norms.grouped_total groups them)
+        flat.append(jnp.concatenate(small) if len(small) > 1 else small[0])
+    if not flat:
         return jnp.zeros((), bool)
-    widths = [-(-v.size // chunks) for v in large]
+    widths = [-(-v.size // chunks) for v in flat]
 
     def step(i, acc):
-        for v, w in zip(large, widths, strict=True):
-            start = jnp.minimum(i * w, v.size - w)
-            acc = acc | jnp.any(pred(lax.dynamic_slice(v, (start,), (w,))))
-        return acc
+        parts = [lax.dynamic_slice(v, (jnp.minimum(i * w, v.size - w),), (w,))
+                 for v, w in zip(flat, widths, strict=True)]
+        return acc | jnp.any(pred(jnp.concatenate(parts) if len(parts) > 1 else parts[0]))
 
     # the first slices outside the loop, so that the carry has the body's type (inside
     # shard_map: varying along the arrays' axes)
@@ -427,6 +431,16 @@ def clip_by_value(
         his = _n.own_copies(hi, 2 * len(leaves))
 
         def norm_after():
+            if min_value is None:
+                # Only taken when some element was clamped, to hi: divided by hi, every term
+                # is at most 1 and one is 1, so the sum can neither overflow nor lose the
+                # small terms that matter, and needs no rescue (nor its compile time).
+                d = jnp.where((hi > 0) & jnp.isfinite(hi), hi, jnp.ones_like(hi))
+                ds = _n.own_copies(d, len(leaves))
+                return _n.norm_core(
+                    leaves, 2.0, combine=True, axes_per_leaf=leaf_axes, rescue=False,
+                    xform=lambda x, i, m: _clamp_for_norm(x, los[2 * i], his[2 * i], True)
+                    / ds[i].astype(jnp.promote_types(x.dtype, jnp.float32)))[0][0] * d
             return _n.norm_core(
                 leaves, 2.0, combine=True, axes_per_leaf=leaf_axes,
                 xform=lambda x, i, m: _clamp_for_norm(x, los[2 * i + m], his[2 * i + m],

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import optclip
+from optclip import static
 
 P = {"w": jnp.array([[0.5, -1.0], [2.0, 0.25]]), "b": jnp.array([0.1, -0.2])}
 G = {"w": jnp.array([[3.0, -4.0], [1.0, 2.0]]), "b": jnp.array([5.0, -6.0])}
@@ -251,7 +252,8 @@ def test_agc_axis_under_inject_hyperparams_needs_static_args():
 # a NaN: the flags come from sums. These leaves are above both that size and norms.SMALL_LEAF,
 # so that they are reduced on their own rather than concatenated with the small ones.
 
-_BIG = 2 * 65536 + 37  # does not divide into the non-finite step's 64 slices evenly
+_BIG = 2 * 65536 + 37  # does not divide into the non-finite step's slices evenly
+_W = -(-_BIG // static._ANY_CHUNKS)  # their width
 
 
 def _big_tree(bad, pos):
@@ -277,7 +279,7 @@ def test_nonfinite_in_a_large_leaf_is_flagged(name, bad):
             assert bool(st["nonfinite"]) and not math.isfinite(float(st["grad_norm"])), pos
 
 
-_CLAMP_AT = sorted({0, _BIG // 64 - 1, _BIG // 64, _BIG // 2, _BIG - _BIG // 64 - 2, _BIG - 1})
+_CLAMP_AT = sorted({0, _W - 1, _W, _BIG // 2, _BIG - _W - 1, _BIG - _W + 1, _BIG - 1})
 
 
 @pytest.mark.parametrize("lo", [None, -0.75], ids=["symmetric", "bounds"])

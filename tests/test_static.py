@@ -337,3 +337,26 @@ def test_trains_least_squares_to_optimum(name, opt):
     x, state = run(x0)
     np.testing.assert_allclose(np.asarray(x), X_STAR, atol=2e-2)
     assert float(optclip.stats(state)["grad_norm"]) < 0.05
+
+
+def test_clip_by_value_scale_stat_matches_float64_at_every_magnitude():
+    # the norm after the clamp is taken divided by the bound, with no overflow rescue (the
+    # terms are at most 1 and one is 1): exact from 1e-30 to 1e30, complex and bf16 leaves too
+    rng = np.random.default_rng(0)
+    step = jax.jit(lambda g, hi: optclip.clip_by_value(hi).update(g, optclip.clip_by_value(
+        hi).init(None)))
+    for scale in (1e-30, 1e-8, 1.0, 3e7, 1e30):
+        hi = np.float32(scale * 0.7)
+        tree = {"a": jnp.asarray(rng.normal(size=(70000,)) * scale, jnp.float32),
+                "b": jnp.asarray(rng.normal(size=(5, 3)) * scale, jnp.float32),
+                "c": jnp.asarray((rng.normal(size=4) + 1j * rng.normal(size=4)) * scale,
+                                 jnp.complex64),
+                "h": jnp.asarray(rng.normal(size=300) * min(scale, 1e30), jnp.bfloat16)}
+        _, state = step(tree, jnp.float32(hi))
+        xs = [np.asarray(x).astype(np.complex128) for x in jax.tree.leaves(tree)]
+        b = float(hi)
+        clamped = [np.clip(x.real, -b, b) + 1j * np.clip(x.imag, -b, b) for x in xs]
+        before = math.sqrt(sum(np.sum(np.abs(x) ** 2) for x in xs))
+        after = math.sqrt(sum(np.sum(np.abs(x) ** 2) for x in clamped))
+        assert bool(state.stats.clipped)
+        np.testing.assert_allclose(float(state.stats.scale), after / before, rtol=1e-5)

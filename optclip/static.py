@@ -289,8 +289,18 @@ def _value_clamped(leaves: list[jax.Array], lo: jax.Array, hi: jax.Array, symmet
                                 _max_or_minus_inf)
         return over > 0
 
+    def outside(v):
+        return jnp.isfinite(v) & ((v > hi_) | (v < lo_))
+
     def nonfinite_step():
-        return _chunked_any(wide, lambda v: jnp.isfinite(v) & ((v > hi_) | (v < lo_)))
+        # Sliced on XLA:CPU only, where a boolean reduction writes its operand out. Elsewhere
+        # one boolean reduction per leaf, which fuses: and a slice at a traced offset along a
+        # sharded dimension would make XLA gather the whole leaf (under jit with
+        # NamedSharding; on CPU too, on a non-finite step).
+        return lax.platform_dependent(
+            cpu=lambda: _chunked_any(wide, outside),
+            default=lambda: _n.grouped_total(wide, None, lambda v, sc: outside(v),
+                                             jnp.any).astype(bool))
 
     return jax.lax.cond(nonfinite, nonfinite_step, finite_step)
 
@@ -298,6 +308,7 @@ def _value_clamped(leaves: list[jax.Array], lo: jax.Array, hi: jax.Array, symmet
 # The non-finite step's clamp flag takes 1/_ANY_CHUNKS of the updates at a time (see
 # _chunked_any): a copy of that much, and its mask, are all it holds at once.
 _ANY_CHUNKS = 256
+_INT32_MAX = 2**31 - 1
 
 
 def _chunked_any(vals: list[jax.Array], pred, chunks: int = _ANY_CHUNKS) -> jax.Array:
@@ -311,15 +322,21 @@ def _chunked_any(vals: list[jax.Array], pred, chunks: int = _ANY_CHUNKS) -> jax.
     once: a boolean reduction per array compiles to several kernels each on XLA:CPU, and
     for a model's hundreds of leaves cost more compile time than the rest of the clipper.
     The price is paid on non-finite steps only: on the GPT-2 tree, XLA:CPU, such a step of
-    ``chain(clip_by_value, adam)`` takes 2.4x a finite one (429 ms against 176 ms).
+    ``chain(clip_by_value, adam)`` takes 2.4x a finite one (429 ms against 176 ms). Used on
+    CPU only (see ``_value_clamped``): under jit with ``NamedSharding`` on CPU devices, a
+    slice at a traced offset along a sharded dimension makes XLA gather that leaf whole, in
+    each loop step of a non-finite step.
     """
     dtype = jnp.result_type(*vals) if vals else jnp.float32
-    flat = [v.ravel().astype(dtype) for v in vals if v.size > _n.SMALL_LEAF]
+    # A slice's offset is an int32: a leaf of 2**31 elements or more is reduced whole.
+    huge = [jnp.any(pred(v)) for v in vals if v.size >= _INT32_MAX]
+    flat = [v.ravel().astype(dtype) for v in vals if _n.SMALL_LEAF < v.size < _INT32_MAX]
     small = [v.ravel().astype(dtype) for v in vals if 0 < v.size <= _n.SMALL_LEAF]
     if small:  # once, outside the loop (as norms.grouped_total groups them)
         flat.append(jnp.concatenate(small) if len(small) > 1 else small[0])
+    init = jnp.any(jnp.stack(huge)) if huge else jnp.zeros((), bool)
     if not flat:
-        return jnp.zeros((), bool)
+        return init
     widths = [-(-v.size // chunks) for v in flat]
 
     def step(i, acc):
@@ -329,7 +346,7 @@ def _chunked_any(vals: list[jax.Array], pred, chunks: int = _ANY_CHUNKS) -> jax.
 
     # the first slices outside the loop, so that the carry has the body's type (inside
     # shard_map: varying along the arrays' axes)
-    return lax.fori_loop(1, chunks, step, step(0, jnp.zeros((), bool)))
+    return lax.fori_loop(1, chunks, step, step(0, init))
 
 
 def _max_or_minus_inf(x: jax.Array) -> jax.Array:
@@ -435,7 +452,11 @@ def clip_by_value(
                 # Only taken when some element was clamped, to hi: divided by hi, every term
                 # is at most 1 and one is 1, so the sum can neither overflow nor lose the
                 # small terms that matter, and needs no rescue (nor its compile time).
-                d = jnp.where((hi > 0) & jnp.isfinite(hi), hi, jnp.ones_like(hi))
+                # d is held constant: the norm is homogeneous in it (d ||x / d|| = ||x||),
+                # and its derivative, formed through 1/d**2, would under- or overflow.
+                # A subnormal bound is taken as 0 on CPU: d = 1 then.
+                d = lax.stop_gradient(jnp.where(
+                    (hi >= jnp.finfo(hi.dtype).tiny) & jnp.isfinite(hi), hi, jnp.ones_like(hi)))
                 ds = _n.own_copies(d, len(leaves))
                 return _n.norm_core(
                     leaves, 2.0, combine=True, axes_per_leaf=leaf_axes, rescue=False,

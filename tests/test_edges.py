@@ -310,3 +310,48 @@ def test_norms_of_a_large_leaf_with_a_nan_are_nan(ord_):
         total, per_leaf = f(_big_tree(math.nan, pos))
         assert np.isnan(float(total)) and np.isnan(float(per_leaf["w"])), pos
         assert float(per_leaf["b"]) > 0
+
+
+# --- clip_by_value's stats at the edges of its own arithmetic (from an adversarial review) -----
+
+def test_clip_by_value_subnormal_bound_gives_a_finite_scale():
+    # A subnormal bound passes `hi > 0` at compile time but is taken as 0 at run time on CPU:
+    # divided by it, the norm after the clamp was 0/0 = NaN.
+    tx = optclip.clip_by_value(1e-40)
+    u, s = jax.jit(tx.update)({"a": jnp.array([1.0, 2.0])}, tx.init(None))
+    assert math.isfinite(float(s.stats.scale)) and float(s.stats.scale) < 1e-30
+    np.testing.assert_array_equal(np.asarray(u["a"]), [0.0, 0.0])
+
+
+def test_clip_by_value_traces_a_leaf_of_more_than_2_31_elements():
+    # the non-finite step's slices take int32 offsets; a larger leaf is reduced whole
+    tx = optclip.clip_by_value(0.5)
+    g = {"w": jax.ShapeDtypeStruct((3_000_000_000,), jnp.bfloat16)}
+    _, s = jax.eval_shape(tx.update, g, tx.init(None))
+    assert s.stats.clipped.shape == ()
+
+
+@pytest.mark.parametrize("h,gscale", [(1e-20, 1.0), (1.0, 1.0), (1e20, 1e20)])
+def test_clip_by_value_scale_gradient_in_the_bound(h, gscale):
+    # d(scale)/d(max_value), against the closed form: scale = sqrt(sum min(|g|, h)^2) / |g|
+    g = np.array([3.0, -4.0, 0.5]) * gscale
+
+    def scale(hv):
+        tx = optclip.clip_by_value(hv)
+        return tx.update({"a": jnp.asarray(g, jnp.float32)}, tx.init(None))[1].stats.scale
+
+    m = np.minimum(np.abs(g), h)
+    want = np.sum(m * (np.abs(g) > h)) / np.sqrt(np.sum(m**2)) / np.linalg.norm(g)
+    np.testing.assert_allclose(float(jax.grad(scale)(jnp.float32(h))), want, rtol=1e-5)
+
+
+def test_clip_by_value_slices_only_on_cpu():
+    # the non-finite step's sliced loop is for XLA:CPU's boolean reductions; on GPU and TPU
+    # a slice at a traced offset along a sharded dimension would gather the whole leaf
+    from jax import export
+    tx = optclip.clip_by_value(0.5)
+    g = {"w": jax.ShapeDtypeStruct((300, 700), jnp.float32)}
+    for platform, loops in (("cpu", 1), ("cuda", 0), ("tpu", 0)):
+        text = export.export(jax.jit(tx.update), platforms=[platform])(
+            g, tx.init(None)).mlir_module()
+        assert text.count("stablehlo.while") == loops, platform

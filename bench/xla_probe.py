@@ -3,6 +3,7 @@
     python -m bench.xla_probe kernels      distinct fused kernels and compile times
     python -m bench.xla_probe guard_copy   the guards' copy of the donated state, reduced
     python -m bench.xla_probe guard_cond   skip_nonfinite (a lax.cond) against a select, ResNet-50
+    python -m bench.xla_probe value        clip_by_value: its reductions' costs, its NaN step
 
 ``kernels``: XLA:CPU compiles each distinct fused kernel on its own and identical ones once.
 It prints, for the global-norm and the per-leaf chain + adam on the GPT-2 tree, the
@@ -179,6 +180,58 @@ def guard_cond() -> None:
               flush=True)
 
 
+def value() -> None:
+    """clip_by_value's floor on XLA:CPU and the price of its non-finite step.
+
+    On 32M float32 elements: the time of each reduction its stats need (the norm, a plain
+    sum of squares; the largest magnitude, for ``clipped``; the norm after the clamp) and of
+    the three in one variadic ``lax.reduce`` over rows. Then ``chain(clip_by_value(0.1),
+    adam)`` on the GPT-2 tree, a finite step against one with a NaN (the sliced flag)."""
+    import statistics  # noqa: PLC0415
+
+    x = jax.random.normal(jax.random.key(0), (1 << 25,), jnp.float32)
+    h = jnp.float32(0.1)
+
+    def three_in_one(x, h):
+        rows = x.reshape(-1, 1024)
+        a = jnp.abs(rows)
+        m = jnp.minimum(a, h)
+        r = lax.reduce((rows * rows, m * m, a), (jnp.float32(0),) * 3,
+                       lambda u, v: (u[0] + v[0], u[1] + v[1], jnp.maximum(u[2], v[2])), (1,))
+        return jnp.sum(r[0]), jnp.sum(r[1]), jnp.max(r[2])
+
+    fns = {"sum of squares (the norm)": lambda x, h: jnp.sum(x * x),
+           "max |x| (clipped)": lambda x, h: jnp.max(jnp.abs(x)),
+           "sum min(|x|, h)^2 (the norm after)": lambda x, h: jnp.sum(
+               jnp.square(jnp.minimum(jnp.abs(x), h))),
+           "the three, one variadic reduce over rows": three_in_one}
+    for n, f in fns.items():
+        f = jax.jit(f)
+        jax.block_until_ready(f(x, h))
+        ts = []
+        for _ in range(9):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(x, h))
+            ts.append(time.perf_counter() - t0)
+        print(f"32M floats, {n}: {1e3 * statistics.median(ts):.1f} ms", flush=True)
+    del x
+
+    shapes = trees.TREES["gpt2"]()
+    params, grads = trees.make_tree(shapes, 1), trees.make_tree(shapes, 0)
+    leaves, treedef = jax.tree.flatten(grads)
+    bad = jax.tree.unflatten(treedef, [leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)]
+                             + leaves[1:])
+    tx = optax.chain(optclip.clip_by_value(0.1), optax.adam(1e-3))
+    c = train_step(tx).lower(params, tx.init(params), grads).compile()
+    ms = [Measured(n, c, lambda: (_copy(params), tx.init(params)), (g,))
+          for n, g in (("finite step", grads), ("step with a NaN", bad))]
+    times = time_group(ms, reps=7, warmup=1)
+    t = {n: statistics.median(v) for n, v in times.items()}
+    print(f"GPT-2, chain(clip_by_value(0.1), adam): finite {1e3 * t['finite step']:.0f} ms, "
+          f"with a NaN {1e3 * t['step with a NaN']:.0f} ms "
+          f"({t['step with a NaN'] / t['finite step']:.1f}x)", flush=True)
+
+
 if __name__ == "__main__":
-    {"kernels": kernels, "guard_copy": guard_copy, "guard_cond": guard_cond}[
+    {"kernels": kernels, "guard_copy": guard_copy, "guard_cond": guard_cond, "value": value}[
         sys.argv[1] if len(sys.argv) > 1 else "kernels"]()

@@ -322,7 +322,8 @@ def _chunked_any(vals: list[jax.Array], pred, chunks: int = _ANY_CHUNKS) -> jax.
     once: a boolean reduction per array compiles to several kernels each on XLA:CPU, and
     for a model's hundreds of leaves cost more compile time than the rest of the clipper.
     The price is paid on non-finite steps only: on the GPT-2 tree, XLA:CPU, such a step of
-    ``chain(clip_by_value, adam)`` takes 2.4x a finite one (429 ms against 176 ms). Used on
+    ``chain(clip_by_value, adam)`` takes 2.5x a finite one (``python -m bench.xla_probe
+    value``). Used on
     CPU only (see ``_value_clamped``): under jit with ``NamedSharding`` on CPU devices, a
     slice at a traced offset along a sharded dimension makes XLA gather that leaf whole, in
     each loop step of a non-finite step.
@@ -449,9 +450,11 @@ def clip_by_value(
 
         def norm_after():
             if min_value is None:
-                # Only taken when some element was clamped, to hi: divided by hi, every term
-                # is at most 1 and one is 1, so the sum can neither overflow nor lose the
-                # small terms that matter, and needs no rescue (nor its compile time).
+                # Only taken when some element was clamped to hi, or on a non-finite step
+                # (where an inf is clamped to hi here, and a NaN makes the norm NaN anyway):
+                # divided by hi, every term is at most 1 and one is 1, so the sum can neither
+                # overflow nor lose the small terms that matter, and needs no rescue (nor its
+                # compile time).
                 # d is held constant: the norm is homogeneous in it (d ||x / d|| = ||x||),
                 # and its derivative, formed through 1/d**2, would under- or overflow.
                 # A subnormal bound is taken as 0 on CPU: d = 1 then.

@@ -246,16 +246,16 @@ def clippy(
             return updates, ClippyState(count=increment(state.count), stats=stats)
 
         axes = _n.leaf_axes(updates, axis_name, partition_specs)
-        norms, nonfinite = _n.norm_core(us, 2.0, axes_per_leaf=axes)
+        # the norms only feed the stats: taken as one flat vector, never split per leaf
+        norms_v, nonfinite = _n.norm_core(us, 2.0, axes_per_leaf=axes, flat=True)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clippy")
-        acc = norms[0].dtype
+        acc = norms_v.dtype
         sigmas = [_leaf_sigma(u, w, lr, la, acc) for u, w in zip(us, ws, strict=True)]
         sigmas = _n.collect(sigmas, axes, lax.pmin)
 
         out = list(flat)
         for j, i in enumerate(idx):
             out[i] = _apply(us[j], sigmas[j])
-        norms_v = jnp.stack(norms)
         sig_v = jnp.stack(sigmas)
         before = _n.combine_norms(norms_v, 2.0)
         after = _n.combine_norms(_mul0(norms_v, sig_v), 2.0)

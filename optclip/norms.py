@@ -223,10 +223,73 @@ def layout_of(vals: Sequence[Any], axes: Sequence[Any]) -> Layout:
     return Layout(tuple(offsets), tuple(n_units), tuple(shapes), tuple(sizes), off)
 
 
-def split_flat(flat: jax.Array, lay: Layout) -> list[jax.Array]:
-    """The flat vector of per-unit results, as one array per input (scalar or keepdims)."""
+# Per-unit results reach their arrays by selection (see ``_split_selected``) in groups of
+# at least this many arrays with the same number of units, read this many rows at a time,
+# as long as a group's selections read at most ``_SELECT_BUDGET`` elements in all.
+_SELECT_MIN = 8
+_SELECT_ROWS = 32
+_SELECT_BUDGET = 1 << 24
+
+
+def _split_sliced(flat: jax.Array, lay: Layout) -> list[jax.Array]:
     return [flat[o:o + k].reshape(shape)
             for o, k, shape in zip(lay.offsets, lay.n_units, lay.shapes, strict=True)]
+
+
+def _split_selected(flat: jax.Array, lay: Layout) -> list[jax.Array]:
+    """:func:`_split_sliced`, with one compiled kernel per *shape* rather than per array.
+
+    XLA:CPU compiles every distinct kernel on its own, at several milliseconds each, and
+    reuses a kernel only for identical ones. A slice at its own offset is a distinct kernel
+    for every array, so a tree of 1,000 leaves spent seconds compiling nothing but the
+    slices that hand each leaf its norm. Here the arrays that have the same number of units
+    ``k`` are grouped; their rows of the flat vector are cut into blocks of
+    ``_SELECT_ROWS`` rows (one slice per block), and each array takes its row from its
+    block by a sum over a ``where`` with a constant one-hot mask: the mask is an operand of
+    the kernel, not part of it, so the kernel is the same for every array of the group. The
+    ``where`` (not a product with the mask) keeps another array's NaN or inf out of this
+    one's result, and the sum of one value and zeros is that value, exactly.
+    """
+    out: list[Any] = [None] * len(lay.offsets)
+    groups: dict[int, list[int]] = {}
+    for j, k in enumerate(lay.n_units):
+        groups.setdefault(k, []).append(j)
+    rows = _SELECT_ROWS
+    for k, ids in groups.items():
+        if k == 0 or len(ids) < _SELECT_MIN or len(ids) * rows * k > _SELECT_BUDGET:
+            for j in ids:
+                o = lay.offsets[j]
+                out[j] = flat[o:o + k].reshape(lay.shapes[j])
+            continue
+        units = np.concatenate([np.arange(lay.offsets[j], lay.offsets[j] + k) for j in ids])
+        lo = int(units[0])
+        if np.array_equal(units, np.arange(lo, lo + units.size)):
+            sub = flat[lo:lo + units.size]
+        else:
+            sub = flat[units]
+        n_blocks = -(-len(ids) // rows)
+        mat = jnp.pad(sub.reshape(len(ids), k), ((0, n_blocks * rows - len(ids)), (0, 0)))
+        blocks = [mat[b * rows:(b + 1) * rows] for b in range(n_blocks)]
+        zero = jnp.zeros((), flat.dtype)
+        for pos, j in enumerate(ids):
+            b, r = divmod(pos, rows)
+            mask = np.zeros((rows, 1), bool)
+            mask[r] = True
+            out[j] = jnp.sum(jnp.where(mask, blocks[b], zero), axis=0).reshape(lay.shapes[j])
+    return out
+
+
+def split_flat(flat: jax.Array, lay: Layout) -> list[jax.Array]:
+    """The flat vector of per-unit results, as one array per input (scalar or keepdims).
+
+    On XLA:CPU each array takes its part by selection (:func:`_split_selected`), which
+    compiles in a fraction of the time when a tree has many leaves; elsewhere by slices,
+    which XLA:GPU and XLA:TPU fuse into the kernel that uses them.
+    """
+    if not jnp.issubdtype(flat.dtype, jnp.floating) or len(lay.offsets) < _SELECT_MIN:
+        return _split_sliced(flat, lay)
+    return lax.platform_dependent(flat, cpu=lambda v: _split_selected(v, lay),
+                                  default=lambda v: _split_sliced(v, lay))
 
 
 def _reduce_flat(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: Any, term,
@@ -258,6 +321,15 @@ def _reduce_flat(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: An
         sl = [jax.tree.map(lambda v, j=j: v[lay.offsets[j]:lay.offsets[j] + lay.n_units[j]]
                            .reshape(lay.shapes[j]), scales) for j in alone]
         own = dict(zip(alone, lax.optimization_barrier(tuple(sl)), strict=True))
+    # small arrays of one shape, reduced over the same dims, are stacked and reduced together
+    same: dict[tuple, list[int]] = {}
+    for j, (v, ax) in enumerate(zip(vals, axes, strict=True)):
+        if lay.n_units[j] and v.size and j not in alone:
+            red_dims = None if ax is None else tuple(sorted(
+                {a % v.ndim for a in ((ax,) if isinstance(ax, int) else ax)}))
+            same.setdefault((tuple(v.shape), red_dims), []).append(j)
+    stacked = {js[0]: (key, js) for key, js in same.items() if len(js) > 1}
+    grouped = {j for _, js in stacked.values() for j in js}
     for j, (v, ax, off, k) in enumerate(zip(vals, axes, lay.offsets, lay.n_units,
                                             strict=True)):
         ids = np.arange(off, off + k)
@@ -270,7 +342,22 @@ def _reduce_flat(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: An
             # large arrays are reduced on their own
             pieces.append(jnp.ravel(red(term(v, own.get(j)), axis=ax, keepdims=ax is not None)))
             index.append(ids)
-        else:
+        elif j in stacked:
+            # No padding and no transposed copy: a stack of arrays of one shape is reduced
+            # over the same dims, shifted by the stacking axis. Units come out in the order
+            # of the layout (each array's kept dims, row-major).
+            (shape, red_dims), js = stacked[j]
+            mat = jnp.stack([vals[i] for i in js])
+            dims = tuple(range(1, len(shape) + 1)) if red_dims is None else \
+                tuple(d + 1 for d in red_dims)
+            ids = np.concatenate([np.arange(lay.offsets[i], lay.offsets[i] + k) for i in js])
+            unit_shape = (len(js),) + (lay.shapes[j] if red_dims is not None
+                                       else (1,) * len(shape))
+            sc = None if scales is None else jax.tree.map(
+                lambda v, ids=ids, us=unit_shape: v[ids].reshape(us), scales)
+            pieces.append(jnp.ravel(red(term(mat, sc), axis=dims)))
+            index.append(ids)
+        elif j not in grouped:
             rows = _rows(v, ax)[0]
             buckets.setdefault(_bucket(rows.shape[1]), []).append((rows, ids))
     for width, items in buckets.items():

@@ -213,3 +213,59 @@ def test_gradient_of_ord_3_through_the_rescue(x):
               lambda v: optclip.leaf_norms({"a": v}, 3)["a"]):
         np.testing.assert_allclose(np.asarray(jax.grad(f)(jnp.array(x))), want, rtol=1e-5,
                                    atol=1e-30)
+
+
+def _many_leaf_layout():
+    """A layout of 131 arrays, interleaved: 70 with one unit each, 40 with 3 units, 12 with 8
+    (in two shapes), 6 empty, and 3 with 5 units (too few to be grouped)."""
+    from optclip import norms as _n
+
+    kinds = ([((4,), None)] * 70 + [((6, 3), 0)] * 40 + [((2, 8), 0)] * 8
+             + [((1, 1, 8), (0, 1))] * 4 + [((0, 2), 1)] * 6 + [((7, 5), 0)] * 3)
+    order = np.random.default_rng(2).permutation(len(kinds))
+    vals = [jax.ShapeDtypeStruct(kinds[i][0], jnp.float32) for i in order]
+    return _n.layout_of(vals, [kinds[i][1] for i in order])
+
+
+def test_split_by_selection_equals_slices_bit_for_bit():
+    # Per-unit results reach their arrays by a masked sum over a block of rows on XLA:CPU
+    # (a slice per array compiled as a kernel of its own). Every value must arrive exactly,
+    # and another array's NaN or inf must not leak into this one's.
+    from optclip import norms as _n
+
+    lay = _many_leaf_layout()
+    rng = np.random.default_rng(0)
+    flat = rng.standard_normal(lay.total).astype(np.float32) * np.float32(1e3)
+    flat[::7] = np.float32(3.4e38)
+    flat[3::11] = np.float32(1.2e-38)
+    flat[5::13] = np.nan
+    flat[6::17] = np.inf
+    flat[8::19] = -np.inf
+    flat = jnp.asarray(flat)
+    got = jax.jit(lambda v: _n._split_selected(v, lay))(flat)
+    want = _n._split_sliced(flat, lay)
+    assert len(got) == len(want) == 131
+    for g, w, shape in zip(got, want, lay.shapes, strict=True):
+        assert g.shape == w.shape == shape
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    # the public split takes the selection on this (CPU) backend
+    public = jax.jit(lambda v: _n.split_flat(v, lay))(flat)
+    for g, w in zip(public, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_leaf_norms_of_many_leaves_keep_a_nan_to_its_leaf():
+    rng = np.random.default_rng(1)
+    tree = {f"l{i:03d}": jnp.asarray(rng.standard_normal((5, 3)).astype(np.float32) * (i + 1))
+            for i in range(80)}
+    tree["l007"] = tree["l007"].at[1, 1].set(jnp.nan)
+    tree["l040"] = tree["l040"].at[0, 2].set(jnp.inf)
+    tree["l041"] = jnp.full((5, 3), 1e30, jnp.float32)  # overflows a plain sum of squares
+    for got in (optclip.leaf_norms(tree), jax.jit(optclip.leaf_norms)(tree)):
+        for k, x in tree.items():
+            if k == "l007":
+                assert np.isnan(float(got[k]))
+            elif k == "l040":
+                assert np.isinf(float(got[k]))
+            else:
+                np.testing.assert_allclose(float(got[k]), pnorm(np_leaves([x]), 2.0), rtol=2e-6)

@@ -242,8 +242,8 @@ def _split_selected(flat: jax.Array, lay: Layout) -> list[jax.Array]:
     XLA:CPU compiles every distinct kernel on its own, at several milliseconds each, and
     reuses a kernel only for identical ones. A slice at its own offset is a distinct kernel
     for every array, so a tree of 1,000 leaves spent seconds compiling nothing but the
-    slices that hand each leaf its norm. Here the arrays that have the same number of units
-    ``k`` are grouped; their rows of the flat vector are cut into blocks of
+    slices that hand each leaf its norm. Here the small arrays (up to ``SMALL_LEAF`` elements)
+    that have the same number of units ``k`` are grouped; their rows of the flat vector are cut into blocks of
     ``_SELECT_ROWS`` rows (one slice per block), and each array takes its row from its
     block by a sum over a ``where`` with a constant one-hot mask: the mask is an operand of
     the kernel, not part of it, so the kernel is the same for every array of the group. The
@@ -253,9 +253,14 @@ def _split_selected(flat: jax.Array, lay: Layout) -> list[jax.Array]:
     out: list[Any] = [None] * len(lay.offsets)
     groups: dict[int, list[int]] = {}
     for j, k in enumerate(lay.n_units):
-        groups.setdefault(k, []).append(j)
+        # A large array keeps its slice, which XLA fuses into the array's own kernel: a
+        # selection there made XLA:CPU write the whole of AGC's clipped gradients out (100%
+        # of the GPT-2 tree in temporaries, 2.7x Adam). Large arrays are few; small ones many.
+        key = k if k * lay.sizes[j] <= SMALL_LEAF else -1 - j
+        groups.setdefault(key, []).append(j)
     rows = _SELECT_ROWS
-    for k, ids in groups.items():
+    for key, ids in groups.items():
+        k = lay.n_units[ids[0]]
         if k == 0 or len(ids) < _SELECT_MIN or len(ids) * rows * k > _SELECT_BUDGET:
             for j in ids:
                 o = lay.offsets[j]

@@ -343,3 +343,65 @@ def test_clip_by_value_clamp_on_one_shard_only_equals_unsharded(how):
             return merge(u), s
         got = run(tx, step, grads=_one_clamp_grads)
     assert_same(got, want)
+
+
+# --- many small leaves: the per-leaf results are handed out by selection (XLA:CPU) -----------
+
+MANY = {**{f"w{i:02d}": (16, 8) for i in range(10)}, **{f"b{i:02d}": (8,) for i in range(10)}}
+
+
+def _many_grads(step):
+    rng = np.random.default_rng(100 + step)
+    g = {k: jnp.asarray(rng.normal(size=s) * (1.0 + 3 * (i % 3)), jnp.float32)
+         for i, (k, s) in enumerate(MANY.items())}
+    if step == 1:  # a NaN in one leaf stays in that leaf
+        g["w03"] = g["w03"].at[9, 2].set(jnp.nan)
+        g["b05"] = g["b05"].at[4].set(jnp.inf)
+    return g
+
+
+MANY_PARAMS = {k: jnp.asarray(np.random.default_rng(7).normal(size=s) * 0.1, jnp.float32)
+               for k, s in MANY.items()}
+
+
+@pytest.mark.parametrize("how", ["shard_map", "pmap", "named"])
+@pytest.mark.parametrize("name", ["leaf_norm", "block_rms", "agc", "adagc"])
+def test_many_small_leaves_sharded_equal_unsharded(name, how):
+    # 20 small leaves in two groups of 10 (more than norms._SELECT_MIN): each leaf's norm and
+    # scale reach it by a masked sum over a block of rows, not by a slice
+    def go(tx, step_fn):
+        state = tx.init(MANY_PARAMS)
+        outs = []
+        for t in range(3):
+            u, state = step_fn(_many_grads(t), state, MANY_PARAMS)
+            outs.append((jax.device_get(u), jax.device_get(optclip.stats(state))))
+        return outs
+
+    want = go(CLIPPERS[name](), jax.jit(CLIPPERS[name]().update))
+    u_bad = want[1][0]
+    assert np.isnan(u_bad["w03"]).any() or np.isinf(u_bad["w03"]).any()
+    finite = [k for k in MANY if k not in ("w03", "b05")]
+    assert all(np.isfinite(u_bad[k]).all() for k in finite)
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    specs = {k: P("data") for k in MANY}
+    if how == "shard_map":
+        tx = CLIPPERS[name](axis_name="data")
+        got = go(tx, shard_map_step(tx, mesh, specs))
+    elif how == "named":
+        tx = CLIPPERS[name]()
+        shard = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+        got = go(tx, lambda g, s, p: jax.jit(tx.update)(jax.device_put(g, shard), s,
+                                                        jax.device_put(p, shard)))
+    else:
+        tx = CLIPPERS[name](axis_name="i")
+        split = lambda g: {k: v.reshape(8, -1, *v.shape[1:]) for k, v in g.items()}
+        merge = lambda u: {k: v.reshape(MANY[k]) for k, v in u.items()}
+        pstep = jax.pmap(tx.update, axis_name="i", in_axes=(0, None, 0), out_axes=(0, None))
+        got = go(tx, lambda g, s, p: (lambda u, s: (merge(u), s))(*pstep(split(g), s, split(p))))
+    for (u1, s1), (u2, s2) in zip(got, want, strict=True):
+        for k in MANY:
+            np.testing.assert_allclose(np.asarray(u1[k]), np.asarray(u2[k]), rtol=1e-6,
+                                       atol=1e-7, err_msg=k)
+        for k in s1:
+            np.testing.assert_allclose(np.asarray(s1[k]), np.asarray(s2[k]), rtol=1e-6,
+                                       err_msg=k)

@@ -4,6 +4,7 @@
     python -m bench.xla_probe guard_copy   the guards' copy of the donated state, reduced
     python -m bench.xla_probe guard_cond   skip_nonfinite (a lax.cond) against a select, ResNet-50
     python -m bench.xla_probe value        clip_by_value: its reductions' costs, its NaN step
+    python -m bench.xla_probe select       per-leaf values out of one vector: slices or selection
 
 ``kernels``: XLA:CPU compiles each distinct fused kernel on its own and identical ones once.
 It prints, for the global-norm and the per-leaf chain + adam on the GPT-2 tree, the
@@ -12,6 +13,12 @@ aside); the compile time of slicing a 1,000-vector into 1,000 scalars; and, on G
 1,000 mixed leaves, ``clip_by_leaf_norm``'s update against a leaf-by-leaf variant (each
 leaf's norm, scale and clip computed on its own, the rescue's ``lax.cond`` returning one
 norm per leaf), the design that README says was tried.
+
+``select``: compile times (lower + compile) of 1,000 per-leaf clips ``x * min(1, 1/||x||)``
+on leaves of one shape and of 1,000 distinct shapes (identical kernels are compiled once);
+and of 1,000 leaves of one shape each multiplied by its own value from one 1,000-vector,
+taken by a slice at its offset (a distinct kernel per leaf) and by ``norms._split_selected``
+(a masked sum over a block of rows: the same kernel for every leaf).
 
 ``guard_copy``: temp bytes of a donated step ``p, mu -> p + u(mu'), mu'`` where the kept
 state is ``where(skip, mu, mu')`` (as the guards did until they took the step inside a
@@ -232,6 +239,32 @@ def value() -> None:
           f"({t['step with a NaN'] / t['finite step']:.1f}x)", flush=True)
 
 
+def select() -> None:
+    def first_call(fn, *args) -> float:
+        t0 = time.perf_counter()
+        jax.jit(fn).lower(*args).compile()
+        return time.perf_counter() - t0
+
+    first_call(lambda x: x * 2, jax.ShapeDtypeStruct((3,), jnp.float32))  # warm-up
+    same = [jax.ShapeDtypeStruct((64,), jnp.float32)] * 1000
+    distinct = [jax.ShapeDtypeStruct((64 + i,), jnp.float32) for i in range(1000)]
+
+    def clip(xs):
+        return [x * jnp.minimum(1.0, 1.0 / jnp.sqrt(jnp.sum(x * x))) for x in xs]
+
+    for name, xs in (("one shape", same), ("1,000 distinct shapes", distinct)):
+        print(f"1,000 per-leaf clips, {name}: {first_call(clip, xs):.2f} s", flush=True)
+    v = jax.ShapeDtypeStruct((1000,), jnp.float32)
+    lay = _n.layout_of(same, [None] * 1000)
+    for name, split in (("a slice each", _n._split_sliced),
+                        ("selection (norms._split_selected)", _n._split_selected)):
+        secs = first_call(lambda v, xs, split=split: [
+            x * s for x, s in zip(xs, split(v, lay), strict=True)], v, same)
+        print(f"1,000 leaves times their value from one vector, {name}: {secs:.2f} s",
+              flush=True)
+
+
 if __name__ == "__main__":
-    {"kernels": kernels, "guard_copy": guard_copy, "guard_cond": guard_cond, "value": value}[
+    {"kernels": kernels, "guard_copy": guard_copy, "guard_cond": guard_cond, "value": value,
+     "select": select}[
         sys.argv[1] if len(sys.argv) > 1 else "kernels"]()

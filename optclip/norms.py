@@ -172,12 +172,18 @@ def grouped_total(vals: list[jax.Array], scale: Any, term, red) -> jax.Array:
     return red(jnp.stack(big)) if len(big) > 1 else big[0]
 
 
+def _reduced_dims(ax: Any, ndim: int) -> tuple[int, ...]:
+    """The dims an axis spec (an int or a sequence of them, negative allowed) reduces,
+    sorted."""
+    return tuple(sorted({a % ndim for a in ((ax,) if isinstance(ax, int) else ax)}))
+
+
 def _rows(v: jax.Array, ax: Any) -> tuple[jax.Array, tuple[int, ...], list[int], tuple]:
     """``v`` as a matrix with one row per unit (the reduced dims flattened into each row),
     with the shape of the keepdims result and the permutation that puts the kept dims first."""
     if ax is None:
         return v.reshape(1, -1), (), list(range(v.ndim)), ()
-    red = sorted({a % v.ndim for a in ((ax,) if isinstance(ax, int) else ax)})
+    red = list(_reduced_dims(ax, v.ndim))
     keep = [d for d in range(v.ndim) if d not in red]
     perm = keep + red
     n_units = int(np.prod([v.shape[d] for d in keep], dtype=np.int64))
@@ -211,7 +217,7 @@ def layout_of(vals: Sequence[Any], axes: Sequence[Any]) -> Layout:
         if ax is None:
             k, out, size = 1, (), int(np.prod(shape, dtype=np.int64))
         else:
-            red = {a % len(shape) for a in ((ax,) if isinstance(ax, int) else ax)}
+            red = _reduced_dims(ax, len(shape))
             out = tuple(1 if d in red else n for d, n in enumerate(shape))
             k = int(np.prod(out, dtype=np.int64))
             size = int(np.prod([shape[d] for d in red], dtype=np.int64))
@@ -242,13 +248,14 @@ def _split_selected(flat: jax.Array, lay: Layout) -> list[jax.Array]:
     XLA:CPU compiles every distinct kernel on its own, at several milliseconds each, and
     reuses a kernel only for identical ones. A slice at its own offset is a distinct kernel
     for every array, so a tree of 1,000 leaves spent seconds compiling nothing but the
-    slices that hand each leaf its norm. Here the small arrays (up to ``SMALL_LEAF`` elements)
-    that have the same number of units ``k`` are grouped; their rows of the flat vector are cut into blocks of
-    ``_SELECT_ROWS`` rows (one slice per block), and each array takes its row from its
-    block by a sum over a ``where`` with a constant one-hot mask: the mask is an operand of
-    the kernel, not part of it, so the kernel is the same for every array of the group. The
-    ``where`` (not a product with the mask) keeps another array's NaN or inf out of this
-    one's result, and the sum of one value and zeros is that value, exactly.
+    slices that hand each leaf its norm. Here the small arrays (up to ``SMALL_LEAF``
+    elements) that have the same number of units ``k`` are grouped; their rows of the flat
+    vector are cut into blocks of ``_SELECT_ROWS`` rows (one slice per block), and each
+    array takes its row from its block by a sum over a ``where`` with a constant one-hot
+    mask. The mask is an operand of the kernel, not part of it, so the kernel is the same
+    for every array of the group. The ``where`` (not a product with the mask) keeps
+    another array's NaN or inf out of this one's result, and the sum of one value and
+    zeros is that value, exactly.
     """
     out: list[Any] = [None] * len(lay.offsets)
     groups: dict[int, list[int]] = {}
@@ -259,7 +266,7 @@ def _split_selected(flat: jax.Array, lay: Layout) -> list[jax.Array]:
         key = k if k * lay.sizes[j] <= SMALL_LEAF else -1 - j
         groups.setdefault(key, []).append(j)
     rows = _SELECT_ROWS
-    for key, ids in groups.items():
+    for ids in groups.values():
         k = lay.n_units[ids[0]]
         if k == 0 or len(ids) < _SELECT_MIN or len(ids) * rows * k > _SELECT_BUDGET:
             for j in ids:
@@ -302,12 +309,14 @@ def _reduce_flat(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: An
     """``red(term(v, scale))`` of every unit of every array, as one flat vector.
 
     Small arrays are not reduced one by one: XLA's compile time grows with the number of
-    separate reductions, and a model can have thousands of small leaves. Each is laid out
-    as rows, one per unit (a unit-wise reduction transposes the reduced dims last, a copy:
-    only for arrays up to ``SMALL_UNITS`` elements); rows of similar width are zero-padded
-    to a power-of-two width and stacked, and each stack is reduced in one op (zeros add
-    nothing to a sum of powers, nor to a max of magnitudes). Larger arrays are reduced on
-    their own.
+    separate reductions, and a model can have thousands of small leaves. Small arrays of
+    one shape, reduced over the same dims, are stacked and reduced together, with no copy
+    but the stack. A small array whose shape no other has is laid out as rows, one per
+    unit (a unit-wise reduction transposes the reduced dims last, a copy: only for arrays
+    up to ``SMALL_UNITS`` elements); rows of similar width are zero-padded to a
+    power-of-two width and stacked, and each stack is reduced in one op (zeros add nothing
+    to a sum of powers, nor to a max of magnitudes). Larger arrays are reduced on their
+    own.
     ``scales`` is None or a flat vector with one scale per unit (or a tuple of such
     vectors, handed to ``term`` together).
     """
@@ -330,8 +339,7 @@ def _reduce_flat(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: An
     same: dict[tuple, list[int]] = {}
     for j, (v, ax) in enumerate(zip(vals, axes, strict=True)):
         if lay.n_units[j] and v.size and j not in alone:
-            red_dims = None if ax is None else tuple(sorted(
-                {a % v.ndim for a in ((ax,) if isinstance(ax, int) else ax)}))
+            red_dims = None if ax is None else _reduced_dims(ax, v.ndim)
             same.setdefault((tuple(v.shape), red_dims), []).append(j)
     stacked = {js[0]: (key, js) for key, js in same.items() if len(js) > 1}
     grouped = {j for _, js in stacked.values() for j in js}

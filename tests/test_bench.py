@@ -173,22 +173,26 @@ def test_clip_by_value_step_holds_no_mask_of_the_tree():
     assert temp < bench_run.TEMP_FRACTION * tree_bytes(tree), f"temp {temp} bytes"
 
 
-def _reductions_outside_conds(jaxpr, size, out=None):
-    """The reduce equations over ``size`` elements that run on every step: not inside a
-    lax.cond's branch (nor a loop's body)."""
-    out = [] if out is None else out
+def _eqns(jaxpr, skip=()):
+    """Every equation of ``jaxpr`` and of its sub-jaxprs, except inside the primitives
+    named in ``skip`` (their branches or bodies)."""
     for e in jaxpr.eqns:
-        if e.primitive.name in ("cond", "while"):
+        if e.primitive.name in skip:
             continue
-        if e.primitive.name.startswith("reduce") and any(
-                int(np.prod(v.aval.shape)) == size for v in e.invars):
-            out.append(e.primitive.name)
+        yield e
         for v in e.params.values():
             for sub in v if isinstance(v, (list, tuple)) else [v]:
                 j = getattr(sub, "jaxpr", None)
                 if j is not None:
-                    _reductions_outside_conds(getattr(j, "jaxpr", j), size, out)
-    return out
+                    yield from _eqns(getattr(j, "jaxpr", j), skip)
+
+
+def _reductions_outside_conds(jaxpr, size):
+    """The reduce equations over ``size`` elements that run on every step: not inside a
+    lax.cond's branch (nor a loop's body)."""
+    return [e.primitive.name for e in _eqns(jaxpr, skip=("cond", "while"))
+            if e.primitive.name.startswith("reduce")
+            and any(int(np.prod(v.aval.shape)) == size for v in e.invars)]
 
 
 def test_clip_by_value_reads_the_updates_twice_when_nothing_is_clamped():
@@ -295,19 +299,11 @@ def test_clip_by_value_reductions_do_not_grow_with_small_leaves(bounds):
     assert count(40) == count(10)
 
 
-def _operand_shapes(jaxpr, prims=("reduce",), out=None):
+def _operand_shapes(jaxpr, prims=("reduce",)):
     """The operand shapes of every equation whose primitive's name starts with one of
     ``prims``, branches and sub-jaxprs included."""
-    out = [] if out is None else out
-    for e in jaxpr.eqns:
-        if e.primitive.name.startswith(prims):
-            out.extend(tuple(v.aval.shape) for v in e.invars)
-        for v in e.params.values():
-            for sub in v if isinstance(v, (list, tuple)) else [v]:
-                j = getattr(sub, "jaxpr", None)
-                if j is not None:
-                    _operand_shapes(getattr(j, "jaxpr", j), prims, out)
-    return out
+    return [tuple(v.aval.shape) for e in _eqns(jaxpr) if e.primitive.name.startswith(prims)
+            for v in e.invars]
 
 
 @pytest.mark.parametrize("name", ["agc", "clip_by_leaf_norm", "clip_by_block_rms", "adagc"])
@@ -323,8 +319,9 @@ def test_unit_norms_reductions_do_not_grow_with_small_leaves(name):
         jaxpr = jax.make_jaxpr(tx.update)(tree, tx.init(tree), tree).jaxpr
         return _operand_shapes(jaxpr, prims)
 
-    def stacked(found):  # all but the selections from blocks of 32 rows
-        return [s for s in found if not (len(s) == 2 and s[0] == 32)]
+    def stacked(found):  # all but the selections from blocks of _SELECT_ROWS rows
+        rows = optclip.norms._SELECT_ROWS
+        return [s for s in found if not (len(s) == 2 and s[0] == rows)]
 
     few, many = shapes(10), shapes(40)
     assert (4, 9) not in few + many

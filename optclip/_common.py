@@ -121,13 +121,26 @@ def increment(count: jax.Array) -> jax.Array:
     return jnp.where(count < jnp.iinfo(jnp.int32).max, count + 1, count).astype(jnp.int32)
 
 
-def scale_leaf(x: Any, scale: jax.Array, post: jax.Array | None = None) -> Any:
-    """``x * scale`` (``x * scale * post`` with ``post``) in at least float32, returned in
+PACK = 2.0 ** -64
+"""A clip factor below ``PACK`` reaches :func:`scale_leaf` as ``-(factor / PACK)``: see there."""
+
+
+def scale_leaf(x: Any, scale: jax.Array, pre: jax.Array | None = None) -> Any:
+    """``x * scale`` (``x * pre * scale`` with ``pre``) in at least float32, returned in
     ``x``'s own dtype.
 
     Integer and ``float0`` leaves pass through untouched. The scale is a
     scalar or broadcasts against ``x``; multiplying (not dividing) keeps the
     result a single element-wise op that XLA fuses into the optimizer's pass.
+
+    A clip factor is never negative, so a negative ``scale`` carries a factor
+    too small for float32: ``-scale * PACK``. Clipping a norm of 1e38 to 1
+    takes a factor of 1e-38, below float32's smallest normal number, and
+    XLA:CPU flushes such a factor to 0, zeroing an update whose true value is
+    of the order of the threshold. It is applied as ``x * -scale * PACK``
+    instead: each product stays a normal number unless the result itself is
+    below the smallest normal. A factor of 2^-64 or more takes the plain
+    ``x * scale``, bit for bit (the second factor is then 1).
     """
     if not is_float_leaf(x):
         return x
@@ -135,9 +148,11 @@ def scale_leaf(x: Any, scale: jax.Array, post: jax.Array | None = None) -> Any:
     low = x.dtype.itemsize < 4 and not jnp.iscomplexobj(x)
     wide = jnp.float32 if low else jnp.finfo(x.dtype).dtype
     y = x.astype(jnp.float32) if low else x
-    y = y * scale.astype(wide)
-    if post is not None:
-        y = y * post.astype(wide)
+    if pre is not None:
+        y = y * pre.astype(wide)
+    s = scale.astype(wide)
+    packed = s < 0
+    y = y * jnp.where(packed, -s, s) * jnp.where(packed, PACK, 1).astype(wide)
     return y.astype(x.dtype)
 
 

@@ -210,7 +210,9 @@ def agc(
         # a NaN or inf gradient element makes its unit's norm (a sum) NaN or inf
         nonfinite = _n.any_across(jnp.any(~jnp.isfinite(g_n)), flag_axes)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "agc")
-        scales = global_scale(g_n, c.astype(g_n.dtype) * jnp.maximum(w_n, eps))
+        unit_thr = c.astype(g_n.dtype) * jnp.maximum(w_n, eps)
+        scales = global_scale(g_n, unit_thr)
+        factors = global_scale(g_n, unit_thr, packed=True)
         # the leaves grouped by the mesh axes that still split their units (tensor
         # parallelism, or a split layer axis)
         groups: dict[Any, list[int]] = {}
@@ -219,7 +221,7 @@ def agc(
             other = tuple(a for a in _n.union_axes([full_axes[j]]) if a not in red)
             groups.setdefault(other, []).append(j)
         split_axes = _n.union_axes(list(groups))
-        leaf_scales = _n.split_flat(scales, lay)
+        leaf_scales = _n.split_flat(factors, lay)
         for other, js in groups.items():
             # inside shard_map the vector is typed as varying across every axis that splits
             # some units; a group whose units those axes do not split is marked replicated
@@ -228,7 +230,7 @@ def agc(
             if fix:
                 ids = np.concatenate([np.arange(lay.offsets[j], lay.offsets[j] + lay.n_units[j])
                                       for j in js])
-                fixed, o = _n.replicate(scales[ids], fix), 0
+                fixed, o = _n.replicate(factors[ids], fix), 0
                 for j in js:
                     leaf_scales[j] = fixed[o:o + lay.n_units[j]].reshape(lay.shapes[j])
                     o += lay.n_units[j]
@@ -471,7 +473,8 @@ def autoclip(
         # Before any finite norm, there is nothing to clip to: let the step through.
         thr = jnp.where(n > 0, thr, jnp.inf)
         scale = global_scale(g, thr)
-        updates = jax.tree.map(lambda x: scale_leaf(x, scale), updates)
+        factor = global_scale(g, thr, packed=True)
+        updates = jax.tree.map(lambda x: scale_leaf(x, factor), updates)
         shown_scale = applied_scale(g, scale)
         stats = state.stats.advance(grad_norm=g, threshold=thr, scale=shown_scale,
                                     clipped=shown_scale != 1,
@@ -690,7 +693,8 @@ def zclip(
         invalid = invalid | jnp.isnan(thr) | (thr < 0)
         thr = jnp.where(jnp.isnan(thr), jnp.zeros_like(thr), jnp.maximum(thr, 0))
         scale = global_scale(g, thr)
-        updates = jax.tree.map(lambda x: scale_leaf(x, scale), updates)
+        factor = global_scale(g, thr, packed=True)
+        updates = jax.tree.map(lambda x: scale_leaf(x, factor), updates)
         record_value = jnp.where(warm & spike, clip_val, g)
         do = jnp.isfinite(g) & ~(spike & skip_update_on_spike)
         new_ema = ema_record(ema, record_value, warmup_steps, a, do)
@@ -840,12 +844,15 @@ def adagc(
                             lam_rel * state.gamma.astype(norms.dtype))
         h_local = global_scale(norms, rel_thr)
         h = jnp.where(warm, jnp.broadcast_to(h_global, norms.shape), h_local)
+        factors = jnp.where(warm, jnp.broadcast_to(global_scale(gnorm, lam_abs, packed=True),
+                                                   norms.shape),
+                            global_scale(norms, rel_thr, packed=True))
         clipped_norms = (h * norms).astype(jnp.float32)
         gamma = jnp.where(warm, jnp.minimum(state.gamma, clipped_norms),
                           beta * state.gamma + (1 - beta) * clipped_norms)
         gamma = jnp.where(nonfinite, state.gamma, gamma)
         out = list(flat)
-        for i, h_i in zip(idx, ln.split(h), strict=True):
+        for i, h_i in zip(idx, ln.split(factors), strict=True):
             out[i] = scale_leaf(flat[i], h_i)
         after = _n.combine_norms(norms * h, 2.0)
         thr = jnp.where(warm, lam_abs, _n.combine_norms(rel_thr, 2.0))

@@ -18,6 +18,7 @@ from jax import lax
 from optclip import layers as _layers
 from optclip import norms as _n
 from optclip._common import (
+    PACK,
     Threshold,
     check_state,
     check_threshold,
@@ -78,7 +79,7 @@ def _init_fn(state_cls: type[ClipState]):
     return init_fn
 
 
-def global_scale(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
+def global_scale(norm: jax.Array, max_norm: jax.Array, *, packed: bool = False) -> jax.Array:
     """``min(1, max_norm / norm)``, NaN-free at 0, with a zero threshold giving exactly 0.
 
     The division goes through a ``where`` whose untaken branch divides by 1,
@@ -86,11 +87,21 @@ def global_scale(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
     ``max_norm == 0`` the scale is 0 for every norm, so the clipped update is
     identically zero and so is its derivative. ``max_norm`` must already be
     >= 0 (see :func:`optclip._common.resolve_threshold`).
+
+    With ``packed``, the factor as :func:`optclip._common.scale_leaf` takes
+    it: a factor below ``PACK`` (2^-64), which may be below float32's smallest
+    normal number, is given as ``-(max_norm / (norm * PACK))``, computed
+    without forming the factor itself. Use the plain value for the stats.
     """
     max_norm = max_norm.astype(norm.dtype)
     over = (norm > max_norm) | (max_norm == 0)
     safe = over & (norm > 0)
     scale = jnp.where(over, max_norm / jnp.where(safe, norm, 1), 1)
+    if packed:
+        down = norm * PACK  # exact: a power of two
+        tiny = over & (max_norm > 0) & (max_norm < down) & jnp.isfinite(norm)
+        hi = max_norm / jnp.where(tiny, down, 1)
+        scale = jnp.where(tiny & (hi > 0), -hi, scale)
     return scale.astype(norm.dtype)
 
 
@@ -100,7 +111,7 @@ def applied_scale(norm: jax.Array, scale: jax.Array) -> jax.Array:
     return jnp.where(norm > 0, scale, jnp.ones_like(scale))
 
 
-def lift_scale(norm: jax.Array, min_norm: jax.Array, scale: jax.Array
+def lift_scale(norm: jax.Array, min_norm: jax.Array, scale: jax.Array, packed: jax.Array
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The ``min_norm`` lift of a non-zero norm below ``min_norm``, as two finite factors.
 
@@ -109,14 +120,15 @@ def lift_scale(norm: jax.Array, min_norm: jax.Array, scale: jax.Array
     ``pre``, a power of two, brings the norm into [2, 4) exactly, and
     ``post = min_norm / (norm * pre)`` is then finite. Returns ``(pre, post,
     total)``, with ``total`` the whole factor for the stats (inf there when
-    it overflows); ``scale`` where no lift applies.
+    it overflows); where no lift applies, ``post`` is the clip's ``packed``
+    factor and ``total`` its ``scale`` (see :func:`global_scale`).
     """
     min_norm = min_norm.astype(norm.dtype)
     under = (norm > 0) & (norm < min_norm)
     down, _ = _n._pow2_scale(norm)
     r = norm * down
     pre = jnp.where(under, down, jnp.ones_like(down))
-    post = jnp.where(under, min_norm / jnp.where(under, r, 1), scale)
+    post = jnp.where(under, min_norm / jnp.where(under, r, 1), packed)
     total = jnp.where(under, min_norm / jnp.where(under, norm, 1), scale)
     return pre, post, total
 
@@ -203,14 +215,15 @@ def clip_by_global_norm(
             partition_specs=partition_specs)
         max_n, invalid = resolve_threshold(max_norm, state.count, norm.dtype, "max_norm")
         scale = global_scale(norm, max_n)
+        factor = global_scale(norm, max_n, packed=True)
         if min_norm is None:
-            updates = jax.tree.map(lambda x: scale_leaf(x, scale), updates)
+            updates = jax.tree.map(lambda x: scale_leaf(x, factor), updates)
         else:
             min_n, bad_min = resolve_threshold(min_norm, state.count, norm.dtype, "min_norm")
             invalid = invalid | bad_min
             # a run-time min_norm above max_norm is held to max_norm
-            pre, post, scale = lift_scale(norm, jnp.minimum(min_n, max_n), scale)
-            updates = jax.tree.map(lambda x: scale_leaf(x, pre, post), updates)
+            pre, post, scale = lift_scale(norm, jnp.minimum(min_n, max_n), scale, factor)
+            updates = jax.tree.map(lambda x: scale_leaf(x, post, pre), updates)
         # finite inputs give finite outputs (the lift is applied as two finite factors)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_global_norm")
         scale = applied_scale(norm, scale)
@@ -490,7 +503,7 @@ def clip_by_value(
 
 def per_leaf_clip(
     updates: Any,
-    leaf_scale: Any,
+    leaf_threshold: Any,
     p: float,
     *,
     axis_name: AxisName = None,
@@ -499,9 +512,10 @@ def per_leaf_clip(
 ) -> tuple[Any, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Shared body of the per-leaf clippers.
 
-    ``leaf_scale(norms, sizes)`` maps the vector of leaf p-norms (and the leaf
-    sizes) to a vector of scales; with ``layer_axis``, a stacked leaf gives one
-    entry per layer (see :mod:`optclip.layers`). Returns the scaled updates,
+    ``leaf_threshold(norms, sizes)`` maps the vector of leaf p-norms (and the
+    leaf sizes) to the leaves' thresholds, a scalar or a vector; each leaf is
+    scaled by :func:`global_scale` of its own. With ``layer_axis``, a stacked
+    leaf gives one entry per layer (see :mod:`optclip.layers`). Returns the scaled updates,
     the global norm, the ratio of norms after and before, whether any leaf (or
     layer) was scaled, and the non-finite flag.
     """
@@ -515,9 +529,11 @@ def per_leaf_clip(
     ln = _layers.layer_norms(xs, p, las, updates, axis_name=axis_name,
                              partition_specs=partition_specs)
     norms = ln.norms
-    scales = leaf_scale(norms, ln.sizes).astype(norms.dtype)
+    thresholds = leaf_threshold(norms, ln.sizes)
+    scales = global_scale(norms, thresholds)
+    factors = global_scale(norms, thresholds, packed=True)
     out = list(flat)
-    for i, s_i in zip(idx, ln.split(scales), strict=True):
+    for i, s_i in zip(idx, ln.split(factors), strict=True):
         out[i] = scale_leaf(flat[i], s_i)
     before = _n.combine_norms(norms, p)
     after = _n.combine_norms(norms * scales, p)
@@ -590,12 +606,8 @@ def clip_by_leaf_norm(
         check_state(state, LeafNormClipState, "clip_by_leaf_norm")
         max_n, invalid = resolve_threshold(max_norm, state.count, name="max_norm")
 
-        def leaf_scale(norms, sizes):
-            del sizes
-            return global_scale(norms, max_n)
-
         updates, before, ratio, clipped, nonfinite = per_leaf_clip(
-            updates, leaf_scale, p, axis_name=axis_name,
+            updates, lambda norms, sizes: max_n, p, axis_name=axis_name,
             partition_specs=partition_specs, layer_axis=layer_axis)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_leaf_norm")
         stats = state.stats.advance(grad_norm=before, threshold=max_n, scale=ratio,
@@ -657,11 +669,8 @@ def clip_by_block_rms(
         check_state(state, BlockRMSClipState, "clip_by_block_rms")
         t, invalid = resolve_threshold(threshold, state.count, name="threshold")
 
-        def leaf_scale(norms, sizes):
-            return global_scale(norms, t * jnp.sqrt(sizes))
-
         updates, before, ratio, clipped, nonfinite = per_leaf_clip(
-            updates, leaf_scale, 2.0, axis_name=axis_name,
+            updates, lambda norms, sizes: t * jnp.sqrt(sizes), 2.0, axis_name=axis_name,
             partition_specs=partition_specs, layer_axis=layer_axis)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_block_rms")
         stats = state.stats.advance(grad_norm=before, threshold=t, scale=ratio,

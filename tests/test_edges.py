@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import refs
 
 import optclip
 from optclip import static
@@ -355,3 +356,70 @@ def test_clip_by_value_slices_only_on_cpu():
         text = export.export(jax.jit(tx.update), platforms=[platform])(
             g, tx.init(None)).mlir_module()
         assert text.count("stablehlo.while") == loops, platform
+
+
+# --- a clip factor below float32's smallest normal ----------------------------------------------
+
+# Norms of 1e37 to 2e38 against thresholds of 1 or less: the factor max_norm / norm is about
+# 1e-38 to 1e-40, below float32's smallest normal (1.2e-38), which XLA flushes to 0 on CPU.
+# The clipped update is O(max_norm) all the same, so it must not be zeroed.
+_HUGE = {
+    "w": np.array([[1e38, -5e37], [2e37, 1e37]], np.float32),
+    "h": np.array([1e38, -3e37, 1.0], jnp.bfloat16),
+    "b": np.array([1.0, -2.0], np.float32),
+}
+_HUGE_P = {"w": np.array([[0.5, -1.0], [2.0, 0.25]], np.float32),
+           "h": np.ones(3, jnp.bfloat16), "b": np.array([0.1, -0.2], np.float32)}
+_AGC_AXES = {"w": (0,), "h": None, "b": None}
+
+
+def _global_ref(g, p, t=1.0):
+    return dict(zip(g, refs.global_clip(refs.np_leaves(g.values()), t)[0], strict=True))
+
+
+_TINY_FACTOR = {
+    # name: (the clipper, steps of a normal gradient before the huge one, the float64 reference)
+    "clip_by_global_norm": (lambda: optclip.clip_by_global_norm(1.0), 0, _global_ref),
+    "clip_by_global_norm_min": (lambda: optclip.clip_by_global_norm(1.0, min_norm=0.5), 0,
+                                _global_ref),
+    "clip_by_global_norm_l1": (
+        lambda: optclip.clip_by_global_norm(1.0, ord=1), 0,
+        lambda g, p: dict(zip(g, refs.global_clip(refs.np_leaves(g.values()), 1.0, 1.0)[0],
+                              strict=True))),
+    "clip_by_leaf_norm": (lambda: optclip.clip_by_leaf_norm(1e-3), 0, lambda g, p: dict(
+        zip(g, refs.leaf_clip(refs.np_leaves(g.values()), 1e-3), strict=True))),
+    "clip_by_block_rms": (lambda: optclip.clip_by_block_rms(1e-3), 0, lambda g, p: dict(
+        zip(g, refs.block_rms_clip(refs.np_leaves(g.values()), 1e-3), strict=True))),
+    "agc": (lambda: optclip.agc(0.01), 0, lambda g, p: {
+        k: refs.agc_clip(np.asarray(g[k], np.float64), np.asarray(p[k], np.float64), 0.01,
+                         1e-3, _AGC_AXES[k]) for k in g}),
+    "adagc": (lambda: optclip.adagc(lambda_abs=1.0, warmup_steps=5), 0, _global_ref),
+    "zclip": (lambda: optclip.zclip(max_norm=1.0), 0, _global_ref),
+    # the 0th percentile of the norms seen: the normal step's norm, 1
+    "autoclip": (lambda: optclip.autoclip(percentile=0.0, history=4), 1, _global_ref),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_TINY_FACTOR))
+def test_a_clip_factor_below_the_smallest_normal_float_is_not_flushed_to_zero(name):
+    make, warm, ref = _TINY_FACTOR[name]
+    tx = make()
+    g = jax.tree.map(jnp.asarray, _HUGE)
+    p = jax.tree.map(jnp.asarray, _HUGE_P)
+    step = jax.jit(tx.update)
+    state = tx.init(p)
+    unit = {"w": jnp.array([[0.6, 0.0], [0.0, 0.0]]), "h": jnp.zeros(3, jnp.bfloat16),
+            "b": jnp.array([0.0, 0.8])}  # norm 1
+    for _ in range(warm):
+        _, state = step(unit, state, p)
+    u, state = step(g, state, p)
+    want = ref(_HUGE, _HUGE_P)
+    for k in g:
+        got = np.asarray(u[k], np.float64)
+        assert u[k].dtype == g[k].dtype
+        # bf16 keeps 8 bits; a true value below float32's smallest normal may read as 0
+        rtol = 1e-2 if g[k].dtype == jnp.bfloat16 else 1e-5
+        np.testing.assert_allclose(got, want[k], rtol=rtol, atol=2e-38, err_msg=k)
+        assert np.abs(got).max() > 0 or np.abs(want[k]).max() < 2e-38, k
+    st = optclip.stats(state)
+    assert not bool(st["nonfinite"]) and math.isfinite(float(st["grad_norm"]))

@@ -121,26 +121,14 @@ def increment(count: jax.Array) -> jax.Array:
     return jnp.where(count < jnp.iinfo(jnp.int32).max, count + 1, count).astype(jnp.int32)
 
 
-PACK = 2.0 ** -64
-"""A clip factor below ``PACK`` reaches :func:`scale_leaf` as ``-(factor / PACK)``: see there."""
+def scale_leaf(x: Any, a: jax.Array, b: jax.Array) -> Any:
+    """``x * a * b`` in at least float32, returned in ``x``'s own dtype.
 
-
-def scale_leaf(x: Any, scale: jax.Array, pre: jax.Array | None = None) -> Any:
-    """``x * scale`` (``x * pre * scale`` with ``pre``) in at least float32, returned in
-    ``x``'s own dtype.
-
-    Integer and ``float0`` leaves pass through untouched. The scale is a
-    scalar or broadcasts against ``x``; multiplying (not dividing) keeps the
-    result a single element-wise op that XLA fuses into the optimizer's pass.
-
-    A clip factor is never negative, so a negative ``scale`` carries a factor
-    too small for float32: ``-scale * PACK``. Clipping a norm of 1e38 to 1
-    takes a factor of 1e-38, below float32's smallest normal number, and
-    XLA:CPU flushes such a factor to 0, zeroing an update whose true value is
-    of the order of the threshold. It is applied as ``x * -scale * PACK``
-    instead: each product stays a normal number unless the result itself is
-    below the smallest normal. A factor of 2^-64 or more takes the plain
-    ``x * scale``, bit for bit (the second factor is then 1).
+    ``(a, b)`` are a clip factor as a pair (:func:`optclip.static.clip_factors`):
+    a factor too small for a normal float32 number is applied as two. They are
+    scalars or broadcast against ``x``. Integer and ``float0`` leaves pass
+    through untouched. Multiplying (not dividing) keeps the result element-wise
+    ops that XLA fuses into the optimizer's pass.
     """
     if not is_float_leaf(x):
         return x
@@ -148,12 +136,23 @@ def scale_leaf(x: Any, scale: jax.Array, pre: jax.Array | None = None) -> Any:
     low = x.dtype.itemsize < 4 and not jnp.iscomplexobj(x)
     wide = jnp.float32 if low else jnp.finfo(x.dtype).dtype
     y = x.astype(jnp.float32) if low else x
-    if pre is not None:
-        y = y * pre.astype(wide)
-    s = scale.astype(wide)
-    packed = s < 0
-    y = y * jnp.where(packed, -s, s) * jnp.where(packed, PACK, 1).astype(wide)
-    return y.astype(x.dtype)
+    return (y * a.astype(wide) * b.astype(wide)).astype(x.dtype)
+
+
+def scale_tree(tree: Any, factors: jax.Array) -> Any:
+    """Every leaf of ``tree`` scaled by one clip factor, given as a stacked pair.
+
+    Each of the two scalars is taken out of the pair by a sum under a constant
+    mask, a reduction: XLA does not fuse a reduction into the kernels that use
+    it, and would otherwise copy the ops that form the scalars into every
+    leaf's kernel (three selects and two compares more per leaf, and compile
+    time that grows with them; an optimization barrier is removed before
+    fusion, and does not stop it). A sum of one value and zeros is that value.
+    """
+    which = np.arange(2)
+    a, b = (jnp.sum(jnp.where(which == i, factors, jnp.zeros((), factors.dtype)))
+            for i in range(2))
+    return jax.tree.map(lambda x: scale_leaf(x, a, b), tree)
 
 
 def check_state(state: Any, state_cls: type, name: str) -> None:

@@ -30,10 +30,11 @@ from optclip._common import (
     resolve,
     resolve_threshold,
     scale_leaf,
+    scale_tree,
 )
 from optclip.layers import LayerAxis
 from optclip.norms import AxisName
-from optclip.static import applied_scale, global_scale
+from optclip.static import applied_scale, clip_factors, global_scale
 from optclip.stats import ClipStats
 
 __all__ = [
@@ -212,7 +213,7 @@ def agc(
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "agc")
         unit_thr = c.astype(g_n.dtype) * jnp.maximum(w_n, eps)
         scales = global_scale(g_n, unit_thr)
-        factors = global_scale(g_n, unit_thr, packed=True)
+        factors = clip_factors(g_n, unit_thr)
         # the leaves grouped by the mesh axes that still split their units (tensor
         # parallelism, or a split layer axis)
         groups: dict[Any, list[int]] = {}
@@ -232,11 +233,11 @@ def agc(
                                       for j in js])
                 fixed, o = _n.replicate(factors[ids], fix), 0
                 for j in js:
-                    leaf_scales[j] = fixed[o:o + lay.n_units[j]].reshape(lay.shapes[j])
+                    leaf_scales[j] = fixed[o:o + lay.n_units[j]].reshape(lay.shapes[j] + (2,))
                     o += lay.n_units[j]
         out = list(flat)
-        for i, s_i in zip(idx, leaf_scales, strict=True):
-            out[i] = scale_leaf(flat[i], s_i)
+        for i, f_i in zip(idx, leaf_scales, strict=True):
+            out[i] = scale_leaf(flat[i], f_i[..., 0], f_i[..., 1])
         # the stats' global norms: each group is combined once, then across its split axes
         before, after, any_clip = [], [], []
         for other, js in groups.items():
@@ -473,8 +474,8 @@ def autoclip(
         # Before any finite norm, there is nothing to clip to: let the step through.
         thr = jnp.where(n > 0, thr, jnp.inf)
         scale = global_scale(g, thr)
-        factor = global_scale(g, thr, packed=True)
-        updates = jax.tree.map(lambda x: scale_leaf(x, factor), updates)
+        factors = clip_factors(g, thr)
+        updates = scale_tree(updates, factors)
         shown_scale = applied_scale(g, scale)
         stats = state.stats.advance(grad_norm=g, threshold=thr, scale=shown_scale,
                                     clipped=shown_scale != 1,
@@ -693,8 +694,8 @@ def zclip(
         invalid = invalid | jnp.isnan(thr) | (thr < 0)
         thr = jnp.where(jnp.isnan(thr), jnp.zeros_like(thr), jnp.maximum(thr, 0))
         scale = global_scale(g, thr)
-        factor = global_scale(g, thr, packed=True)
-        updates = jax.tree.map(lambda x: scale_leaf(x, factor), updates)
+        factors = clip_factors(g, thr)
+        updates = scale_tree(updates, factors)
         record_value = jnp.where(warm & spike, clip_val, g)
         do = jnp.isfinite(g) & ~(spike & skip_update_on_spike)
         new_ema = ema_record(ema, record_value, warmup_steps, a, do)
@@ -844,16 +845,16 @@ def adagc(
                             lam_rel * state.gamma.astype(norms.dtype))
         h_local = global_scale(norms, rel_thr)
         h = jnp.where(warm, jnp.broadcast_to(h_global, norms.shape), h_local)
-        factors = jnp.where(warm, jnp.broadcast_to(global_scale(gnorm, lam_abs, packed=True),
-                                                   norms.shape),
-                            global_scale(norms, rel_thr, packed=True))
+        factors = jnp.where(warm, jnp.broadcast_to(clip_factors(gnorm, lam_abs),
+                                                   norms.shape + (2,)),
+                            clip_factors(norms, rel_thr))
         clipped_norms = (h * norms).astype(jnp.float32)
         gamma = jnp.where(warm, jnp.minimum(state.gamma, clipped_norms),
                           beta * state.gamma + (1 - beta) * clipped_norms)
         gamma = jnp.where(nonfinite, state.gamma, gamma)
         out = list(flat)
-        for i, h_i in zip(idx, ln.split(factors), strict=True):
-            out[i] = scale_leaf(flat[i], h_i)
+        for i, f_i in zip(idx, ln.split(factors), strict=True):
+            out[i] = scale_leaf(flat[i], f_i[..., 0], f_i[..., 1])
         after = _n.combine_norms(norms * h, 2.0)
         thr = jnp.where(warm, lam_abs, _n.combine_norms(rel_thr, 2.0))
         stats = state.stats.advance(grad_norm=gnorm, threshold=thr,

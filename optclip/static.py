@@ -18,7 +18,6 @@ from jax import lax
 from optclip import layers as _layers
 from optclip import norms as _n
 from optclip._common import (
-    PACK,
     Threshold,
     check_state,
     check_threshold,
@@ -29,6 +28,7 @@ from optclip._common import (
     resolve,
     resolve_threshold,
     scale_leaf,
+    scale_tree,
 )
 from optclip.layers import LayerAxis
 from optclip.norms import AxisName, Ord
@@ -79,30 +79,51 @@ def _init_fn(state_cls: type[ClipState]):
     return init_fn
 
 
-def global_scale(norm: jax.Array, max_norm: jax.Array, *, packed: bool = False) -> jax.Array:
+PACK = 2.0 ** -64
+"""A clip factor below ``PACK`` is applied as ``PACK`` times a normal number (see
+:func:`clip_factors`)."""
+
+
+def global_scale(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
     """``min(1, max_norm / norm)``, NaN-free at 0, with a zero threshold giving exactly 0.
 
     The division goes through a ``where`` whose untaken branch divides by 1,
     so the value and the derivative are finite at ``norm == 0``. With
     ``max_norm == 0`` the scale is 0 for every norm, so the clipped update is
     identically zero and so is its derivative. ``max_norm`` must already be
-    >= 0 (see :func:`optclip._common.resolve_threshold`).
-
-    With ``packed``, the factor as :func:`optclip._common.scale_leaf` takes
-    it: a factor below ``PACK`` (2^-64), which may be below float32's smallest
-    normal number, is given as ``-(max_norm / (norm * PACK))``, computed
-    without forming the factor itself. Use the plain value for the stats.
+    >= 0 (see :func:`optclip._common.resolve_threshold`). This is the value
+    for the stats; the updates are scaled by :func:`clip_factors`.
     """
     max_norm = max_norm.astype(norm.dtype)
     over = (norm > max_norm) | (max_norm == 0)
     safe = over & (norm > 0)
     scale = jnp.where(over, max_norm / jnp.where(safe, norm, 1), 1)
-    if packed:
-        down = norm * PACK  # exact: a power of two
-        tiny = over & (max_norm > 0) & (max_norm < down) & jnp.isfinite(norm)
-        hi = max_norm / jnp.where(tiny, down, 1)
-        scale = jnp.where(tiny & (hi > 0), -hi, scale)
     return scale.astype(norm.dtype)
+
+
+def clip_factors(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
+    """:func:`global_scale` as two factors ``(a, b)``, stacked on a last axis of 2: the
+    clipped update is ``x * a * b`` (:func:`optclip._common.scale_leaf`).
+
+    Clipping a norm of 1e38 to 1 takes a factor of 1e-38, below float32's
+    smallest normal number, which XLA:CPU flushes to 0: the update, whose
+    true value is of the order of the threshold, would be zeroed. A factor
+    below ``PACK`` (2^-64) is therefore applied as ``a = PACK`` (a power of
+    two: exact) and ``b = max_norm / (norm * PACK)``, computed without
+    forming the factor itself; each product then stays a normal number unless
+    the result itself is below the smallest normal. Any other factor is
+    ``a = 1``, ``b = global_scale``: the same result, bit for bit. The pair is
+    formed once, for all the leaves (a vector of pairs for per-leaf factors).
+    """
+    scale = global_scale(norm, max_norm)
+    max_norm = max_norm.astype(norm.dtype)
+    down = norm * PACK  # exact: a power of two
+    tiny = (max_norm > 0) & (max_norm < down) & jnp.isfinite(norm)
+    hi = max_norm / jnp.where(tiny, down, 1)
+    a = jnp.where(tiny, jnp.asarray(PACK, norm.dtype), jnp.ones_like(norm))
+    b = jnp.where(tiny, hi, scale)
+    a, b = jnp.broadcast_arrays(a, b)
+    return jnp.stack([a, b], axis=-1).astype(norm.dtype)
 
 
 def applied_scale(norm: jax.Array, scale: jax.Array) -> jax.Array:
@@ -111,8 +132,8 @@ def applied_scale(norm: jax.Array, scale: jax.Array) -> jax.Array:
     return jnp.where(norm > 0, scale, jnp.ones_like(scale))
 
 
-def lift_scale(norm: jax.Array, min_norm: jax.Array, scale: jax.Array, packed: jax.Array
-               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def lift_scale(norm: jax.Array, min_norm: jax.Array, scale: jax.Array, factors: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
     """The ``min_norm`` lift of a non-zero norm below ``min_norm``, as two finite factors.
 
     ``min_norm / norm`` overflows float32 for a tiny norm (``1e20 / 1e-20``),
@@ -120,17 +141,18 @@ def lift_scale(norm: jax.Array, min_norm: jax.Array, scale: jax.Array, packed: j
     ``pre``, a power of two, brings the norm into [2, 4) exactly, and
     ``post = min_norm / (norm * pre)`` is then finite. Returns ``(pre, post,
     total)``, with ``total`` the whole factor for the stats (inf there when
-    it overflows); where no lift applies, ``post`` is the clip's ``packed``
-    factor and ``total`` its ``scale`` (see :func:`global_scale`).
+    it overflows); where no lift applies, ``(pre, post)`` are the clip's
+    ``factors`` (:func:`clip_factors`) and ``total`` its ``scale``. The pair
+    is returned stacked, as :func:`clip_factors` returns it.
     """
     min_norm = min_norm.astype(norm.dtype)
     under = (norm > 0) & (norm < min_norm)
     down, _ = _n._pow2_scale(norm)
     r = norm * down
-    pre = jnp.where(under, down, jnp.ones_like(down))
-    post = jnp.where(under, min_norm / jnp.where(under, r, 1), packed)
+    pre = jnp.where(under, down, factors[..., 0])
+    post = jnp.where(under, min_norm / jnp.where(under, r, 1), factors[..., 1])
     total = jnp.where(under, min_norm / jnp.where(under, norm, 1), scale)
-    return pre, post, total
+    return jnp.stack([pre, post], axis=-1), total
 
 
 def clip_by_global_norm(
@@ -215,15 +237,13 @@ def clip_by_global_norm(
             partition_specs=partition_specs)
         max_n, invalid = resolve_threshold(max_norm, state.count, norm.dtype, "max_norm")
         scale = global_scale(norm, max_n)
-        factor = global_scale(norm, max_n, packed=True)
-        if min_norm is None:
-            updates = jax.tree.map(lambda x: scale_leaf(x, factor), updates)
-        else:
+        factors = clip_factors(norm, max_n)
+        if min_norm is not None:
             min_n, bad_min = resolve_threshold(min_norm, state.count, norm.dtype, "min_norm")
             invalid = invalid | bad_min
             # a run-time min_norm above max_norm is held to max_norm
-            pre, post, scale = lift_scale(norm, jnp.minimum(min_n, max_n), scale, factor)
-            updates = jax.tree.map(lambda x: scale_leaf(x, post, pre), updates)
+            factors, scale = lift_scale(norm, jnp.minimum(min_n, max_n), scale, factors)
+        updates = scale_tree(updates, factors)
         # finite inputs give finite outputs (the lift is applied as two finite factors)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clip_by_global_norm")
         scale = applied_scale(norm, scale)
@@ -531,10 +551,10 @@ def per_leaf_clip(
     norms = ln.norms
     thresholds = leaf_threshold(norms, ln.sizes)
     scales = global_scale(norms, thresholds)
-    factors = global_scale(norms, thresholds, packed=True)
+    factors = clip_factors(norms, thresholds)
     out = list(flat)
-    for i, s_i in zip(idx, ln.split(factors), strict=True):
-        out[i] = scale_leaf(flat[i], s_i)
+    for i, f_i in zip(idx, ln.split(factors), strict=True):
+        out[i] = scale_leaf(flat[i], f_i[..., 0], f_i[..., 1])
     before = _n.combine_norms(norms, p)
     after = _n.combine_norms(norms * scales, p)
     ratio = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), 1)

@@ -423,3 +423,17 @@ def test_a_clip_factor_below_the_smallest_normal_float_is_not_flushed_to_zero(na
         assert np.abs(got).max() > 0 or np.abs(want[k]).max() < 2e-38, k
     st = optclip.stats(state)
     assert not bool(st["nonfinite"]) and math.isfinite(float(st["grad_norm"]))
+
+
+def test_a_norm_beyond_float32s_range_zeroes_the_update_and_skip_nonfinite_skips_it():
+    # README, Limits: the norm of four elements of 3e38 (6e38) is inf in float32, the factor
+    # max_norm / inf is 0, and the guard reads the inf norm as a step to skip
+    g = {"a": jnp.full((4,), 3e38, jnp.float32)}
+    for tx in (optclip.clip_by_global_norm(1.0), optclip.clip_by_leaf_norm(1.0)):
+        u, s = jax.jit(tx.update)(g, tx.init(g))
+        st = optclip.stats(s)
+        assert not np.any(np.asarray(u["a"])) and math.isinf(float(st["grad_norm"]))
+        assert bool(st["clipped"]) and not bool(st["nonfinite"])
+    tx = optclip.skip_nonfinite(optax.sgd(1.0))
+    u, s = jax.jit(tx.update)(g, tx.init(g), g)
+    assert bool(optclip.stats(s)["skipped"]) and not np.any(np.asarray(u["a"]))

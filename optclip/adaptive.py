@@ -34,7 +34,7 @@ from optclip._common import (
 )
 from optclip.layers import LayerAxis
 from optclip.norms import AxisName
-from optclip.static import applied_scale, clip_factors, global_scale
+from optclip.static import applied_scale, clip_factors, global_scale, scaled_norms
 from optclip.stats import ClipStats
 
 __all__ = [
@@ -242,14 +242,14 @@ def agc(
         before, after, any_clip = [], [], []
         for other, js in groups.items():
             if len(js) == len(gs):
-                gn, sc = g_n, scales
+                gn, sc, fc = g_n, scales, factors
             else:
                 ids = np.concatenate([np.arange(lay.offsets[j], lay.offsets[j] + lay.n_units[j])
                                       for j in js])
-                gn, sc = g_n[ids], scales[ids]
+                gn, sc, fc = g_n[ids], scales[ids], factors[ids]
             any_clip.append(_n.any_across(jnp.any(sc != 1), other))
             before.append(_n.norm_across(_n.combine_norms(gn, 2.0), other))
-            after.append(_n.norm_across(_n.combine_norms(gn * sc, 2.0), other))
+            after.append(_n.norm_across(_n.combine_norms(scaled_norms(gn, fc), 2.0), other))
         before = _n.combine_norms(jnp.stack(before), 2.0)
         after = _n.combine_norms(jnp.stack(after), 2.0)
         any_clip = jnp.any(jnp.stack(any_clip))
@@ -848,14 +848,19 @@ def adagc(
         factors = jnp.where(warm, jnp.broadcast_to(clip_factors(gnorm, lam_abs),
                                                    norms.shape + (2,)),
                             clip_factors(norms, rel_thr))
-        clipped_norms = (h * norms).astype(jnp.float32)
+        # the norms after the clip through the same two factors as the leaves: h * norms is 0
+        # where h is below float32's smallest normal (a norm of 1e38), and would pull gamma to 0
+        after_norms = scaled_norms(norms, factors)
+        clipped_norms = after_norms.astype(jnp.float32)
         gamma = jnp.where(warm, jnp.minimum(state.gamma, clipped_norms),
                           beta * state.gamma + (1 - beta) * clipped_norms)
-        gamma = jnp.where(nonfinite, state.gamma, gamma)
+        # a norm beyond float32's range (inf from finite elements) says nothing of the scale
+        # either: gamma is kept, as on a non-finite step
+        gamma = jnp.where(nonfinite | ~jnp.isfinite(gnorm), state.gamma, gamma)
         out = list(flat)
         for i, f_i in zip(idx, ln.split(factors), strict=True):
             out[i] = scale_leaf(flat[i], f_i[..., 0], f_i[..., 1])
-        after = _n.combine_norms(norms * h, 2.0)
+        after = _n.combine_norms(after_norms, 2.0)
         thr = jnp.where(warm, lam_abs, _n.combine_norms(rel_thr, 2.0))
         stats = state.stats.advance(grad_norm=gnorm, threshold=thr,
                                     scale=_ratio(after, gnorm), clipped=jnp.any(h != 1),

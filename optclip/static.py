@@ -79,9 +79,9 @@ def _init_fn(state_cls: type[ClipState]):
     return init_fn
 
 
-PACK = 2.0 ** -64
-"""A clip factor below ``PACK`` is applied as ``PACK`` times a normal number (see
-:func:`clip_factors`)."""
+TINY = 2.0 ** -126
+"""float32's smallest normal number: a clip factor below it is applied as ``TINY`` times a
+factor in [2^-126, 1) (see :func:`clip_factors`)."""
 
 
 def global_scale(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
@@ -106,24 +106,32 @@ def clip_factors(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
     clipped update is ``x * a * b`` (:func:`optclip._common.scale_leaf`).
 
     Clipping a norm of 1e38 to 1 takes a factor of 1e-38, below float32's
-    smallest normal number, which XLA:CPU flushes to 0: the update, whose
-    true value is of the order of the threshold, would be zeroed. A factor
-    below ``PACK`` (2^-64) is therefore applied as ``a = PACK`` (a power of
-    two: exact) and ``b = max_norm / (norm * PACK)``, computed without
-    forming the factor itself; each product then stays a normal number unless
-    the result itself is below the smallest normal. Any other factor is
-    ``a = 1``, ``b = global_scale``: the same result, bit for bit. The pair is
+    smallest normal number ``TINY`` (2^-126), which XLA:CPU flushes to 0: the
+    update, whose true value is of the order of the threshold, would be
+    zeroed. Such a factor is applied as ``a = TINY`` and ``b = max_norm /
+    (norm * TINY)``, computed without forming the factor itself: ``b`` is in
+    [2^-126, 1) for any factor down to 2^-252, and as ``a`` is at least the
+    factor, ``x * a`` is below the smallest normal only where the true result
+    is too. A factor below 2^-252 (a threshold below about 1e-37 against a
+    norm near float32's largest) still flushes. Any other factor is ``a =
+    1``, ``b = global_scale``: the same result, bit for bit. The pair is
     formed once, for all the leaves (a vector of pairs for per-leaf factors).
     """
     scale = global_scale(norm, max_norm)
     max_norm = max_norm.astype(norm.dtype)
-    down = norm * PACK  # exact: a power of two
+    down = norm * TINY  # exact: a power of two (0 where it would be subnormal)
     tiny = (max_norm > 0) & (max_norm < down) & jnp.isfinite(norm)
-    hi = max_norm / jnp.where(tiny, down, 1)
-    a = jnp.where(tiny, jnp.asarray(PACK, norm.dtype), jnp.ones_like(norm))
-    b = jnp.where(tiny, hi, scale)
+    a = jnp.where(tiny, jnp.asarray(TINY, norm.dtype), jnp.ones_like(norm))
+    b = jnp.where(tiny, max_norm / jnp.where(tiny, down, 1), scale)
     a, b = jnp.broadcast_arrays(a, b)
     return jnp.stack([a, b], axis=-1).astype(norm.dtype)
+
+
+def scaled_norms(norms: jax.Array, factors: jax.Array) -> jax.Array:
+    """The norms after the factors (:func:`clip_factors`): ``norms * a * b``, and 0 where
+    ``b`` is 0 (a norm beyond float32's range is inf, and ``inf * 0`` would be NaN)."""
+    return jnp.where(factors[..., 1] == 0, jnp.zeros_like(norms),
+                     norms * factors[..., 0] * factors[..., 1])
 
 
 def applied_scale(norm: jax.Array, scale: jax.Array) -> jax.Array:
@@ -556,7 +564,7 @@ def per_leaf_clip(
     for i, f_i in zip(idx, ln.split(factors), strict=True):
         out[i] = scale_leaf(flat[i], f_i[..., 0], f_i[..., 1])
     before = _n.combine_norms(norms, p)
-    after = _n.combine_norms(norms * scales, p)
+    after = _n.combine_norms(scaled_norms(norms, factors), p)
     ratio = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), 1)
     return (jax.tree_util.tree_unflatten(treedef, out), before, ratio, jnp.any(scales != 1),
             ln.nonfinite)

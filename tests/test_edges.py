@@ -397,6 +397,11 @@ _TINY_FACTOR = {
     "zclip": (lambda: optclip.zclip(max_norm=1.0), 0, _global_ref),
     # the 0th percentile of the norms seen: the normal step's norm, 1
     "autoclip": (lambda: optclip.autoclip(percentile=0.0, history=4), 1, _global_ref),
+    # factors of about 1e-58, below 2^-190: 2^64 times the factor is still subnormal
+    "clip_by_global_norm_1e-20": (lambda: optclip.clip_by_global_norm(1e-20), 0,
+                                  lambda g, p: _global_ref(g, p, 1e-20)),
+    "clip_by_leaf_norm_1e-20": (lambda: optclip.clip_by_leaf_norm(1e-20), 0, lambda g, p: dict(
+        zip(g, refs.leaf_clip(refs.np_leaves(g.values()), 1e-20), strict=True))),
 }
 
 
@@ -423,17 +428,41 @@ def test_a_clip_factor_below_the_smallest_normal_float_is_not_flushed_to_zero(na
         assert np.abs(got).max() > 0 or np.abs(want[k]).max() < 2e-38, k
     st = optclip.stats(state)
     assert not bool(st["nonfinite"]) and math.isfinite(float(st["grad_norm"]))
+    assert math.isfinite(float(st["scale"]))
+
+
+def test_adagc_state_after_a_norm_of_1e38_still_lets_normal_steps_through():
+    # the norm after the clip feeds gamma: taken as h * norm, it was 0 at a norm of 1e38, gamma
+    # became 0 in the warm-up (a minimum) and every later step was zeroed
+    tx = optclip.adagc(warmup_steps=2, lambda_abs=1.0)
+    small = {"w": jnp.array([0.6, 0.8])}
+    big = {"w": jnp.array([6e37, 8e37])}
+    step = jax.jit(tx.update)
+    state = tx.init(small)
+    outs = []
+    for g in (small, big, small, small):
+        u, state = step(g, state)
+        outs.append(np.asarray(u["w"]))
+    for u in outs:
+        np.testing.assert_allclose(u, [0.6, 0.8], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(state.gamma), 1.0, rtol=1e-2)
 
 
 def test_a_norm_beyond_float32s_range_zeroes_the_update_and_skip_nonfinite_skips_it():
     # README, Limits: the norm of four elements of 3e38 (6e38) is inf in float32, the factor
     # max_norm / inf is 0, and the guard reads the inf norm as a step to skip
     g = {"a": jnp.full((4,), 3e38, jnp.float32)}
-    for tx in (optclip.clip_by_global_norm(1.0), optclip.clip_by_leaf_norm(1.0)):
-        u, s = jax.jit(tx.update)(g, tx.init(g))
+    for tx in (optclip.clip_by_global_norm(1.0), optclip.clip_by_leaf_norm(1.0),
+               optclip.adagc(warmup_steps=1), optclip.agc(0.01)):
+        p = {"a": jnp.ones((4,), jnp.float32)}
+        u, s = jax.jit(tx.update)(g, tx.init(p), p)
         st = optclip.stats(s)
         assert not np.any(np.asarray(u["a"])) and math.isinf(float(st["grad_norm"]))
-        assert bool(st["clipped"]) and not bool(st["nonfinite"])
+        # agc reads its flag off the unit norms: a unit norm that overflows counts as non-finite
+        assert bool(st["clipped"]) and bool(st["nonfinite"]) == isinstance(s, optclip.AGCState)
+        assert float(st["scale"]) == 0.0  # not NaN (inf * 0)
+        if hasattr(s, "gamma"):  # adagc: nothing learnt from a norm it cannot represent
+            assert np.all(np.isinf(np.asarray(s.gamma)))
     tx = optclip.skip_nonfinite(optax.sgd(1.0))
     u, s = jax.jit(tx.update)(g, tx.init(g), g)
     assert bool(optclip.stats(s)["skipped"]) and not np.any(np.asarray(u["a"]))

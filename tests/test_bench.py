@@ -3,6 +3,7 @@ full-size temporary; fresh states are donatable. Checked on the compiled HLO of 
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -229,7 +230,11 @@ def test_per_leaf_results_reach_many_leaves_without_a_slice_each(name):
     else:
         tx = REG[name].alone()
         lowered = jax.jit(lambda u, s, p: tx.update(u, s, p)).lower(tree, tx.init(tree), tree)
-    assert lowered.as_text().count("stablehlo.slice") < 96 // 8
+    # slices of a vector (or a (units, 2) array of clip factors) with a row for every leaf;
+    # each leaf's own pair of factors, (a, b) = f[..., 0], f[..., 1], is the same slice at
+    # the same offset for every leaf, and not counted
+    operands = re.findall(r"stablehlo\.slice .*: \(tensor<(\d+)", lowered.as_text())
+    assert sum(int(n) >= 96 for n in operands) < 96 // 8
 
 
 @pytest.mark.parametrize("name", ["agc", "clip_by_leaf_norm", "adagc"])

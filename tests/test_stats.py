@@ -102,7 +102,10 @@ def test_norm_is_computed_once_per_step():
     tx = optclip.clip_by_global_norm(1.0)
     jaxpr = jax.make_jaxpr(lambda g: tx.update(g, tx.init(g)))(jnp.ones(4))
     top = [e.primitive.name for e in jaxpr.jaxpr.eqns]
-    assert top.count("reduce_sum") == 1, top
+    # (the two factors of the clip are each taken out of their pair by a sum over 2 values)
+    over_grads = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "reduce_sum"
+                  and e.invars[0].aval.shape != (2,)]
+    assert len(over_grads) == 1, top
     assert top.count("cond") == 1
 
 

@@ -121,10 +121,11 @@ def increment(count: jax.Array) -> jax.Array:
     return jnp.where(count < jnp.iinfo(jnp.int32).max, count + 1, count).astype(jnp.int32)
 
 
-def scale_leaf(x: Any, a: jax.Array, b: jax.Array) -> Any:
-    """``x * a * b`` in at least float32, returned in ``x``'s own dtype.
+def scale_leaf(x: Any, a: jax.Array, b: jax.Array | None = None) -> Any:
+    """``x * a`` (``x * a * b`` with ``b``) in at least float32, returned in ``x``'s own
+    dtype.
 
-    ``(a, b)`` are a clip factor as a pair (:func:`optclip.static.clip_factors`):
+    ``(a, b)`` may be a clip factor as a pair (:func:`optclip.static.clip_factors`):
     a factor too small for a normal float32 number is applied as two. They are
     scalars or broadcast against ``x``. Integer and ``float0`` leaves pass
     through untouched. Multiplying (not dividing) keeps the result element-wise
@@ -136,7 +137,10 @@ def scale_leaf(x: Any, a: jax.Array, b: jax.Array) -> Any:
     low = x.dtype.itemsize < 4 and not jnp.iscomplexobj(x)
     wide = jnp.float32 if low else jnp.finfo(x.dtype).dtype
     y = x.astype(jnp.float32) if low else x
-    return (y * a.astype(wide) * b.astype(wide)).astype(x.dtype)
+    y = y * a.astype(wide)
+    if b is not None:
+        y = y * b.astype(wide)
+    return y.astype(x.dtype)
 
 
 def scale_tree(tree: Any, factors: jax.Array) -> Any:

@@ -213,7 +213,6 @@ def agc(
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "agc")
         unit_thr = c.astype(g_n.dtype) * jnp.maximum(w_n, eps)
         scales = global_scale(g_n, unit_thr)
-        factors = clip_factors(g_n, unit_thr)
         # the leaves grouped by the mesh axes that still split their units (tensor
         # parallelism, or a split layer axis)
         groups: dict[Any, list[int]] = {}
@@ -222,7 +221,7 @@ def agc(
             other = tuple(a for a in _n.union_axes([full_axes[j]]) if a not in red)
             groups.setdefault(other, []).append(j)
         split_axes = _n.union_axes(list(groups))
-        leaf_scales = _n.split_flat(factors, lay)
+        leaf_scales = _n.split_flat(scales, lay)  # one factor per unit (see clip_factors)
         for other, js in groups.items():
             # inside shard_map the vector is typed as varying across every axis that splits
             # some units; a group whose units those axes do not split is marked replicated
@@ -231,25 +230,25 @@ def agc(
             if fix:
                 ids = np.concatenate([np.arange(lay.offsets[j], lay.offsets[j] + lay.n_units[j])
                                       for j in js])
-                fixed, o = _n.replicate(factors[ids], fix), 0
+                fixed, o = _n.replicate(scales[ids], fix), 0
                 for j in js:
-                    leaf_scales[j] = fixed[o:o + lay.n_units[j]].reshape(lay.shapes[j] + (2,))
+                    leaf_scales[j] = fixed[o:o + lay.n_units[j]].reshape(lay.shapes[j])
                     o += lay.n_units[j]
         out = list(flat)
-        for i, f_i in zip(idx, leaf_scales, strict=True):
-            out[i] = scale_leaf(flat[i], f_i[..., 0], f_i[..., 1])
+        for i, s_i in zip(idx, leaf_scales, strict=True):
+            out[i] = scale_leaf(flat[i], s_i)
         # the stats' global norms: each group is combined once, then across its split axes
         before, after, any_clip = [], [], []
         for other, js in groups.items():
             if len(js) == len(gs):
-                gn, sc, fc = g_n, scales, factors
+                gn, sc = g_n, scales
             else:
                 ids = np.concatenate([np.arange(lay.offsets[j], lay.offsets[j] + lay.n_units[j])
                                       for j in js])
-                gn, sc, fc = g_n[ids], scales[ids], factors[ids]
+                gn, sc = g_n[ids], scales[ids]
             any_clip.append(_n.any_across(jnp.any(sc != 1), other))
             before.append(_n.norm_across(_n.combine_norms(gn, 2.0), other))
-            after.append(_n.norm_across(_n.combine_norms(scaled_norms(gn, fc), 2.0), other))
+            after.append(_n.norm_across(_n.combine_norms(scaled_norms(gn, sc), 2.0), other))
         before = _n.combine_norms(jnp.stack(before), 2.0)
         after = _n.combine_norms(jnp.stack(after), 2.0)
         any_clip = jnp.any(jnp.stack(any_clip))
@@ -848,19 +847,19 @@ def adagc(
         factors = jnp.where(warm, jnp.broadcast_to(clip_factors(gnorm, lam_abs),
                                                    norms.shape + (2,)),
                             clip_factors(norms, rel_thr))
-        # the norms after the clip through the same two factors as the leaves: h * norms is 0
-        # where h is below float32's smallest normal (a norm of 1e38), and would pull gamma to 0
-        after_norms = scaled_norms(norms, factors)
-        clipped_norms = after_norms.astype(jnp.float32)
+        # gamma learns the clipped norms through the pair of factors (see clip_factors): h *
+        # norms is 0 where h is below float32's smallest normal (a norm of 1e38), and pulled
+        # gamma to 0 for good. (The leaves take h itself, one factor each.)
+        clipped_norms = scaled_norms(norms, factors).astype(jnp.float32)
         gamma = jnp.where(warm, jnp.minimum(state.gamma, clipped_norms),
                           beta * state.gamma + (1 - beta) * clipped_norms)
         # a norm beyond float32's range (inf from finite elements) says nothing of the scale
         # either: gamma is kept, as on a non-finite step
         gamma = jnp.where(nonfinite | ~jnp.isfinite(gnorm), state.gamma, gamma)
         out = list(flat)
-        for i, f_i in zip(idx, ln.split(factors), strict=True):
-            out[i] = scale_leaf(flat[i], f_i[..., 0], f_i[..., 1])
-        after = _n.combine_norms(after_norms, 2.0)
+        for i, h_i in zip(idx, ln.split(h), strict=True):
+            out[i] = scale_leaf(flat[i], h_i)
+        after = _n.combine_norms(scaled_norms(norms, h), 2.0)
         thr = jnp.where(warm, lam_abs, _n.combine_norms(rel_thr, 2.0))
         stats = state.stats.advance(grad_norm=gnorm, threshold=thr,
                                     scale=_ratio(after, gnorm), clipped=jnp.any(h != 1),

@@ -241,9 +241,9 @@ def layer_norms(
             if layer_mesh[i] is None:
                 part = v[start:start + k]
             else:
-                at = start + _n.linear_index(_names(layer_mesh[i])) * k
-                part = lax.dynamic_slice(v, (at,) + (0,) * (v.ndim - 1), (k,) + v.shape[1:])
-            out.append(part.reshape(shape + v.shape[1:]))
+                part = lax.dynamic_slice(v, (start + _n.linear_index(_names(layer_mesh[i])) * k,),
+                                         (k,))
+            out.append(part.reshape(shape))
         return out
 
     return LayerNorms(norms, unit_sizes, nonfinite, split)

@@ -238,8 +238,7 @@ _SELECT_BUDGET = 1 << 24
 
 
 def _split_sliced(flat: jax.Array, lay: Layout) -> list[jax.Array]:
-    trail = flat.shape[1:]
-    return [flat[o:o + k].reshape(shape + trail)
+    return [flat[o:o + k].reshape(shape)
             for o, k, shape in zip(lay.offsets, lay.n_units, lay.shapes, strict=True)]
 
 
@@ -259,7 +258,6 @@ def _split_selected(flat: jax.Array, lay: Layout) -> list[jax.Array]:
     zeros is that value, exactly.
     """
     out: list[Any] = [None] * len(lay.offsets)
-    trail = flat.shape[1:]
     groups: dict[int, list[int]] = {}
     for j, k in enumerate(lay.n_units):
         # A large array keeps its slice, which XLA fuses into the array's own kernel: a
@@ -273,7 +271,7 @@ def _split_selected(flat: jax.Array, lay: Layout) -> list[jax.Array]:
         if k == 0 or len(ids) < _SELECT_MIN or len(ids) * rows * k > _SELECT_BUDGET:
             for j in ids:
                 o = lay.offsets[j]
-                out[j] = flat[o:o + k].reshape(lay.shapes[j] + trail)
+                out[j] = flat[o:o + k].reshape(lay.shapes[j])
             continue
         units = np.concatenate([np.arange(lay.offsets[j], lay.offsets[j] + k) for j in ids])
         lo = int(units[0])
@@ -282,24 +280,19 @@ def _split_selected(flat: jax.Array, lay: Layout) -> list[jax.Array]:
         else:
             sub = flat[units]
         n_blocks = -(-len(ids) // rows)
-        mat = jnp.pad(sub.reshape(len(ids), k, *trail),
-                      ((0, n_blocks * rows - len(ids)),) + ((0, 0),) * (1 + len(trail)))
+        mat = jnp.pad(sub.reshape(len(ids), k), ((0, n_blocks * rows - len(ids)), (0, 0)))
         blocks = [mat[b * rows:(b + 1) * rows] for b in range(n_blocks)]
         zero = jnp.zeros((), flat.dtype)
         for pos, j in enumerate(ids):
             b, r = divmod(pos, rows)
-            mask = np.zeros((rows,) + (1,) * (1 + len(trail)), bool)
+            mask = np.zeros((rows, 1), bool)
             mask[r] = True
-            out[j] = jnp.sum(jnp.where(mask, blocks[b], zero), axis=0).reshape(
-                lay.shapes[j] + trail)
+            out[j] = jnp.sum(jnp.where(mask, blocks[b], zero), axis=0).reshape(lay.shapes[j])
     return out
 
 
 def split_flat(flat: jax.Array, lay: Layout) -> list[jax.Array]:
     """The flat vector of per-unit results, as one array per input (scalar or keepdims).
-
-    ``flat`` may have trailing axes (one row of values per unit): each array's part
-    keeps them, after its own shape.
 
     On XLA:CPU each array takes its part by selection (:func:`_split_selected`), which
     compiles in a fraction of the time when a tree has many leaves; elsewhere by slices,

@@ -114,8 +114,16 @@ def clip_factors(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
     factor, ``x * a`` is below the smallest normal only where the true result
     is too. A factor below 2^-252 (a threshold below about 1e-37 against a
     norm near float32's largest) still flushes. Any other factor is ``a =
-    1``, ``b = global_scale``: the same result, bit for bit. The pair is
-    formed once, for all the leaves (a vector of pairs for per-leaf factors).
+    1``, ``b = global_scale``: the same result, bit for bit.
+
+    The global clippers scale every leaf by one pair (:func:`optclip._common.
+    scale_tree`): two multiplies per leaf. The per-leaf and unit-wise clippers
+    apply one factor per leaf or unit: a second value per unit, handed to
+    every small leaf by its selection, made their update on 1,000 leaves
+    compile 24-35% slower (``python -m bench --many-trees many1000`` at
+    61eeb3f), so
+    their factors below 2^-126 still flush on CPU (README, Limits). They
+    take the pair for what they compute from the clipped norms (adagc's EMA).
     """
     scale = global_scale(norm, max_norm)
     max_norm = max_norm.astype(norm.dtype)
@@ -128,8 +136,11 @@ def clip_factors(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
 
 
 def scaled_norms(norms: jax.Array, factors: jax.Array) -> jax.Array:
-    """The norms after the factors (:func:`clip_factors`): ``norms * a * b``, and 0 where
-    ``b`` is 0 (a norm beyond float32's range is inf, and ``inf * 0`` would be NaN)."""
+    """The norms after the factors: ``norms * a * b`` for a pair (:func:`clip_factors`),
+    ``norms * s`` for plain scales (``factors`` of the norms' shape); 0 where the factor is
+    0 (a norm beyond float32's range is inf, and ``inf * 0`` would be NaN)."""
+    if factors.shape == norms.shape:
+        return jnp.where(factors == 0, jnp.zeros_like(norms), norms * factors)
     return jnp.where(factors[..., 1] == 0, jnp.zeros_like(norms),
                      norms * factors[..., 0] * factors[..., 1])
 
@@ -558,13 +569,13 @@ def per_leaf_clip(
                              partition_specs=partition_specs)
     norms = ln.norms
     thresholds = leaf_threshold(norms, ln.sizes)
+    # one factor per leaf (see clip_factors)
     scales = global_scale(norms, thresholds)
-    factors = clip_factors(norms, thresholds)
     out = list(flat)
-    for i, f_i in zip(idx, ln.split(factors), strict=True):
-        out[i] = scale_leaf(flat[i], f_i[..., 0], f_i[..., 1])
+    for i, s_i in zip(idx, ln.split(scales), strict=True):
+        out[i] = scale_leaf(flat[i], s_i)
     before = _n.combine_norms(norms, p)
-    after = _n.combine_norms(scaled_norms(norms, factors), p)
+    after = _n.combine_norms(scaled_norms(norms, scales), p)
     ratio = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), 1)
     return (jax.tree_util.tree_unflatten(treedef, out), before, ratio, jnp.any(scales != 1),
             ln.nonfinite)

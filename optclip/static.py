@@ -121,9 +121,9 @@ def clip_factors(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
     apply one factor per leaf or unit: a second value per unit, handed to
     every small leaf by its selection, made their update on 1,000 leaves
     compile 24-35% slower (``python -m bench --many-trees many1000`` at
-    61eeb3f), so
-    their factors below 2^-126 still flush on CPU (README, Limits). They
-    take the pair for what they compute from the clipped norms (adagc's EMA).
+    61eeb3f), so their factors below 2^-126 still flush on CPU (README,
+    Limits). They take the pair for what they compute from the clipped norms
+    (adagc's EMA).
     """
     scale = global_scale(norm, max_norm)
     max_norm = max_norm.astype(norm.dtype)

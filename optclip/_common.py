@@ -143,6 +143,12 @@ def scale_leaf(x: Any, a: jax.Array, b: jax.Array | None = None) -> Any:
     return y.astype(x.dtype)
 
 
+def mul0(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a * b`` with ``0 * inf = 0``: an infinite fraction of a zero weight is still 0, and
+    a norm beyond float32's range (inf) scaled by 0 is 0, not NaN."""
+    return jnp.where((a == 0) | (b == 0), jnp.zeros_like(a), a * b)
+
+
 def scale_tree(tree: Any, factors: jax.Array) -> Any:
     """Every leaf of ``tree`` scaled by one clip factor, given as a stacked pair.
 

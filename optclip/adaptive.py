@@ -27,6 +27,7 @@ from optclip._common import (
     increment,
     is_python_number,
     maybe_raise_nonfinite,
+    mul0,
     resolve,
     resolve_threshold,
     scale_leaf,
@@ -34,7 +35,7 @@ from optclip._common import (
 )
 from optclip.layers import LayerAxis
 from optclip.norms import AxisName
-from optclip.static import applied_scale, clip_factors, global_scale, scaled_norms
+from optclip.static import applied_scale, clip_factors, global_scale
 from optclip.stats import ClipStats
 
 __all__ = [
@@ -248,7 +249,7 @@ def agc(
                 gn, sc = g_n[ids], scales[ids]
             any_clip.append(_n.any_across(jnp.any(sc != 1), other))
             before.append(_n.norm_across(_n.combine_norms(gn, 2.0), other))
-            after.append(_n.norm_across(_n.combine_norms(scaled_norms(gn, sc), 2.0), other))
+            after.append(_n.norm_across(_n.combine_norms(mul0(gn, sc), 2.0), other))
         before = _n.combine_norms(jnp.stack(before), 2.0)
         after = _n.combine_norms(jnp.stack(after), 2.0)
         any_clip = jnp.any(jnp.stack(any_clip))
@@ -850,7 +851,7 @@ def adagc(
         # gamma learns the clipped norms through the pair of factors (see clip_factors): h *
         # norms is 0 where h is below float32's smallest normal (a norm of 1e38), and pulled
         # gamma to 0 for good. (The leaves take h itself, one factor each.)
-        clipped_norms = scaled_norms(norms, factors).astype(jnp.float32)
+        clipped_norms = mul0(norms * factors[..., 0], factors[..., 1]).astype(jnp.float32)
         gamma = jnp.where(warm, jnp.minimum(state.gamma, clipped_norms),
                           beta * state.gamma + (1 - beta) * clipped_norms)
         # a norm beyond float32's range (inf from finite elements) says nothing of the scale
@@ -859,7 +860,7 @@ def adagc(
         out = list(flat)
         for i, h_i in zip(idx, ln.split(h), strict=True):
             out[i] = scale_leaf(flat[i], h_i)
-        after = _n.combine_norms(scaled_norms(norms, h), 2.0)
+        after = _n.combine_norms(mul0(norms, h), 2.0)
         thr = jnp.where(warm, lam_abs, _n.combine_norms(rel_thr, 2.0))
         stats = state.stats.advance(grad_norm=gnorm, threshold=thr,
                                     scale=_ratio(after, gnorm), clipped=jnp.any(h != 1),

@@ -23,6 +23,7 @@ from optclip._common import (
     f32,
     increment,
     maybe_raise_nonfinite,
+    mul0,
     resolve,
 )
 from optclip.norms import AxisName
@@ -45,18 +46,13 @@ class ClippyState(NamedTuple):
     optclip_name = "clippy"
 
 
-def _mul0(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a * b`` with ``0 * inf = 0``: an infinite fraction of a zero weight is still 0."""
-    return jnp.where((a == 0) | (b == 0), jnp.zeros_like(a), a * b)
-
-
 def _leaf_sigma(u: jax.Array, w: jax.Array, lam_rel: jax.Array, lam_abs: jax.Array,
                 acc: Any) -> jax.Array:
     """``min(1, min_j (lam_rel |w_j| + lam_abs) / |u_j|)`` over the finite, non-zero ``u_j``."""
     if u.size == 0:
         return jnp.ones((), acc)
     d = jnp.abs(u).astype(acc)
-    bound = _mul0(jnp.abs(w).astype(acc), lam_rel.astype(acc)) + lam_abs.astype(acc)
+    bound = mul0(jnp.abs(w).astype(acc), lam_rel.astype(acc)) + lam_abs.astype(acc)
     active = jnp.isfinite(d) & (d > 0)
     # The untaken branch divides by 1, so value and derivative are finite at u_j = 0.
     ratio = jnp.where(active, bound / jnp.where(active, d, 1), jnp.inf)
@@ -258,7 +254,7 @@ def clippy(
             out[i] = _apply(us[j], sigmas[j])
         sig_v = jnp.stack(sigmas)
         before = _n.combine_norms(norms_v, 2.0)
-        after = _n.combine_norms(_mul0(norms_v, sig_v), 2.0)
+        after = _n.combine_norms(mul0(norms_v, sig_v), 2.0)
         pos = before > 0
         ratio = jnp.where(pos, after / jnp.where(pos, before, 1), 1)
         stats = state.stats.advance(grad_norm=f32(before), threshold=f32(lam_rel),

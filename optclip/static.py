@@ -25,6 +25,7 @@ from optclip._common import (
     increment,
     is_python_number,
     maybe_raise_nonfinite,
+    mul0,
     resolve,
     resolve_threshold,
     scale_leaf,
@@ -135,16 +136,6 @@ def clip_factors(norm: jax.Array, max_norm: jax.Array) -> jax.Array:
     return jnp.stack([a, b], axis=-1).astype(norm.dtype)
 
 
-def scaled_norms(norms: jax.Array, factors: jax.Array) -> jax.Array:
-    """The norms after the factors: ``norms * a * b`` for a pair (:func:`clip_factors`),
-    ``norms * s`` for plain scales (``factors`` of the norms' shape); 0 where the factor is
-    0 (a norm beyond float32's range is inf, and ``inf * 0`` would be NaN)."""
-    if factors.shape == norms.shape:
-        return jnp.where(factors == 0, jnp.zeros_like(norms), norms * factors)
-    return jnp.where(factors[..., 1] == 0, jnp.zeros_like(norms),
-                     norms * factors[..., 0] * factors[..., 1])
-
-
 def applied_scale(norm: jax.Array, scale: jax.Array) -> jax.Array:
     """The scale as the stats report it: the output's norm over the input's, so 1 for a zero
     input (which is left unchanged, even when the multiplier applied to it was 0)."""
@@ -158,11 +149,12 @@ def lift_scale(norm: jax.Array, min_norm: jax.Array, scale: jax.Array, factors: 
     ``min_norm / norm`` overflows float32 for a tiny norm (``1e20 / 1e-20``),
     and ``x * inf`` is inf or NaN. The lift is applied as ``x * pre * post``:
     ``pre``, a power of two, brings the norm into [2, 4) exactly, and
-    ``post = min_norm / (norm * pre)`` is then finite. Returns ``(pre, post,
+    ``post = min_norm / (norm * pre)`` is then finite. Returns ``(factors,
     total)``, with ``total`` the whole factor for the stats (inf there when
     it overflows); where no lift applies, ``(pre, post)`` are the clip's
-    ``factors`` (:func:`clip_factors`) and ``total`` its ``scale``. The pair
-    is returned stacked, as :func:`clip_factors` returns it.
+    ``factors`` (:func:`clip_factors`) and ``total`` its ``scale``.
+    ``(pre, post)`` are returned stacked on a last axis, as
+    :func:`clip_factors` returns its pair.
     """
     min_norm = min_norm.astype(norm.dtype)
     under = (norm > 0) & (norm < min_norm)
@@ -575,7 +567,7 @@ def per_leaf_clip(
     for i, s_i in zip(idx, ln.split(scales), strict=True):
         out[i] = scale_leaf(flat[i], s_i)
     before = _n.combine_norms(norms, p)
-    after = _n.combine_norms(scaled_norms(norms, scales), p)
+    after = _n.combine_norms(mul0(norms, scales), p)
     ratio = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), 1)
     return (jax.tree_util.tree_unflatten(treedef, out), before, ratio, jnp.any(scales != 1),
             ln.nonfinite)

@@ -114,6 +114,23 @@ def _pow_terms(m: jax.Array, p: float) -> jax.Array:
     return _abs_pow(m, p)
 
 
+def _scaled_terms(v: jax.Array, scale: jax.Array, p: float) -> jax.Array:
+    """``|v * scale| ** p`` for the overflow rescue; for p = 2, formed so that XLA
+    cannot regroup it as ``scale**2 * v**2``.
+
+    With ``v`` known at compile time (a constant tree under ``jit``), XLA's simplifier
+    rewrites ``(v * c) * (v * c)`` as ``(c * c) * (v * v)``: for ``v = 1e20`` and ``c =
+    2^-66`` that is a subnormal, flushed to 0, times inf, which is NaN, where the scaled
+    terms themselves are all near 1. One factor taken through ``abs`` keeps the product
+    out of that rule; ``t = |v| * scale >= 0``, so ``t * |t|`` is ``t ** 2``, with the same
+    derivative.
+    """
+    if p != 2:
+        return _pow_terms(v * scale, p)
+    t = jnp.abs(v) * scale
+    return t * jnp.abs(t)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _abs_pow(m: jax.Array, p: float) -> jax.Array:
     """``|m| ** p``, whose derivative ``p |m| ** (p - 1)`` is held to the largest finite float.
@@ -538,7 +555,7 @@ def norm_across(norm: jax.Array, axes: tuple[Hashable, ...]) -> jax.Array:
         return norm
     m = lax.pmax(norm, axes)
     down, up = _pow2_scale(m)
-    s = lax.psum((norm * down) ** 2, axes)
+    s = lax.psum(_scaled_terms(norm, down, 2.0), axes)
     return jnp.where(m == 0, jnp.zeros_like(m), safe_root(s, 2.0) * up)
 
 
@@ -698,7 +715,8 @@ def norm_core(
                 term = lambda v, sc: _pow_terms(  # noqa: E731
                     v if sc is None else (v * sc[0]) / sc[1], p)
             else:
-                term = lambda v, sc: _pow_terms(v if sc is None else v * sc, p)  # noqa: E731
+                term = lambda v, sc: _pow_terms(v, p) if sc is None else _scaled_terms(  # noqa: E731
+                    v, sc, p)
         elif kind == "nan":
             red = jnp.sum
             term = lambda v, sc: jnp.abs(v) * 0  # noqa: E731
@@ -799,7 +817,7 @@ def combine_norms(norms: jax.Array, p: float) -> jax.Array:
         return jnp.max(norms)
     m = jnp.max(norms)
     down, up = _pow2_scale(m)
-    root = safe_root(jnp.sum(_pow_terms(norms * down, p)), p)
+    root = safe_root(jnp.sum(_scaled_terms(norms, down, p)), p)
     return jnp.where(m == 0, jnp.zeros_like(m), root * up)
 
 

@@ -458,3 +458,49 @@ def test_a_norm_beyond_float32s_range_zeroes_the_update_and_skip_nonfinite_skips
     tx = optclip.skip_nonfinite(optax.sgd(1.0))
     u, s = jax.jit(tx.update)(g, tx.init(g), g)
     assert bool(optclip.stats(s)["skipped"]) and not np.any(np.asarray(u["a"]))
+
+
+# A tree known at compile time (built inside the jitted function, as in tests and toy code):
+# XLA's simplifier regrouped the rescue's (x * c) * (x * c) as (c * c) * (x * x), a subnormal
+# flushed to 0 times inf (x = 1e20), or inf times 0 (x = 1e-30): NaN where the
+# true norm is finite. The norm was NaN, and every clipper built on it passed the update
+# through unclipped, zeroed it, or skipped the step.
+def _const_tree(scale, n):
+    r = np.random.default_rng(n)
+    t = {f"a{i}": (r.standard_normal((4, 3)) * scale).astype(np.float32) for i in range(n)}
+    t["b"] = (r.standard_normal(5) * scale).astype(np.float32)
+    return t
+
+
+_CONST = {
+    "global_norm": (lambda g: optclip.global_norm(g),
+                    lambda g: refs.pnorm(refs.np_leaves(g.values()), 2.0)),
+    "leaf_norms": (lambda g: optclip.leaf_norms(g),
+                   lambda g: {k: refs.pnorm([np.float64(v)], 2.0) for k, v in g.items()}),
+    "clip_by_global_norm": (
+        lambda g: optclip.clip_by_global_norm(1.0).update(g, optclip.clip_by_global_norm(
+            1.0).init(None))[0], lambda g: _global_ref(g, None)),
+    "clip_by_leaf_norm": (
+        lambda g: optclip.clip_by_leaf_norm(1.0).update(g, optclip.clip_by_leaf_norm(
+            1.0).init(None))[0],
+        lambda g: dict(zip(g, refs.leaf_clip(refs.np_leaves(g.values()), 1.0), strict=True))),
+    # sgd(1) under the guard: the update is -g unless the step is skipped
+    "skip_nonfinite": (
+        lambda g: optclip.skip_nonfinite(optax.sgd(1.0)).update(
+            g, optclip.skip_nonfinite(optax.sgd(1.0)).init(g), g)[0],
+        lambda g: {k: -np.float64(v) for k, v in g.items()}),
+}
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-30])
+@pytest.mark.parametrize("name", sorted(_CONST))
+def test_a_tree_known_at_compile_time_gives_its_true_norm_not_nan(name, scale):
+    fn, ref = _CONST[name]
+    g = _const_tree(scale, 12)  # 12 leaves of one shape: the stacked path, and one alone
+    got = jax.jit(lambda: fn(jax.tree.map(jnp.asarray, g)))()
+    want = ref(g)
+    for k in (got if isinstance(got, dict) else [None]):
+        a = np.asarray(got if k is None else got[k], np.float64)
+        w = np.asarray(want if k is None else want[k], np.float64)
+        assert np.all(np.isfinite(a)), k
+        np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-44, err_msg=str(k))

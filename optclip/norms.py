@@ -121,14 +121,16 @@ def _scaled_terms(v: jax.Array, scale: jax.Array, p: float) -> jax.Array:
     With ``v`` known at compile time (a constant tree under ``jit``), XLA's simplifier
     rewrites ``(v * c) * (v * c)`` as ``(c * c) * (v * v)``: for ``v = 1e20`` and ``c =
     2^-66`` that is a subnormal, flushed to 0, times inf, which is NaN, where the scaled
-    terms themselves are all near 1. One factor taken through ``abs`` keeps the product
-    out of that rule; ``t = |v| * scale >= 0``, so ``t * |t|`` is ``t ** 2``, with the same
-    derivative.
+    terms themselves are all near 1. ``v`` goes through an optimization barrier, so the
+    simplifier sees no constant there; XLA removes the barrier before fusion, and the
+    compiled step is the one it was (the same fusions and temp buffers). Two other forms
+    were tried: ``|v * c| ** 2`` is simplified back to the product, and ``t * |t|`` made
+    XLA:CPU write the scaled tree out (ResNet-50's global-norm chain: temp 3% -> 100%).
     """
     if p != 2:
         return _pow_terms(v * scale, p)
-    t = jnp.abs(v) * scale
-    return t * jnp.abs(t)
+    t = lax.optimization_barrier(v) * scale
+    return t * t
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))

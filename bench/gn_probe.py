@@ -5,7 +5,9 @@ and the same with a threshold it never reaches; ``clip_by_global_norm`` as shipp
 threshold it never reaches, with its overflow rescue's ``lax.cond`` replaced by the fast
 branch alone or by both branches and a select (diagnostics only: the first is not
 overflow-safe); zclip, uncapped and capped at the chain's threshold (so that it scales every
-step as the chain does: a gap that stays between the two is in the code, not the data).
+step as the chain does: a gap that stays between the two is in the code, not the data);
+``clip_by_global_norm`` with its threshold traced (a schedule XLA cannot fold, as zclip's
+threshold is) and with one factor per leaf instead of ``static.clip_factors``' pair.
 Prints each compiled step's conditionals, fused kernels and temp bytes.
 
     python -m bench.gn_probe [--trees gpt2,resnet50] [--reps 25] [--steps 20]
@@ -25,6 +27,7 @@ import optclip
 from bench import clippers, trees
 from bench.run import Measured, _copy, temp_bytes, time_group, train_step
 from optclip import norms as _n
+from optclip import static as _s
 
 
 @contextlib.contextmanager
@@ -51,6 +54,23 @@ def no_cond(how: str = "fast"):
         _n.lax = real
 
 
+@contextlib.contextmanager
+def one_factor():
+    """While tracing: clip_by_global_norm scales each leaf by one factor (their product), as
+    before the pair of ``static.clip_factors``; not exact below 2^-126 on XLA:CPU."""
+    real = _s.scale_tree
+
+    def scale_tree(tree, factors):
+        f = factors[..., 0] * factors[..., 1]
+        return jax.tree.map(lambda x: x * f.astype(x.dtype) if _n.is_float_leaf(x) else x, tree)
+
+    _s.scale_tree = scale_tree
+    try:
+        yield
+    finally:
+        _s.scale_tree = real
+
+
 def variants():
     adam = clippers.adam
     return {
@@ -60,6 +80,12 @@ def variants():
         "gn_noclip": (lambda: optax.chain(optclip.clip_by_global_norm(1e30), adam()), False),
         "gn_nocond": (lambda: optax.chain(optclip.clip_by_global_norm(1.0), adam()), "fast"),
         "gn_select": (lambda: optax.chain(optclip.clip_by_global_norm(1.0), adam()), "select"),
+        # the threshold traced (a schedule XLA cannot fold), as zclip's is: does a threshold
+        # known at compile time change how XLA:GPU fuses the chain?
+        "gn_traced": (lambda: optax.chain(optclip.clip_by_global_norm(
+            lambda count: jnp.where(count >= 0, 1.0, 2.0)), adam()), False),
+        "gn_onefactor": (lambda: optax.chain(optclip.clip_by_global_norm(1.0), adam()),
+                         "one_factor"),
         "zclip": (lambda: optax.chain(optclip.zclip(warmup_steps=1), adam()), False),
         # zclip capped at the same threshold: it then scales every step as the global-norm
         # chain does, so a gap that stays between these two is in the code, not the data
@@ -94,7 +120,9 @@ def main() -> None:
         for name, (make, nc) in vs.items():
             tx = make()
             s_s = jax.eval_shape(tx.init, p_s)
-            with no_cond(nc) if nc else contextlib.nullcontext():
+            ctx = (one_factor() if nc == "one_factor" else no_cond(nc) if nc
+                   else contextlib.nullcontext())
+            with ctx:
                 low = train_step(tx).lower(p_s, s_s, p_s)
             c = low.compile()
             txt = c.as_text()

@@ -119,17 +119,18 @@ def _scaled_terms(v: jax.Array, scale: jax.Array, p: float) -> jax.Array:
     cannot regroup it as ``scale**2 * v**2``.
 
     With ``v`` known at compile time (a constant tree under ``jit``), XLA's simplifier
-    rewrites ``(v * c) * (v * c)`` as ``(c * c) * (v * v)``: for ``v = 1e20`` and ``c =
-    2^-66`` that is a subnormal, flushed to 0, times inf, which is NaN, where the scaled
-    terms themselves are all near 1. ``v`` goes through an optimization barrier, so the
-    simplifier sees no constant there; XLA removes the barrier before fusion, and the
-    compiled step is the one it was (the same fusions and temp buffers). Two other forms
-    were tried: ``|v * c| ** 2`` is simplified back to the product, and ``t * |t|`` made
-    XLA:CPU write the scaled tree out (ResNet-50's global-norm chain: temp 3% -> 100%).
+    rewrites ``(v * c) * (v * c)`` as ``(v * v) * (c * c)``: for ``v = 1e20`` and ``c =
+    2^-66`` that is inf times a subnormal flushed to 0, which is NaN, where the scaled terms
+    themselves are all near 1. ``v * c`` goes through an optimization barrier, which hides
+    it from the simplifier (a barrier on ``v`` alone did not do for units of one element,
+    whose scale folds to a constant too). XLA removes the barrier before layout assignment;
+    the compiled step of ordinary inputs has the same fusions and temp buffers. Two other
+    forms were tried: ``|v * c| ** 2`` is simplified back to the product, and ``t * |t|``
+    made XLA:CPU write the scaled tree out (ResNet-50's global-norm chain: temp 3% -> 100%).
     """
     if p != 2:
         return _pow_terms(v * scale, p)
-    t = lax.optimization_barrier(v) * scale
+    t = lax.optimization_barrier(v * scale)
     return t * t
 
 

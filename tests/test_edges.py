@@ -465,11 +465,22 @@ def test_a_norm_beyond_float32s_range_zeroes_the_update_and_skip_nonfinite_skips
 # flushed to 0 times inf (x = 1e20), or inf times 0 (x = 1e-30): NaN where the
 # true norm is finite. The norm was NaN, and every clipper built on it passed the update
 # through unclipped, zeroed it, or skipped the step.
+# A scalar, a (2,) and a (1, 4) leaf too: a unit of one element has a scale that XLA folds
+# to a constant as well (agc's units of a (1, out) kernel are single elements).
 def _const_tree(scale, n):
     r = np.random.default_rng(n)
     t = {f"a{i}": (r.standard_normal((4, 3)) * scale).astype(np.float32) for i in range(n)}
     t["b"] = (r.standard_normal(5) * scale).astype(np.float32)
+    t["c"] = np.float32(r.standard_normal() * scale)
+    t["d"] = (r.standard_normal(2) * scale).astype(np.float32)
+    t["k"] = (r.standard_normal((1, 4)) * scale).astype(np.float32)
     return t
+
+
+def _agc_const(g):
+    tx = optclip.agc(0.01)
+    w = jax.tree.map(jnp.ones_like, g)
+    return tx.update(g, tx.init(None), w)[0]
 
 
 _CONST = {
@@ -484,6 +495,11 @@ _CONST = {
         lambda g: optclip.clip_by_leaf_norm(1.0).update(g, optclip.clip_by_leaf_norm(
             1.0).init(None))[0],
         lambda g: dict(zip(g, refs.leaf_clip(refs.np_leaves(g.values()), 1.0), strict=True))),
+    "agc": (_agc_const, lambda g: {
+        # agc's units: a 2-D kernel's fan-in (axis 0); a vector or scalar is one unit
+        k: refs.agc_clip(np.float64(v), np.ones(np.shape(v)), 0.01, 1e-3,
+                         (0,) if np.ndim(v) > 1 else None)
+        for k, v in g.items()}),
     # sgd(1) under the guard: the update is -g unless the step is skipped
     "skip_nonfinite": (
         lambda g: optclip.skip_nonfinite(optax.sgd(1.0)).update(
@@ -496,7 +512,7 @@ _CONST = {
 @pytest.mark.parametrize("name", sorted(_CONST))
 def test_a_tree_known_at_compile_time_gives_its_true_norm_not_nan(name, scale):
     fn, ref = _CONST[name]
-    g = _const_tree(scale, 12)  # 12 leaves of one shape: the stacked path, and one alone
+    g = _const_tree(scale, 12)  # 12 leaves of one shape: the stacked path, and some alone
     got = jax.jit(lambda: fn(jax.tree.map(jnp.asarray, g)))()
     want = ref(g)
     for k in (got if isinstance(got, dict) else [None]):

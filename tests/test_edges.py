@@ -462,11 +462,10 @@ def test_a_norm_beyond_float32s_range_zeroes_the_update_and_skip_nonfinite_skips
 
 # A tree known at compile time (built inside the jitted function, as in tests and toy code):
 # XLA's simplifier regrouped the rescue's (x * c) * (x * c) as (c * c) * (x * x), a subnormal
-# flushed to 0 times inf (x = 1e20), or inf times 0 (x = 1e-30): NaN where the
-# true norm is finite. The norm was NaN, and every clipper built on it passed the update
-# through unclipped, zeroed it, or skipped the step.
-# A scalar, a (2,) and a (1, 4) leaf too: a unit of one element has a scale that XLA folds
-# to a constant as well (agc's units of a (1, out) kernel are single elements).
+# flushed to 0 times inf (x = 1e20), or inf times 0 (x = 1e-30): NaN where the true norm is
+# finite, and every clipper built on it passed the update through unclipped, zeroed it, or
+# skipped the step. The tree has a scalar, a (2,) and a (1, 4) leaf too: a unit of one
+# element has a scale that XLA folds to a constant as well (agc's units of a (1, out) kernel).
 def _const_tree(scale, n):
     r = np.random.default_rng(n)
     t = {f"a{i}": (r.standard_normal((4, 3)) * scale).astype(np.float32) for i in range(n)}
@@ -477,10 +476,10 @@ def _const_tree(scale, n):
     return t
 
 
-def _agc_const(g):
-    tx = optclip.agc(0.01)
+def _first_update(tx, g):
+    """The first update of ``g``, with params of ones of its shapes (agc, the guard's sgd)."""
     w = jax.tree.map(jnp.ones_like, g)
-    return tx.update(g, tx.init(None), w)[0]
+    return tx.update(g, tx.init(w), w)[0]
 
 
 _CONST = {
@@ -488,23 +487,19 @@ _CONST = {
                     lambda g: refs.pnorm(refs.np_leaves(g.values()), 2.0)),
     "leaf_norms": (lambda g: optclip.leaf_norms(g),
                    lambda g: {k: refs.pnorm([np.float64(v)], 2.0) for k, v in g.items()}),
-    "clip_by_global_norm": (
-        lambda g: optclip.clip_by_global_norm(1.0).update(g, optclip.clip_by_global_norm(
-            1.0).init(None))[0], lambda g: _global_ref(g, None)),
+    "clip_by_global_norm": (lambda g: _first_update(optclip.clip_by_global_norm(1.0), g),
+                            lambda g: _global_ref(g, None)),
     "clip_by_leaf_norm": (
-        lambda g: optclip.clip_by_leaf_norm(1.0).update(g, optclip.clip_by_leaf_norm(
-            1.0).init(None))[0],
+        lambda g: _first_update(optclip.clip_by_leaf_norm(1.0), g),
         lambda g: dict(zip(g, refs.leaf_clip(refs.np_leaves(g.values()), 1.0), strict=True))),
-    "agc": (_agc_const, lambda g: {
+    "agc": (lambda g: _first_update(optclip.agc(0.01), g), lambda g: {
         # agc's units: a 2-D kernel's fan-in (axis 0); a vector or scalar is one unit
         k: refs.agc_clip(np.float64(v), np.ones(np.shape(v)), 0.01, 1e-3,
                          (0,) if np.ndim(v) > 1 else None)
         for k, v in g.items()}),
     # sgd(1) under the guard: the update is -g unless the step is skipped
-    "skip_nonfinite": (
-        lambda g: optclip.skip_nonfinite(optax.sgd(1.0)).update(
-            g, optclip.skip_nonfinite(optax.sgd(1.0)).init(g), g)[0],
-        lambda g: {k: -np.float64(v) for k, v in g.items()}),
+    "skip_nonfinite": (lambda g: _first_update(optclip.skip_nonfinite(optax.sgd(1.0)), g),
+                       lambda g: {k: -np.float64(v) for k, v in g.items()}),
 }
 
 

@@ -1,16 +1,27 @@
 """Diagnostic: where the global-norm chain's step time goes on a device.
 
-Times, interleaved and donated as ``python -m bench`` does: adam alone; the hand-fused clip,
-and the same with a threshold it never reaches; ``clip_by_global_norm`` as shipped, with a
-threshold it never reaches, with its overflow rescue's ``lax.cond`` replaced by the fast
-branch alone or by both branches and a select (diagnostics only: the first is not
-overflow-safe); zclip, uncapped and capped at the chain's threshold (so that it scales every
-step as the chain does: a gap that stays between the two is in the code, not the data);
-``clip_by_global_norm`` with its threshold traced (a schedule XLA cannot fold, as zclip's
-threshold is) and with one factor per leaf instead of ``static.clip_factors``' pair.
-Prints each compiled step's conditionals, fused kernels and temp bytes.
+Times, interleaved and donated as ``python -m bench`` does, chains with adam: adam alone;
+the hand-fused clip (``fused``), and the same with a threshold it never reaches;
+``clip_by_global_norm`` (``gn``) as shipped, and
 
-    python -m bench.gn_probe [--trees gpt2,resnet50] [--reps 25] [--steps 20]
+* ``gn_noclip``: with a threshold it never reaches;
+* ``gn_nocond``, ``gn_select``: its overflow rescue's ``lax.cond`` replaced by the fast branch
+  alone, or by both branches and a select (diagnostics only: not overflow-safe);
+* ``gn_traced``: its threshold a schedule XLA cannot fold;
+* ``gn_onefactor``: one factor per leaf instead of ``static.clip_factors``' pair;
+* ``gn_pairbarrier``, ``gn_nobarrier``: the rescue's scaled squares with an optimization
+  barrier on ``(v, c)`` (as shipped), or none (as at 2def691);
+* ``gn_opaque``: its threshold and ``invalid`` flag through an optimization barrier;
+
+``adam_constout``: adam after a transformation whose state is two compile-time constants;
+``agc``, ``leaf`` (``clip_by_leaf_norm``), ``value`` (``clip_by_value(0.1)``) and
+``optax_clip`` (``optax.clip(0.1)``), and the ``_pairbarrier`` variants of the first two;
+zclip, uncapped and capped at the chain's threshold (``zclip_capped``: it then scales every
+step as the chain does). Prints each compiled step's conditionals, fused kernels and temp
+bytes.
+
+    python -m bench.gn_probe [--trees gpt2,resnet50] [--reps 25] [--steps 20] [--only a,b]
+                             [--dump DIR]
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +83,54 @@ def one_factor():
         _s.scale_tree = real
 
 
+@contextlib.contextmanager
+def scaled_terms(how: str):
+    """While tracing: the overflow rescue's scaled squares ``(v * c) ** 2`` (``norms.
+    _scaled_terms``) are formed with an optimization barrier on the pair ``(v, c)``
+    (``how="pair"``) or with none (``how="none"``, as at 2def691: NaN for a tree known at
+    compile time), instead of the barrier on the product ``v * c``."""
+    real = _n._scaled_terms
+
+    def terms(v, scale, p):
+        if p != 2:
+            return real(v, scale, p)
+        if how == "pair":
+            v, scale = jax.lax.optimization_barrier((v, scale))
+        t = v * scale
+        return t * t
+
+    _n._scaled_terms = terms
+    try:
+        yield
+    finally:
+        _n._scaled_terms = real
+
+
+@contextlib.contextmanager
+def opaque_threshold():
+    """While tracing: clip_by_global_norm's threshold and its ``invalid`` flag go through an
+    optimization barrier, so that no output of the step (the stats) is a constant."""
+    real = _s.resolve_threshold
+    _s.resolve_threshold = lambda *a, **k: jax.lax.optimization_barrier(real(*a, **k))
+    try:
+        yield
+    finally:
+        _s.resolve_threshold = real
+
+
+def const_state() -> optax.GradientTransformation:
+    """Passes the updates through, with a state of two scalars that are compile-time constants
+    (as the global-norm chain's ``threshold`` and ``invalid_threshold`` stats are)."""
+    return optax.GradientTransformation(
+        lambda p: (jnp.zeros((), jnp.float32), jnp.zeros((), bool)),
+        lambda u, s, p=None: (u, (jnp.ones((), jnp.float32), jnp.zeros((), bool))))
+
+
+MODES = {"fast": lambda: no_cond("fast"), "select": lambda: no_cond("select"),
+         "one_factor": one_factor, "pair": lambda: scaled_terms("pair"),
+         "no_barrier": lambda: scaled_terms("none"), "opaque": opaque_threshold}
+
+
 def variants():
     adam = clippers.adam
     return {
@@ -86,6 +146,21 @@ def variants():
             lambda count: jnp.where(count >= 0, 1.0, 2.0)), adam()), False),
         "gn_onefactor": (lambda: optax.chain(optclip.clip_by_global_norm(1.0), adam()),
                          "one_factor"),
+        # the rescue's scaled squares with a barrier on (v, c), or none (2def691)
+        "gn_pairbarrier": (lambda: optax.chain(optclip.clip_by_global_norm(1.0), adam()),
+                           "pair"),
+        "gn_nobarrier": (lambda: optax.chain(optclip.clip_by_global_norm(1.0), adam()),
+                         "no_barrier"),
+        # no output of the step a compile-time constant; and adam with two constant outputs
+        "gn_opaque": (lambda: optax.chain(optclip.clip_by_global_norm(1.0), adam()), "opaque"),
+        "adam_constout": (lambda: optax.chain(const_state(), adam()), False),
+        "agc": (lambda: optax.chain(optclip.agc(0.01), adam()), False),
+        "agc_pairbarrier": (lambda: optax.chain(optclip.agc(0.01), adam()), "pair"),
+        "leaf": (lambda: optax.chain(optclip.clip_by_leaf_norm(1.0), adam()), False),
+        "leaf_pairbarrier": (lambda: optax.chain(optclip.clip_by_leaf_norm(1.0), adam()),
+                             "pair"),
+        "value": (lambda: optax.chain(optclip.clip_by_value(0.1), adam()), False),
+        "optax_clip": (lambda: optax.chain(optax.clip(0.1), adam()), False),
         "zclip": (lambda: optax.chain(optclip.zclip(warmup_steps=1), adam()), False),
         # zclip capped at the same threshold: it then scales every step as the global-norm
         # chain does, so a gap that stays between these two is in the code, not the data
@@ -101,6 +176,8 @@ def main() -> None:
     ap.add_argument("--trees", default="gpt2,resnet50")
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--only", default="")
+    ap.add_argument("--dump", default="",
+                    help="a folder: each variant's compiled step is written there as text")
     ap.add_argument("--steps", type=int, default=None,
                     help="steps back to back per turn, one wait at the end (default 1 on "
                          "CPU, 20 on an accelerator)")
@@ -120,13 +197,15 @@ def main() -> None:
         for name, (make, nc) in vs.items():
             tx = make()
             s_s = jax.eval_shape(tx.init, p_s)
-            ctx = (one_factor() if nc == "one_factor" else no_cond(nc) if nc
-                   else contextlib.nullcontext())
+            ctx = MODES[nc]() if nc else contextlib.nullcontext()
             with ctx:
                 low = train_step(tx).lower(p_s, s_s, p_s)
             c = low.compile()
             txt = c.as_text()
             entry = txt.split("ENTRY")[-1]
+            if args.dump:
+                Path(args.dump).mkdir(parents=True, exist_ok=True)
+                (Path(args.dump) / f"{tname}_{name}.txt").write_text(txt)
             print(f"{tname} {name}: conditionals {txt.count(' conditional(')}, entry fusions "
                   f"{entry.count(' fusion(')}, temp {temp_bytes(c)}", flush=True)
             ms.append(Measured(name, c, lambda tx=tx, p=params: (_copy(p), tx.init(p)),

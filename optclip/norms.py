@@ -121,16 +121,19 @@ def _scaled_terms(v: jax.Array, scale: jax.Array, p: float) -> jax.Array:
     With ``v`` known at compile time (a constant tree under ``jit``), XLA's simplifier
     rewrites ``(v * c) * (v * c)`` as ``(v * v) * (c * c)``: for ``v = 1e20`` and ``c =
     2^-66`` that is inf times a subnormal flushed to 0, which is NaN, where the scaled terms
-    themselves are all near 1. ``v * c`` goes through an optimization barrier, which hides
-    it from the simplifier (a barrier on ``v`` alone did not do for units of one element,
-    whose scale folds to a constant too). XLA removes the barrier before layout assignment;
-    the compiled step of ordinary inputs has the same fusions and temp buffers. Two other
-    forms were tried: ``|v * c| ** 2`` is simplified back to the product, and ``t * |t|``
-    made XLA:CPU write the scaled tree out (ResNet-50's global-norm chain: temp 3% -> 100%).
+    themselves are all near 1. ``v`` and ``c`` go through one optimization barrier, which
+    hides both from the simplifier: a barrier on ``v`` alone did not do for units of one
+    element, whose scale folds to a constant too. A barrier on the product ``v * c`` did,
+    but XLA:GPU then wrote the product out: the rescue branch held a temporary the size of
+    the largest leaf (154 MB on GPT-2, ``python -m bench.gn_probe``, variant
+    ``gn_pairbarrier``). Two other forms were tried: ``|v * c| ** 2`` is simplified back to
+    the product, and ``t * |t|`` made XLA:CPU write the scaled tree out (ResNet-50's
+    global-norm chain: temp 3% -> 100%).
     """
     if p != 2:
         return _pow_terms(v * scale, p)
-    t = lax.optimization_barrier(v * scale)
+    v, scale = lax.optimization_barrier((v, scale))
+    t = v * scale
     return t * t
 
 

@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import queue
+import re
 import statistics
 import subprocess
 import sys
@@ -70,6 +71,32 @@ def temp_bytes(compiled) -> int | None:
         return int(compiled.memory_analysis().temp_size_in_bytes)
     except Exception:  # not every backend reports it
         return None
+
+
+def constant_outputs(compiled) -> list[int]:
+    """The outputs of a compiled computation that are compile-time constants (by index into
+    its flat outputs): the ROOT tuple's operands that are ``constant``s, or copies or
+    bitcasts of one, in XLA's optimized HLO. On a GPU such an output costs far more than its
+    size (see ``optclip.stats._computed``)."""
+    entry = compiled.as_text().split("ENTRY")[-1]
+    defs = {}
+    root = None
+    for line in entry.splitlines():
+        m = re.match(r"\s*(ROOT )?(%[\w.\-]+) = .*? ([a-z][\w\-]*)\((.*?)\)", line)
+        if m:
+            defs[m.group(2)] = (m.group(3), re.findall(r"%[\w.\-]+", m.group(4)))
+            if m.group(1):
+                root = m.group(2)
+    if root is None or defs[root][0] != "tuple":
+        return []
+
+    def source(name: str) -> str:
+        op, args = defs.get(name, ("?", []))
+        while op in ("copy", "bitcast") and args:
+            op, args = defs.get(args[0], ("?", []))
+        return op
+
+    return [i for i, a in enumerate(defs[root][1]) if source(a) == "constant"]
 
 
 def lower_and_compile(fn, *args) -> tuple[Any, float, float]:

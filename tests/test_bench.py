@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import optclip
+from bench import gn_probe
 from bench import run as bench_run
 from bench.clippers import OPTCLIP, STEP_ONLY, entries
 from bench.trees import TREES, make_tree, tree_bytes
@@ -46,11 +47,19 @@ TEMP_XFAIL = {
               "ratio are materialised before their min",
 }
 DONATE_XFAIL: dict[str, str] = {}  # zclip and skip_on_spike shared a buffer; fixed
+ON_CPU = jax.default_backend() == "cpu"
+# XLA:GPU (an H200, jax 0.11.2): bench/results/h200_2f30d35/gpu_tests_2.log
+AGC_GPU_TEMP = pytest.mark.xfail(
+    not ON_CPU, strict=True,
+    reason="agc on XLA:GPU holds a temporary of 15-47% of these trees (2.3% of GPT-2, 8.7% of "
+           "ResNet-50 in python -m bench); the XLA:CPU step holds none")
 
 
-def _marked(names, xfails):
+def _marked(names, xfails, gpu_xfails=None):
+    gpu_xfails = gpu_xfails or {}
     return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=xfails[n]))
-            if n in xfails else n for n in names]
+            if n in xfails else pytest.param(n, marks=gpu_xfails[n]) if n in gpu_xfails
+            else n for n in names]
 
 
 def test_bench_quick_runs_and_reports(tmp_path):
@@ -164,7 +173,7 @@ def test_many_leaves_compile_is_cut_off():
     assert rest == tasks[1:]
 
 
-@pytest.mark.parametrize("name", _marked(CLIPPERS, TEMP_XFAIL))
+@pytest.mark.parametrize("name", _marked(CLIPPERS, TEMP_XFAIL, {"agc": AGC_GPU_TEMP}))
 def test_chain_step_has_no_full_size_temporary(name):
     # The train step of chain(clipper, adam), params and state donated: its temp buffers are
     # < 5% of the tree (a fused clip is a scalar multiply inside adam's element-wise pass).
@@ -218,6 +227,9 @@ def test_clip_by_value_reads_the_updates_twice_when_nothing_is_clamped():
     assert _reductions_outside_conds(jaxpr, 2100) == ["reduce_sum"]
 
 
+@pytest.mark.skipif(not ON_CPU, reason="the selection is XLA:CPU's (norms.split_flat): on an "
+                    "H200 it made the per-leaf and agc steps 5-18% slower, and compiled 1,000 "
+                    "leaves no faster (bench/results/h200_2f30d35/split_*.log)")
 @pytest.mark.parametrize("name", ["leaf_norms", "clip_by_leaf_norm", "clip_by_block_rms",
                                   "adagc", "agc"])
 def test_per_leaf_results_reach_many_leaves_without_a_slice_each(name):
@@ -236,7 +248,8 @@ def test_per_leaf_results_reach_many_leaves_without_a_slice_each(name):
     assert sum(int(n) >= 96 for n in operands) < 96 // 8
 
 
-@pytest.mark.parametrize("name", ["agc", "clip_by_leaf_norm", "adagc"])
+@pytest.mark.parametrize("name", _marked(["agc", "clip_by_leaf_norm", "adagc"], {},
+                                         {"agc": AGC_GPU_TEMP}))
 def test_many_large_leaves_of_one_shape_write_no_tree_out(name):
     # Large leaves keep the slice of their per-unit results that XLA fuses into their own
     # kernel: taken by selection (as small leaves' are), XLA:CPU wrote agc's whole clipped
@@ -251,6 +264,28 @@ def test_many_large_leaves_of_one_shape_write_no_tree_out(name):
 def test_fresh_chain_state_is_donatable(name):
     tree = make_tree(TREES["tiny"]())
     assert bench_run.shared_buffers(REG[name].chain().init(tree)) == []
+
+
+def test_constant_outputs_finds_a_state_field_known_at_compile_time():
+    tree = make_tree(TREES["tiny"]())
+    tx = optax.chain(gn_probe.const_state(), optax.adam(1e-3))
+    compiled = bench_run.train_step(tx).lower(tree, tx.init(tree), tree).compile()
+    # outputs: the 3 params, then adam's state after const_state's two scalars
+    assert bench_run.constant_outputs(compiled) == [3, 4]
+    tx = optax.adam(1e-3)
+    compiled = bench_run.train_step(tx).lower(tree, tx.init(tree), tree).compile()
+    assert bench_run.constant_outputs(compiled) == []
+
+
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_no_output_of_a_chain_step_is_a_compile_time_constant(name):
+    # A float threshold made the stats' `threshold` and `invalid_threshold` constants of the
+    # compiled step; on an H200 two such outputs cost adam 1.3-1.5x its step
+    # (bench/results/h200_2f30d35/gn_probe_2.log, adam_constout).
+    tree = make_tree(TREES["tiny"]())
+    tx = REG[name].chain()
+    compiled = bench_run.train_step(tx).lower(tree, tx.init(tree), tree).compile()
+    assert bench_run.constant_outputs(compiled) == []
 
 
 def _train_step_temp_bytes(tx, tree):
@@ -271,9 +306,9 @@ def test_clip_fuses_into_adam_without_a_full_size_buffer():
     theirs = _train_step_temp_bytes(
         optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)), tree)
     adam = _train_step_temp_bytes(optax.adam(1e-3), tree)
-    # Optax writes the clipped gradients out (a temporary the size of the tree); optclip's
-    # scale is one multiply inside adam's element-wise pass.
-    assert theirs >= tree_nbytes // 2
+    # Optax writes the clipped gradients out on XLA:CPU (a temporary the size of the tree;
+    # XLA:GPU fuses its clip); optclip's scale is one multiply inside adam's element-wise pass.
+    assert theirs >= tree_nbytes // 2 or not ON_CPU
     assert ours <= adam + tree_nbytes // 20
 
 

@@ -11,7 +11,8 @@ the hand-fused clip (``fused``), and the same with a threshold it never reaches;
 * ``gn_onefactor``: one factor per leaf instead of ``static.clip_factors``' pair;
 * ``gn_pairbarrier``, ``gn_nobarrier``: the rescue's scaled squares with an optimization
   barrier on ``(v, c)`` (as shipped), or none (as at 2def691);
-* ``gn_opaque``: its threshold and ``invalid`` flag through an optimization barrier;
+* ``gn_opaque``: its threshold and ``invalid`` flag through an optimization barrier (which
+  XLA removes: they stay constants, see ``opaque_threshold``);
 
 ``adam_constout``: adam after a transformation whose state is two compile-time constants;
 ``agc``, ``leaf`` (``clip_by_leaf_norm``), ``value`` (``clip_by_value(0.1)``) and
@@ -87,8 +88,9 @@ def one_factor():
 def scaled_terms(how: str):
     """While tracing: the overflow rescue's scaled squares ``(v * c) ** 2`` (``norms.
     _scaled_terms``) are formed with an optimization barrier on the pair ``(v, c)``
-    (``how="pair"``) or with none (``how="none"``, as at 2def691: NaN for a tree known at
-    compile time), instead of the barrier on the product ``v * c``."""
+    (``how="pair"``: as shipped since db906db, so the ``_pairbarrier`` variants now equal
+    their plain ones; at 2f30d35 the barrier was on the product ``v * c``) or with none
+    (``how="none"``, as at 2def691: NaN for a tree known at compile time)."""
     real = _n._scaled_terms
 
     def terms(v, scale, p):
@@ -109,7 +111,10 @@ def scaled_terms(how: str):
 @contextlib.contextmanager
 def opaque_threshold():
     """While tracing: clip_by_global_norm's threshold and its ``invalid`` flag go through an
-    optimization barrier, so that no output of the step (the stats) is a constant."""
+    optimization barrier. This did NOT keep them from being constant outputs: XLA removes
+    the barrier and folds them again (``bench.run.constant_outputs`` finds both on
+    XLA:CPU), so ``gn_opaque`` says nothing about constant outputs; ``gn_traced`` and
+    ``adam_constout`` do."""
     real = _s.resolve_threshold
     _s.resolve_threshold = lambda *a, **k: jax.lax.optimization_barrier(real(*a, **k))
     try:
@@ -120,7 +125,8 @@ def opaque_threshold():
 
 def const_state() -> optax.GradientTransformation:
     """Passes the updates through, with a state of two scalars that are compile-time constants
-    (as the global-norm chain's ``threshold`` and ``invalid_threshold`` stats are)."""
+    (as the global-norm chain's ``threshold`` and ``invalid_threshold`` stats were before
+    04de5a2)."""
     return optax.GradientTransformation(
         lambda p: (jnp.zeros((), jnp.float32), jnp.zeros((), bool)),
         lambda u, s, p=None: (u, (jnp.ones((), jnp.float32), jnp.zeros((), bool))))

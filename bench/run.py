@@ -75,28 +75,35 @@ def temp_bytes(compiled) -> int | None:
 
 def constant_outputs(compiled) -> list[int]:
     """The outputs of a compiled computation that are compile-time constants (by index into
-    its flat outputs): the ROOT tuple's operands that are ``constant``s, or copies or
-    bitcasts of one, in XLA's optimized HLO. On a GPU such an output costs far more than its
-    size (see ``optclip.stats._computed``)."""
+    its flat outputs), in XLA's optimized HLO: an output computed from constants alone
+    (``constant``, and copies, bitcasts, broadcasts, iotas and fusions of nothing but
+    constants). Empty arrays are left out. On a GPU such an output costs far more than its
+    size (see ``optclip.stats._computed``). Written for XLA:CPU's HLO: on XLA:GPU's it found
+    none where there were two."""
     entry = compiled.as_text().split("ENTRY")[-1]
-    defs = {}
+    defs: dict[str, tuple[str, list[str], bool]] = {}
     root = None
     for line in entry.splitlines():
-        m = re.match(r"\s*(ROOT )?(%[\w.\-]+) = .*? ([a-z][\w\-]*)\((.*?)\)", line)
+        m = re.match(r"\s*(ROOT )?(%[\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*?)\)", line)
         if m:
-            defs[m.group(2)] = (m.group(3), re.findall(r"%[\w.\-]+", m.group(4)))
+            empty = bool(re.fullmatch(r"\w+\[([\d,]*,)?0(,[\d,]*)?\](\{.*\})?", m.group(3)))
+            defs[m.group(2)] = (m.group(4), re.findall(r"%[\w.\-]+", m.group(5)), empty)
             if m.group(1):
                 root = m.group(2)
-    if root is None or defs[root][0] != "tuple":
+    if root is None:
         return []
+    seen: dict[str, bool] = {}
 
-    def source(name: str) -> str:
-        op, args = defs.get(name, ("?", []))
-        while op in ("copy", "bitcast") and args:
-            op, args = defs.get(args[0], ("?", []))
-        return op
+    def constant(name: str) -> bool:
+        if name not in seen:
+            op, args, _ = defs.get(name, ("?", [], False))
+            seen[name] = op == "constant" or (
+                op in ("copy", "bitcast", "broadcast", "iota", "reshape", "transpose", "fusion")
+                and all(constant(a) for a in args))
+        return seen[name]
 
-    return [i for i, a in enumerate(defs[root][1]) if source(a) == "constant"]
+    outs = defs[root][1] if defs[root][0] == "tuple" else [root]
+    return [i for i, a in enumerate(outs) if constant(a) and not defs.get(a, ("", [], False))[2]]
 
 
 def lower_and_compile(fn, *args) -> tuple[Any, float, float]:

@@ -125,10 +125,10 @@ def _scaled_terms(v: jax.Array, scale: jax.Array, p: float) -> jax.Array:
     hides both from the simplifier: a barrier on ``v`` alone did not do for units of one
     element, whose scale folds to a constant too. A barrier on the product ``v * c`` did,
     but XLA:GPU then wrote the product out: the rescue branch held a temporary the size of
-    the largest leaf (154 MB on GPT-2, ``python -m bench.gn_probe``, variant
-    ``gn_pairbarrier``). Two other forms were tried: ``|v * c| ** 2`` is simplified back to
-    the product, and ``t * |t|`` made XLA:CPU write the scaled tree out (ResNet-50's
-    global-norm chain: temp 3% -> 100%).
+    the largest leaf (154 MB on GPT-2 on an H200: ``gn`` at 2f30d35 in
+    ``bench/results/h200_2f30d35/gn_probe_1.log``). Two other forms were tried:
+    ``|v * c| ** 2`` is simplified back to the product, and ``t * |t|`` made XLA:CPU write
+    the scaled tree out (ResNet-50's global-norm chain: temp 3% -> 100%).
     """
     if p != 2:
         return _pow_terms(v * scale, p)

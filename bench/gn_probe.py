@@ -9,17 +9,18 @@ the hand-fused clip (``fused``), and the same with a threshold it never reaches;
   alone, or by both branches and a select (diagnostics only: not overflow-safe);
 * ``gn_traced``: its threshold a schedule XLA cannot fold;
 * ``gn_onefactor``: one factor per leaf instead of ``static.clip_factors``' pair;
-* ``gn_pairbarrier``, ``gn_nobarrier``: the rescue's scaled squares with an optimization
-  barrier on ``(v, c)`` (as shipped), or none (as at 2def691);
-* ``gn_opaque``: its threshold and ``invalid`` flag through an optimization barrier (which
-  XLA removes: they stay constants, see ``opaque_threshold``);
+* ``gn_nobarrier``: the rescue's scaled squares with no optimization barrier (as at
+  2def691).
+
+(db906db also had ``gn_opaque``, in ``h200_2f30d35/gn_probe_2.log``: its barrier did not
+keep the stats from being constants, so it measured nothing; and ``_pairbarrier`` variants,
+the barrier that ships now. Both were removed.)
 
 ``adam_constout``: adam after a transformation whose state is two compile-time constants;
 ``agc``, ``leaf`` (``clip_by_leaf_norm``), ``value`` (``clip_by_value(0.1)``) and
-``optax_clip`` (``optax.clip(0.1)``), and the ``_pairbarrier`` variants of the first two;
-zclip, uncapped and capped at the chain's threshold (``zclip_capped``: it then scales every
-step as the chain does). Prints each compiled step's conditionals, fused kernels and temp
-bytes.
+``optax_clip`` (``optax.clip(0.1)``); zclip, uncapped and capped at the chain's threshold
+(``zclip_capped``: it then scales every step as the chain does). Prints each compiled
+step's conditionals, fused kernels and temp bytes.
 
     python -m bench.gn_probe [--trees gpt2,resnet50] [--reps 25] [--steps 20] [--only a,b]
                              [--dump DIR]
@@ -85,19 +86,16 @@ def one_factor():
 
 
 @contextlib.contextmanager
-def scaled_terms(how: str):
+def no_barrier():
     """While tracing: the overflow rescue's scaled squares ``(v * c) ** 2`` (``norms.
-    _scaled_terms``) are formed with an optimization barrier on the pair ``(v, c)``
-    (``how="pair"``: as shipped since db906db, so the ``_pairbarrier`` variants now equal
-    their plain ones; at 2f30d35 the barrier was on the product ``v * c``) or with none
-    (``how="none"``, as at 2def691: NaN for a tree known at compile time)."""
+    _scaled_terms``) are formed with no optimization barrier, as at 2def691 (NaN for a tree
+    known at compile time). As shipped the barrier is on the pair ``(v, c)``; at 2f30d35 it
+    was on the product ``v * c``, which XLA:GPU wrote out (``h200_2f30d35/gn_probe_1.log``)."""
     real = _n._scaled_terms
 
     def terms(v, scale, p):
         if p != 2:
             return real(v, scale, p)
-        if how == "pair":
-            v, scale = jax.lax.optimization_barrier((v, scale))
         t = v * scale
         return t * t
 
@@ -106,21 +104,6 @@ def scaled_terms(how: str):
         yield
     finally:
         _n._scaled_terms = real
-
-
-@contextlib.contextmanager
-def opaque_threshold():
-    """While tracing: clip_by_global_norm's threshold and its ``invalid`` flag go through an
-    optimization barrier. This did NOT keep them from being constant outputs: XLA removes
-    the barrier and folds them again (``bench.run.constant_outputs`` finds both on
-    XLA:CPU), so ``gn_opaque`` says nothing about constant outputs; ``gn_traced`` and
-    ``adam_constout`` do."""
-    real = _s.resolve_threshold
-    _s.resolve_threshold = lambda *a, **k: jax.lax.optimization_barrier(real(*a, **k))
-    try:
-        yield
-    finally:
-        _s.resolve_threshold = real
 
 
 def const_state() -> optax.GradientTransformation:
@@ -133,8 +116,7 @@ def const_state() -> optax.GradientTransformation:
 
 
 MODES = {"fast": lambda: no_cond("fast"), "select": lambda: no_cond("select"),
-         "one_factor": one_factor, "pair": lambda: scaled_terms("pair"),
-         "no_barrier": lambda: scaled_terms("none"), "opaque": opaque_threshold}
+         "one_factor": one_factor, "no_barrier": no_barrier}
 
 
 def variants():
@@ -146,25 +128,19 @@ def variants():
         "gn_noclip": (lambda: optax.chain(optclip.clip_by_global_norm(1e30), adam()), False),
         "gn_nocond": (lambda: optax.chain(optclip.clip_by_global_norm(1.0), adam()), "fast"),
         "gn_select": (lambda: optax.chain(optclip.clip_by_global_norm(1.0), adam()), "select"),
-        # the threshold traced (a schedule XLA cannot fold), as zclip's is: does a threshold
-        # known at compile time change how XLA:GPU fuses the chain?
+        # the threshold traced (a schedule XLA cannot fold), as zclip's is: until 04de5a2 a
+        # float threshold made two stats constant outputs, which cost the GPU (adam_constout)
         "gn_traced": (lambda: optax.chain(optclip.clip_by_global_norm(
             lambda count: jnp.where(count >= 0, 1.0, 2.0)), adam()), False),
         "gn_onefactor": (lambda: optax.chain(optclip.clip_by_global_norm(1.0), adam()),
                          "one_factor"),
-        # the rescue's scaled squares with a barrier on (v, c), or none (2def691)
-        "gn_pairbarrier": (lambda: optax.chain(optclip.clip_by_global_norm(1.0), adam()),
-                           "pair"),
+        # the rescue's scaled squares with no barrier (2def691)
         "gn_nobarrier": (lambda: optax.chain(optclip.clip_by_global_norm(1.0), adam()),
                          "no_barrier"),
-        # no output of the step a compile-time constant; and adam with two constant outputs
-        "gn_opaque": (lambda: optax.chain(optclip.clip_by_global_norm(1.0), adam()), "opaque"),
+        # adam after two constant outputs
         "adam_constout": (lambda: optax.chain(const_state(), adam()), False),
         "agc": (lambda: optax.chain(optclip.agc(0.01), adam()), False),
-        "agc_pairbarrier": (lambda: optax.chain(optclip.agc(0.01), adam()), "pair"),
         "leaf": (lambda: optax.chain(optclip.clip_by_leaf_norm(1.0), adam()), False),
-        "leaf_pairbarrier": (lambda: optax.chain(optclip.clip_by_leaf_norm(1.0), adam()),
-                             "pair"),
         "value": (lambda: optax.chain(optclip.clip_by_value(0.1), adam()), False),
         "optax_clip": (lambda: optax.chain(optax.clip(0.1), adam()), False),
         "zclip": (lambda: optax.chain(optclip.zclip(warmup_steps=1), adam()), False),

@@ -42,12 +42,12 @@ def _computed(cls: type, fields: dict[str, jax.Array], prev: Any, counter: jax.A
     clipper given a float, the loss fields of a guard that watches no loss. XLA would make
     them constant outputs of the step, and on a GPU those cost far more than their size:
     two constant scalars in the state of a transformation chained before adam made adam's
-    step 1.23-1.46x slower on GPT-2 and
-    1.27-1.29x on ResNet-50 on an H200 (``python -m bench.gn_probe``, ``adam_constout``,
-    jax 0.11.2), and with them the global-norm chain ran at 1.6x the hand-fused clip, 1.1x
-    without (``bench/results/h200_2f30d35/``). So every field is
-    selected against the incoming record's on ``counter >= 0``: always true (the counters
-    start at 0 and saturate), but not known to XLA. One scalar select per field.
+    step 1.23-1.46x slower on GPT-2 and 1.27-1.29x on ResNet-50 on an H200 (``python -m
+    bench.gn_probe``, ``adam_constout``, jax 0.11.2), and with them the global-norm chain
+    ran at 1.6x the hand-fused clip, 1.1x without (``bench/results/h200_2f30d35/``). So
+    every field is selected against the incoming record's on ``counter >= 0``: always true
+    (the counters start at 0 and saturate), but not known to XLA. One scalar select per
+    field.
     """
     live = counter >= 0
     return cls(**{k: jnp.where(live, v, getattr(prev, k)) for k, v in fields.items()})

@@ -348,9 +348,12 @@ def _sketch_percentile(counts: jax.Array, n: jax.Array, q: jax.Array,
     r1 = jnp.minimum(r0 + 1, last)
 
     def value(r):
-        # the bucket that holds the item of rank r (0-based) is the first with cum > r
-        v = jnp.clip(_sketch_value(jnp.searchsorted(cum, r.astype(cum.dtype), side="right")),
-                     lo_v, hi_v)
+        # The bucket that holds the item of rank r (0-based) is the first with cum > r, so its
+        # index is the number of buckets with cum <= r: one fused compare-and-count over the
+        # buckets. (jnp.searchsorted's default binary search is a while loop, which on a GPU
+        # syncs with the host on every trip: 0.5-0.7 ms a step on an H200.)
+        i = jnp.sum(cum <= r.astype(cum.dtype), dtype=jnp.int32)
+        v = jnp.clip(_sketch_value(i), lo_v, hi_v)
         return jnp.where(r <= 0, lo_v, jnp.where(r >= last, hi_v, v))
 
     return _interp(value(r0), value(r1), frac)

@@ -297,6 +297,20 @@ def test_no_output_of_a_chain_step_is_a_compile_time_constant(name):
     assert bench_run.constant_outputs(compiled) == []
 
 
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_no_chain_step_lowered_for_a_gpu_holds_a_loop(name):
+    # On a GPU a while loop runs trip by trip, each with its own kernel launches and a check
+    # of its condition: autoclip's sketch percentile, a binary search (jnp.searchsorted),
+    # cost its chain 0.5-0.7 ms a step on an H200, 1.17-1.22x the global-norm chain
+    # (bench/results/h200_e3f0246/). Lowered for CUDA here, on any machine. (XLA:CPU's own
+    # branch of clip_by_value keeps its loop over slices, on non-finite steps: see
+    # static._chunked_any.)
+    tree = make_tree(TREES["tiny"]())
+    tx = REG[name].chain()
+    traced = bench_run.train_step(tx).trace(tree, tx.init(tree), tree)
+    assert traced.lower(lowering_platforms=("cuda",)).as_text().count("stablehlo.while") == 0
+
+
 def _train_step_temp_bytes(tx, tree):
     def f(p, s, g):
         u, s = tx.update(g, s, p)

@@ -192,7 +192,9 @@ def value() -> None:
 
     On 32M float32 elements: the time of each reduction its stats need (the norm, a plain
     sum of squares; the largest magnitude, for ``clipped``; the norm after the clamp) and of
-    the three in one variadic ``lax.reduce`` over rows. Then ``chain(clip_by_value(0.1),
+    the three in one variadic ``lax.reduce`` over rows; and of ways to have the norm and an
+    exact count of the clamped elements in one read (a float sum of the mask; the two sums
+    in one jit, as one complex sum, or stacked). Then ``chain(clip_by_value(0.1),
     adam)`` on the GPT-2 tree, a finite step against one with a NaN (the sliced flag)."""
     import statistics  # noqa: PLC0415
 
@@ -211,7 +213,16 @@ def value() -> None:
            "max |x| (clipped)": lambda x, h: jnp.max(jnp.abs(x)),
            "sum min(|x|, h)^2 (the norm after)": lambda x, h: jnp.sum(
                jnp.square(jnp.minimum(jnp.abs(x), h))),
-           "the three, one variadic reduce over rows": three_in_one}
+           "the three, one variadic reduce over rows": three_in_one,
+           # ways to have the norm and an exact clamp count (or flag) from one read
+           "count of |x| > h (a float sum of the mask)": lambda x, h: jnp.sum(
+               jnp.abs(x) > h, dtype=jnp.float32),
+           "sum of squares and that count, one jit": lambda x, h: (
+               jnp.sum(x * x), jnp.sum(jnp.abs(x) > h, dtype=jnp.float32)),
+           "the two as one complex sum": lambda x, h: jnp.sum(lax.complex(
+               x * x, (jnp.abs(x) > h).astype(jnp.float32))),
+           "the two stacked, summed along the elements": lambda x, h: jnp.sum(jnp.stack(
+               [x * x, (jnp.abs(x) > h).astype(jnp.float32)], -1), 0)}
     for n, f in fns.items():
         f = jax.jit(f)
         jax.block_until_ready(f(x, h))

@@ -44,6 +44,28 @@ def fused_clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def fused_agc(clipping: float, eps: float = 1e-3) -> optax.GradientTransformation:
+    """A hand-fused unit-wise AGC: per leaf, the unit norms of the updates and of the params
+    (over every axis but the last, or the whole leaf when it has one axis or none), then one
+    multiply by ``min(1, clipping * max(|w|, eps) / |g|)``.
+
+    No stats, no NaN handling, no overflow safety: the floor an AGC can reach (a diagnostic
+    for ``python -m bench.gn_probe``).
+    """
+
+    def one(g, w):
+        ax = tuple(range(g.ndim - 1)) if g.ndim > 1 else None
+        gn = jnp.sqrt(jnp.sum(jnp.square(g), axis=ax, keepdims=True))
+        mx = clipping * jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(w), axis=ax, keepdims=True)),
+                                    eps)
+        return g * jnp.where(gn > mx, mx / jnp.where(gn > mx, gn, 1.0), 1.0)
+
+    def update_fn(updates, state, params=None):
+        return jax.tree.map(one, updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 @dataclass(frozen=True)
 class Entry:
     name: str

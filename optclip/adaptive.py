@@ -350,8 +350,9 @@ def _sketch_percentile(counts: jax.Array, n: jax.Array, q: jax.Array,
     def value(r):
         # The bucket that holds the item of rank r (0-based) is the first with cum > r, so its
         # index is the number of buckets with cum <= r: one fused compare-and-count over the
-        # buckets. (jnp.searchsorted's default binary search is a while loop, which on a GPU
-        # syncs with the host on every trip: 0.5-0.7 ms a step on an H200.)
+        # buckets. (jnp.searchsorted's default binary search is a while loop, which a GPU runs
+        # trip by trip, each trip its own launches and a check of its condition: it cost the
+        # chain 0.5-0.7 ms a step on an H200, bench/results/h200_e3f0246/.)
         i = jnp.sum(cum <= r.astype(cum.dtype), dtype=jnp.int32)
         v = jnp.clip(_sketch_value(i), lo_v, hi_v)
         return jnp.where(r <= 0, lo_v, jnp.where(r >= last, hi_v, v))

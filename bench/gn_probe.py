@@ -18,7 +18,7 @@ the barrier that ships now. Both were removed.)
 
 ``adam_constout``: adam after a transformation whose state is two compile-time constants;
 ``agc``, with its overflow rescue's ``lax.cond`` replaced by the fast branch (``agc_nocond``),
-a hand-fused unit-wise AGC (``agc_fused``, ``clippers.fused_agc``: the floor of an AGC) and
+a hand-fused unit-wise AGC (``agc_fused``, ``clippers.fused_agc``: what an AGC costs) and
 Optax's (``optax_agc``); ``leaf`` (``clip_by_leaf_norm``), ``value`` (``clip_by_value(0.1)``) and
 ``optax_clip`` (``optax.clip(0.1)``); zclip, uncapped and capped at the chain's threshold
 (``zclip_capped``: it then scales every step as the chain does). Prints each compiled
@@ -142,7 +142,7 @@ def variants():
         # adam after two constant outputs
         "adam_constout": (lambda: optax.chain(const_state(), adam()), False),
         "agc": (lambda: optax.chain(optclip.agc(0.01), adam()), False),
-        # the floor of an AGC (clippers.fused_agc), and Optax's
+        # what an AGC costs (clippers.fused_agc), and Optax's
         "agc_fused": (lambda: optax.chain(clippers.fused_agc(0.01), adam()), False),
         "agc_nocond": (lambda: optax.chain(optclip.agc(0.01), adam()), "fast"),
         "optax_agc": (lambda: optax.chain(optax.adaptive_grad_clip(0.01), adam()), False),

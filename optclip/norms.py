@@ -778,15 +778,17 @@ def norm_core(
     # an exact 0: it never needs the rescue.)
     lows = np.where(sizes > 0, float(info.tiny) / float(info.eps) * np.maximum(sizes, 1), 0.0)
     lows = lows.astype(acc).reshape(jnp.shape(parts))
-    need = any_across(jnp.any(~jnp.isfinite(parts) | (parts < lows)), flag_axes)
+    need_u = ~jnp.isfinite(parts) | (parts < lows)
+    need = any_across(jnp.any(need_u), flag_axes)
 
     def fast() -> tuple[jax.Array, jax.Array]:
         # False here, but computed from the data so that inside shard_map its type
         # (which devices it may vary over) matches the rescue branch's flag.
         return safe_root(parts, p), any_nonfinite(parts)
 
-    def rescue() -> tuple[jax.Array, jax.Array]:
-        ms = reduce("scale")
+    def rescaled(ms: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The rescue's second pass: the sum of every unit's terms brought near 1 by a
+        power of two from its max ``ms``."""
         if p > 2:
             # Divide by the largest magnitude itself, so that every term is <= 1 and the
             # largest is 1, whatever p (a power of two in [2, 4) would overflow 4**p for
@@ -806,7 +808,18 @@ def norm_core(
         norms = jnp.where((ms == 0) & jnp.isfinite(s), jnp.zeros_like(ms), safe_root(s, p) * up)
         return norms, any_nonfinite(s)
 
-    norms, flag = lax.cond(need, rescue, fast)
+    if combine:
+        # One total: it is 0 only when every array is (or holds only tiny values).
+        norms, flag = lax.cond(need, lambda: rescaled(reduce("scale")), fast)
+        return finish(norms), flag
+    # An all-zero unit (a frozen or unused parameter, a dead channel) has a sum of 0, below its
+    # ``lows``, and so asks for the rescue at every step. Its max shows that it is 0, and then
+    # its fast sum stands: the rescue's second pass, over every array, is taken only when
+    # some other unit asked for it (a NaN max is not 0: such a unit takes it). Two conds
+    # rather than one, at some compile time (each builds its own groups of small arrays).
+    ms = lax.cond(need, lambda: reduce("scale"), lambda: jnp.zeros_like(parts))
+    again = any_across(jnp.any(need_u & ~(ms == 0)), flag_axes)
+    norms, flag = lax.cond(again, lambda: rescaled(ms), fast)
     return finish(norms), flag
 
 

@@ -295,11 +295,16 @@ _ZERO_MIXES = {
 }
 
 
+# shared across the mixes (one tree structure): compiled once per ord, not once per case
+_leaf_norms_jit = jax.jit(optclip.leaf_norms, static_argnames="ord")
+_unit_norms_jit = jax.jit(lambda t: [optclip.unitwise_norm(x) for x in jax.tree.leaves(t)])
+
+
 @pytest.mark.parametrize("mix", list(_ZERO_MIXES))
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
 def test_leaf_and_unit_norms_with_all_zero_leaves_match_numpy(mix, p):
     tree = _zero_mix(_ZERO_MIXES[mix])
-    got = jax.jit(lambda t: optclip.leaf_norms(t, ord=p))(tree)
+    got = _leaf_norms_jit(tree, ord=p)
     for k, x in tree.items():
         a = np.asarray(x, np.float64)
         if np.isnan(a).any():
@@ -309,7 +314,7 @@ def test_leaf_and_unit_norms_with_all_zero_leaves_match_numpy(mix, p):
         else:
             np.testing.assert_allclose(float(got[k]), pnorm([a], p), rtol=2e-5, err_msg=k)
     # unit-wise (AGC's units: one per output column), every leaf of the mix at once
-    units = jax.jit(lambda t: [optclip.unitwise_norm(x) for x in jax.tree.leaves(t)])(tree)
+    units = _unit_norms_jit(tree)
     for x, u in zip(jax.tree.leaves(tree), units, strict=True):
         a = np.asarray(x, np.float64)
         want = np.sqrt(np.sum(a * a, axis=0, keepdims=True))

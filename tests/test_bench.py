@@ -413,3 +413,14 @@ def test_small_leaves_of_one_shape_are_reduced_without_a_copy_each(name):
     jaxpr = jax.make_jaxpr(tx.update)(tree, tx.init(tree), tree).jaxpr
     copied = _operand_shapes(jaxpr, ("pad", "transpose"))
     assert not [s for s in copied if int(np.prod(s)) == 36], copied
+
+
+def test_zero_probe_runs_and_zeroes_every_fourth_leaf(capsys):
+    from bench import zero_probe
+
+    g = {f"l{i}": jnp.ones((3,)) for i in range(9)}
+    z = zero_probe.with_zero_leaves(g)
+    assert [k for k, v in z.items() if not np.any(np.asarray(v))] == ["l0", "l4", "l8"]
+    zero_probe.main(["--trees", "tiny", "--reps", "1", "--only", "adam,clip_by_leaf_norm"])
+    out = capsys.readouterr().out
+    assert "tiny clip_by_leaf_norm" in out and "with zero leaves" in out

@@ -5,7 +5,7 @@ the hand-fused clip (``fused``), and the same with a threshold it never reaches;
 ``clip_by_global_norm`` (``gn``) as shipped, and
 
 * ``gn_noclip``: with a threshold it never reaches;
-* ``gn_nocond``, ``gn_select``: its overflow rescue's ``lax.cond`` replaced by the fast branch
+* ``gn_nocond``, ``gn_select``: its overflow rescue's ``lax.cond``s replaced by the fast branch
   alone, or by both branches and a select (diagnostics only: not overflow-safe);
 * ``gn_traced``: its threshold a schedule XLA cannot fold;
 * ``gn_onefactor``: one factor per leaf instead of ``static.clip_factors``' pair;
@@ -17,7 +17,7 @@ keep the stats from being constants, so it measured nothing; and ``_pairbarrier`
 the barrier that ships now. Both were removed.)
 
 ``adam_constout``: adam after a transformation whose state is two compile-time constants;
-``agc``, with its overflow rescue's ``lax.cond`` replaced by the fast branch (``agc_nocond``),
+``agc``, with its overflow rescue's two ``lax.cond`` replaced by the fast branch (``agc_nocond``),
 a hand-fused unit-wise AGC (``agc_fused``, ``clippers.fused_agc``: what an AGC costs) and
 Optax's (``optax_agc``); ``leaf`` (``clip_by_leaf_norm``), ``value`` (``clip_by_value(0.1)``) and
 ``optax_clip`` (``optax.clip(0.1)``); zclip, uncapped and capped at the chain's threshold

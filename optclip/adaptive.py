@@ -202,7 +202,7 @@ def agc(
                                               for g, a in zip(gs, axes, strict=True)])
         full_axes = _n.leaf_axes(updates, axis_name, partition_specs) or [None] * len(gs)
         flag_axes = _n.union_axes(full_axes)
-        # one kernel (one overflow check, one cond) for the gradients' and the params' units,
+        # one kernel (one overflow check, one rescue) for the gradients' and the params' units,
         # as one flat vector: the first half the gradients' units, the second the params'
         norms, _ = _n.norm_core(gs + ws, 2.0, axes=axes + axes,
                                 axes_per_leaf=None if mesh_axes is None else mesh_axes * 2,

@@ -4,7 +4,10 @@ Every norm here is *overflow-safe*: it accumulates in float32 (float64 when
 a leaf is float64) and, when the fast accumulation of ``|x|**p`` overflows or
 underflows, recomputes it scaled by the largest magnitude, so that a finite
 fp16, bf16 or float32 input always gives its true, finite norm. The rescaled
-path sits behind a single ``lax.cond`` per call and runs only on such steps.
+path sits behind ``lax.cond`` and runs only on such steps: one cond for a global
+norm; for per-unit norms, one for the max (also taken when a unit is all zeros,
+whose sum of 0 looks like an underflow) and one for the rescaled sum (taken only
+when a unit that is not all zeros needs it).
 
 Conventions shared by every function in this module:
 
@@ -659,8 +662,8 @@ def norm_core(
       xform: an element-wise function applied to each array before its norm is
         taken (the norm of ``xform(x, i, for_max)``, ``i`` the array's index;
         ``for_max`` asks for the same values by another expression, for the
-        rescue's max). It is applied inside each branch of the rescue's
-        ``lax.cond``, whose operands are then the arrays themselves: a
+        rescue's max). It is applied inside the rescue's ``lax.cond`` branches
+        (their max and their rescaled sum), whose operands are then the arrays themselves: a
         transformed tree handed in instead would be written out in full as the
         ``cond``'s operand.
       rescue: False when the caller knows that the terms can neither overflow nor lose
@@ -815,7 +818,8 @@ def norm_core(
     # An all-zero unit (a frozen or unused parameter, a dead channel) has a sum of 0, below its
     # ``lows``, and so asks for the rescue at every step. Its max shows that it is 0, and then
     # its fast sum stands: the rescue's second pass, over every array, is taken only when
-    # some other unit asked for it (a NaN max is not 0: such a unit takes it). Two conds
+    # some other unit asked for it (a NaN max is not 0: such a unit takes it; a NaN that a
+    # sharded max dropped leaves the unit's fast sum NaN, so its norm stays NaN). Two conds
     # rather than one, at some compile time (each builds its own groups of small arrays).
     ms = lax.cond(need, lambda: reduce("scale"), lambda: jnp.zeros_like(parts))
     again = any_across(jnp.any(need_u & ~(ms == 0)), flag_axes)

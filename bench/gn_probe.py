@@ -5,7 +5,7 @@ the hand-fused clip (``fused``), and the same with a threshold it never reaches;
 ``clip_by_global_norm`` (``gn``) as shipped, and
 
 * ``gn_noclip``: with a threshold it never reaches;
-* ``gn_nocond``, ``gn_select``: its overflow rescue's ``lax.cond``s replaced by the fast branch
+* ``gn_nocond``, ``gn_select``: its overflow rescue's ``lax.cond`` replaced by the fast branch
   alone, or by both branches and a select (diagnostics only: not overflow-safe);
 * ``gn_traced``: its threshold a schedule XLA cannot fold;
 * ``gn_onefactor``: one factor per leaf instead of ``static.clip_factors``' pair;

@@ -1,8 +1,10 @@
-"""Diagnostic: would the per-leaf selection (``norms._split_selected``) pay on an accelerator?
+"""Diagnostic: would the per-leaf gather (``norms._split_gathered``) pay on an accelerator?
 
-optclip hands each array its per-unit results by selection on XLA:CPU only
-(``lax.platform_dependent`` in ``norms.split_flat``), and by slices elsewhere. This probe
-forces one or the other on whatever backend it runs on, and measures
+optclip hands each array its per-unit results by a gather with constant indices on XLA:CPU
+only (``lax.platform_dependent`` in ``norms.split_flat``), and by slices elsewhere. This probe
+forces one or the other on whatever backend it runs on (``split_flat`` only: the overflow
+rescue's scales for large arrays, ``norms._reduce_flat``, keep the shipped choice), and
+measures
 
 * ``compile``: the first call of one clipper's ``update`` alone on a many-leaves tree
   (run it once per clipper and mode, each in its own process, so that no compile cache or
@@ -10,8 +12,12 @@ forces one or the other on whatever backend it runs on, and measures
 * ``step``: the chain + adam step time of the per-unit clippers with either split, interleaved
   and donated as ``python -m bench`` times them, with the global-norm chain beside them.
 
-    python -m bench.split_probe compile --tree many1000 --clipper agc --split select
+    python -m bench.split_probe compile --tree many1000 --clipper agc --split gather
     python -m bench.split_probe step [--trees gpt2,resnet50] [--reps 10] [--steps 20]
+
+Up to commit 93d58f9 the CPU path was a selection by mask, block by block
+(``norms._split_selected``, since removed); the logs in ``bench/results/h200_2f30d35/``
+measured that selection, as ``--split select``.
 """
 
 from __future__ import annotations
@@ -33,15 +39,15 @@ from optclip import norms as _n
 
 @contextlib.contextmanager
 def split(how: str):
-    """While tracing: per-unit results reach their arrays by ``how``: "select", "slice", or
-    "default" (as shipped: selection on XLA:CPU only)."""
+    """While tracing: per-unit results reach their arrays by ``how``: "gather", "slice", or
+    "default" (as shipped: the gather on XLA:CPU only)."""
     real = _n.split_flat
 
     def forced(flat, lay):
         if (how == "default" or not jnp.issubdtype(flat.dtype, jnp.floating)
-                or len(lay.offsets) < _n._SELECT_MIN):
+                or len(lay.offsets) < _n._GATHER_MIN):
             return real(flat, lay)
-        return (_n._split_selected if how == "select" else _n._split_sliced)(flat, lay)
+        return (_n._split_gathered if how == "gather" else _n._split_sliced)(flat, lay)
 
     _n.split_flat = forced
     try:
@@ -73,7 +79,7 @@ def step_main(args) -> None:
         ms = []
         for name in ["adam", "clip_by_global_norm"] + args.clippers.split(","):
             for how in (("default",) if name in ("adam", "clip_by_global_norm")
-                        else ("slice", "select")):
+                        else ("slice", "gather")):
                 tx = reg[name].chain()
                 s_s = jax.eval_shape(tx.init, p_s)
                 t0 = time.perf_counter()
@@ -100,7 +106,7 @@ def main() -> None:
     c = sub.add_parser("compile")
     c.add_argument("--tree", default="many1000")
     c.add_argument("--clipper", default="clip_by_leaf_norm")
-    c.add_argument("--split", default="default", choices=("default", "select", "slice"))
+    c.add_argument("--split", default="default", choices=("default", "gather", "slice"))
     s = sub.add_parser("step")
     s.add_argument("--trees", default="gpt2,resnet50")
     s.add_argument("--clippers", default="clip_by_leaf_norm,agc")

@@ -17,8 +17,10 @@ norm per leaf), the design that README says was tried.
 ``select``: compile times (lower + compile) of 1,000 per-leaf clips ``x * min(1, 1/||x||)``
 on leaves of one shape and of 1,000 distinct shapes (identical kernels are compiled once);
 and of 1,000 leaves of one shape each multiplied by its own value from one 1,000-vector,
-taken by a slice at its offset (a distinct kernel per leaf) and by ``norms._split_selected``
-(a masked sum over a block of rows: the same kernel for every leaf).
+taken by a slice at its offset (a distinct kernel per leaf), by a masked sum over a block of
+32 rows (``_selected`` here: the same kernel for every leaf; what XLA:CPU took up to commit
+93d58f9), and by a gather with constant indices (``norms._split_gathered``: the same kernel
+for every leaf, with no reduction).
 
 ``guard_copy``: temp bytes of a donated step ``p, mu -> p + u(mu'), mu'`` where the kept
 state is ``where(skip, mu, mu')`` (as the guards did until they took the step inside a
@@ -35,6 +37,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -250,6 +253,24 @@ def value() -> None:
           f"({t['step with a NaN'] / t['finite step']:.1f}x)", flush=True)
 
 
+def _selected(flat: jax.Array, lay: _n.Layout) -> list[jax.Array]:
+    """Each array's one unit by a sum over a ``where`` with a constant one-hot mask, from a
+    block of 32 rows of the flat vector (one slice per block): optclip's split on XLA:CPU
+    up to commit 93d58f9, for arrays with one unit each."""
+    rows = 32
+    n = len(lay.offsets)
+    n_blocks = -(-n // rows)
+    mat = jnp.pad(flat[:n].reshape(n, 1), ((0, n_blocks * rows - n), (0, 0)))
+    blocks = [mat[b * rows:(b + 1) * rows] for b in range(n_blocks)]
+    out = []
+    for pos in range(n):
+        b, r = divmod(pos, rows)
+        mask = np.zeros((rows, 1), bool)
+        mask[r] = True
+        out.append(jnp.sum(jnp.where(mask, blocks[b], 0.0), axis=0).reshape(lay.shapes[pos]))
+    return out
+
+
 def select() -> None:
     def first_call(fn, *args) -> float:
         t0 = time.perf_counter()
@@ -268,7 +289,8 @@ def select() -> None:
     v = jax.ShapeDtypeStruct((1000,), jnp.float32)
     lay = _n.layout_of(same, [None] * 1000)
     for name, split in (("a slice each", _n._split_sliced),
-                        ("selection (norms._split_selected)", _n._split_selected)):
+                        ("selection by mask (up to 93d58f9)", _selected),
+                        ("gather (norms._split_gathered)", _n._split_gathered)):
         secs = first_call(lambda v, xs, split=split: [
             x * s for x, s in zip(xs, split(v, lay), strict=True)], v, same)
         print(f"1,000 leaves times their value from one vector, {name}: {secs:.2f} s",

@@ -255,78 +255,50 @@ def layout_of(vals: Sequence[Any], axes: Sequence[Any]) -> Layout:
     return Layout(tuple(offsets), tuple(n_units), tuple(shapes), tuple(sizes), off)
 
 
-# Per-unit results reach their arrays by selection (see ``_split_selected``) in groups of
-# at least this many arrays with the same number of units, read this many rows at a time,
-# as long as a group's selections read at most ``_SELECT_BUDGET`` elements in all.
-_SELECT_MIN = 8
-_SELECT_ROWS = 32
-_SELECT_BUDGET = 1 << 24
+# Below this many arrays, per-unit results reach their arrays by slices on every backend.
+_GATHER_MIN = 8
+
+
+def _units(flat: jax.Array, lay: Layout, j: int, gather: bool) -> jax.Array:
+    """Array ``j``'s part of the flat vector of per-unit results (scalar or keepdims shape).
+
+    By a slice, or with ``gather`` by a gather whose indices are a constant array. XLA:CPU
+    compiles every distinct kernel on its own, at several milliseconds each, and reuses a
+    kernel only for identical ones. A slice's offset is part of its kernel, and XLA fuses
+    the slice, and the element-wise work on the vector before it, into the kernel that uses
+    it: every array got kernels of its own (a tree of 1,000 leaves spent seconds compiling
+    nothing but the slices, and GPT-2's per-leaf chain had 150 more distinct kernels than
+    the global-norm chain's 84). A constant array of indices is an operand of the kernel
+    instead, not part of it (XLA:CPU fuses scalar constants only), so the kernels are the
+    same for every array with the same number of units and shape. One index more than the
+    units, dropped after the gather, keeps the indices from being a run or a single value,
+    which XLA would turn back into a slice.
+    """
+    o, k, shape = lay.offsets[j], lay.n_units[j], lay.shapes[j]
+    if not gather or k == 0:
+        return flat[o:o + k].reshape(shape)
+    idx = np.append(np.arange(o, o + k), 0 if o else lay.total - 1).astype(np.int32)
+    return flat.at[idx].get(mode="promise_in_bounds")[:k].reshape(shape)
 
 
 def _split_sliced(flat: jax.Array, lay: Layout) -> list[jax.Array]:
-    return [flat[o:o + k].reshape(shape)
-            for o, k, shape in zip(lay.offsets, lay.n_units, lay.shapes, strict=True)]
+    return [_units(flat, lay, j, False) for j in range(len(lay.offsets))]
 
 
-def _split_selected(flat: jax.Array, lay: Layout) -> list[jax.Array]:
-    """:func:`_split_sliced`, with one compiled kernel per *shape* rather than per array.
-
-    XLA:CPU compiles every distinct kernel on its own, at several milliseconds each, and
-    reuses a kernel only for identical ones. A slice at its own offset is a distinct kernel
-    for every array, so a tree of 1,000 leaves spent seconds compiling nothing but the
-    slices that hand each leaf its norm. Here the small arrays (up to ``SMALL_LEAF``
-    elements) that have the same number of units ``k`` are grouped; their rows of the flat
-    vector are cut into blocks of ``_SELECT_ROWS`` rows (one slice per block), and each
-    array takes its row from its block by a sum over a ``where`` with a constant one-hot
-    mask. The mask is an operand of the kernel, not part of it, so the kernel is the same
-    for every array of the group. The ``where`` (not a product with the mask) keeps
-    another array's NaN or inf out of this one's result, and the sum of one value and
-    zeros is that value, exactly.
-    """
-    out: list[Any] = [None] * len(lay.offsets)
-    groups: dict[int, list[int]] = {}
-    for j, k in enumerate(lay.n_units):
-        # A large array keeps its slice, which XLA fuses into the array's own kernel: a
-        # selection there made XLA:CPU write the whole of AGC's clipped gradients out (100%
-        # of the GPT-2 tree in temporaries, 2.7x Adam). Large arrays are few; small ones many.
-        key = k if k * lay.sizes[j] <= SMALL_LEAF else -1 - j
-        groups.setdefault(key, []).append(j)
-    rows = _SELECT_ROWS
-    for ids in groups.values():
-        k = lay.n_units[ids[0]]
-        if k == 0 or len(ids) < _SELECT_MIN or len(ids) * rows * k > _SELECT_BUDGET:
-            for j in ids:
-                o = lay.offsets[j]
-                out[j] = flat[o:o + k].reshape(lay.shapes[j])
-            continue
-        units = np.concatenate([np.arange(lay.offsets[j], lay.offsets[j] + k) for j in ids])
-        lo = int(units[0])
-        if np.array_equal(units, np.arange(lo, lo + units.size)):
-            sub = flat[lo:lo + units.size]
-        else:
-            sub = flat[units]
-        n_blocks = -(-len(ids) // rows)
-        mat = jnp.pad(sub.reshape(len(ids), k), ((0, n_blocks * rows - len(ids)), (0, 0)))
-        blocks = [mat[b * rows:(b + 1) * rows] for b in range(n_blocks)]
-        zero = jnp.zeros((), flat.dtype)
-        for pos, j in enumerate(ids):
-            b, r = divmod(pos, rows)
-            mask = np.zeros((rows, 1), bool)
-            mask[r] = True
-            out[j] = jnp.sum(jnp.where(mask, blocks[b], zero), axis=0).reshape(lay.shapes[j])
-    return out
+def _split_gathered(flat: jax.Array, lay: Layout) -> list[jax.Array]:
+    return [_units(flat, lay, j, True) for j in range(len(lay.offsets))]
 
 
 def split_flat(flat: jax.Array, lay: Layout) -> list[jax.Array]:
     """The flat vector of per-unit results, as one array per input (scalar or keepdims).
 
-    On XLA:CPU each array takes its part by selection (:func:`_split_selected`), which
-    compiles in a fraction of the time when a tree has many leaves; elsewhere by slices,
-    which XLA:GPU and XLA:TPU fuse into the kernel that uses them.
+    On XLA:CPU each array takes its part by a gather (:func:`_units`), so that arrays of one
+    shape share their kernels; elsewhere by slices, which XLA:GPU and XLA:TPU fuse into the
+    kernel that uses them.
     """
-    if not jnp.issubdtype(flat.dtype, jnp.floating) or len(lay.offsets) < _SELECT_MIN:
+    if not jnp.issubdtype(flat.dtype, jnp.floating) or len(lay.offsets) < _GATHER_MIN:
         return _split_sliced(flat, lay)
-    return lax.platform_dependent(flat, cpu=lambda v: _split_selected(v, lay),
+    return lax.platform_dependent(flat, cpu=lambda v: _split_gathered(v, lay),
                                   default=lambda v: _split_sliced(v, lay))
 
 
@@ -354,13 +326,17 @@ def _reduce_flat(vals: list[jax.Array], axes: list[Any], lay: Layout, scales: An
              if v.size > SMALL_LEAF or (ax is not None and v.size > SMALL_UNITS)]
     own: dict[int, jax.Array] = {}
     if scales is not None and alone:
-        # Each array reduced on its own gets its own slice of the scales, through one
-        # optimization barrier: slices of one shared vector let XLA:GPU fuse the terms of
-        # every array of one shape into one multi-output kernel, whose outputs (each the
-        # size of its array) it then writes out for the reductions.
-        sl = [jax.tree.map(lambda v, j=j: v[lay.offsets[j]:lay.offsets[j] + lay.n_units[j]]
-                           .reshape(lay.shapes[j]), scales) for j in alone]
-        own = dict(zip(alone, lax.optimization_barrier(tuple(sl)), strict=True))
+        # Each array reduced on its own gets its own part of the scales (a gather on
+        # XLA:CPU, as in ``split_flat``), through one optimization barrier: slices of one
+        # shared vector let XLA:GPU fuse the terms of every array of one shape into one
+        # multi-output kernel, whose outputs (each the size of its array) it then writes
+        # out for the reductions.
+        def pick(sc, gather):
+            return tuple(jax.tree.map(lambda v, j=j: _units(v, lay, j, gather), sc)
+                         for j in alone)
+        sl = lax.platform_dependent(scales, cpu=lambda s: pick(s, True),
+                                    default=lambda s: pick(s, False))
+        own = dict(zip(alone, lax.optimization_barrier(sl), strict=True))
     # small arrays of one shape, reduced over the same dims, are stacked and reduced together
     same: dict[tuple, list[int]] = {}
     for j, (v, ax) in enumerate(zip(vals, axes, strict=True)):

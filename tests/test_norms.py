@@ -217,7 +217,7 @@ def test_gradient_of_ord_3_through_the_rescue(x):
 
 def _many_leaf_layout():
     """A layout of 131 arrays, interleaved: 70 with one unit each, 40 with 3 units, 12 with 8
-    (in two shapes), 6 empty, and 3 with 5 units (too few to be grouped)."""
+    (in two shapes), 6 empty, and 3 with 5 units."""
     from optclip import norms as _n
 
     kinds = ([((4,), None)] * 70 + [((6, 3), 0)] * 40 + [((2, 8), 0)] * 8
@@ -227,10 +227,10 @@ def _many_leaf_layout():
     return _n.layout_of(vals, [kinds[i][1] for i in order])
 
 
-def test_split_by_selection_equals_slices_bit_for_bit():
-    # Per-unit results reach their arrays by a masked sum over a block of rows on XLA:CPU
-    # (a slice per array compiled as a kernel of its own). Every value must arrive exactly,
-    # and another array's NaN or inf must not leak into this one's.
+def test_split_by_gather_equals_slices_bit_for_bit():
+    # Per-unit results reach their arrays by a gather on XLA:CPU (a slice per array compiled
+    # as a kernel of its own). Every value must arrive exactly, and another array's NaN or
+    # inf must not leak into this one's.
     from optclip import norms as _n
 
     lay = _many_leaf_layout()
@@ -242,13 +242,13 @@ def test_split_by_selection_equals_slices_bit_for_bit():
     flat[6::17] = np.inf
     flat[8::19] = -np.inf
     flat = jnp.asarray(flat)
-    got = jax.jit(lambda v: _n._split_selected(v, lay))(flat)
+    got = jax.jit(lambda v: _n._split_gathered(v, lay))(flat)
     want = _n._split_sliced(flat, lay)
     assert len(got) == len(want) == 131
     for g, w, shape in zip(got, want, lay.shapes, strict=True):
         assert g.shape == w.shape == shape
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-    # the public split takes the selection on this (CPU) backend
+    # the public split takes the gather on this (CPU) backend
     public = jax.jit(lambda v: _n.split_flat(v, lay))(flat)
     for g, w in zip(public, want, strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

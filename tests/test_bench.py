@@ -448,3 +448,15 @@ def test_zero_probe_runs_and_zeroes_every_fourth_leaf(capsys):
     zero_probe.main(["--trees", "tiny", "--reps", "1", "--only", "adam,clip_by_leaf_norm"])
     out = capsys.readouterr().out
     assert "tiny clip_by_leaf_norm" in out and "with zero leaves" in out
+
+
+def test_compile_probe_runs_each_first_call_in_a_fresh_process(capsys):
+    from bench import compile_probe
+
+    compile_probe.main(["--trees", "tiny", "--clippers", "clip_by_leaf_norm", "--reps", "1",
+                        "--alone"])
+    out = capsys.readouterr().out
+    row = [ln for ln in out.splitlines() if ln.startswith("| tiny | `clip_by_leaf_norm`")]
+    assert len(row) == 1 and "| this |" in row[0], out
+    fused, distinct = (int(c) for c in row[0].strip("| ").split(" | ")[-2:])
+    assert fused >= distinct > 0

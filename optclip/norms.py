@@ -271,8 +271,9 @@ def _units(flat: jax.Array, lay: Layout, j: int, gather: bool) -> jax.Array:
     the global-norm chain's 84). A constant array of indices is an operand of the kernel
     instead, not part of it (XLA:CPU fuses scalar constants only), so the kernels are the
     same for every array with the same number of units and shape. One index more than the
-    units, dropped after the gather, keeps the indices from being a run or a single value,
-    which XLA would turn back into a slice.
+    units, dropped after the gather, keeps a one-unit array's indices from being a single
+    value, which XLA turns back into a slice (the extra index is not the unit's own: ``[o,
+    o]`` XLA folded into a broadcast constant, fused, a kernel per array again).
     """
     o, k, shape = lay.offsets[j], lay.n_units[j], lay.shapes[j]
     if not gather or k == 0:

@@ -32,11 +32,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fused_counts(hlo: str) -> tuple[int, int]:
-    """(fused computations, distinct ones once names and metadata are set aside)."""
+def fused_counts(hlo: str, kinds: tuple[str, ...] = ("%fused", "%wrapped")) -> tuple[int, int]:
+    """(fused computations, distinct ones once names and metadata are set aside) in compiled
+    HLO text; ``kinds``: the prefixes of the computations counted (XLA:CPU names a lone
+    gather or broadcast that it compiles as a kernel ``%wrapped_...``)."""
     bodies: collections.Counter = collections.Counter()
     for comp in re.split(r"\n(?=%\S+ |ENTRY )", hlo):
-        if comp.startswith(("%fused", "%wrapped")):
+        if comp.startswith(kinds):
             body = re.sub(r"metadata=\{[^}]*\}", "", comp.split("{", 1)[1])
             bodies[re.sub(r"%[\w.\-]+", "%x", body)] += 1
     return sum(bodies.values()), len(bodies)

@@ -44,8 +44,7 @@ def split(how: str):
     real = _n.split_flat
 
     def forced(flat, lay):
-        if (how == "default" or not jnp.issubdtype(flat.dtype, jnp.floating)
-                or len(lay.offsets) < _n._GATHER_MIN):
+        if how == "default" or not jnp.issubdtype(flat.dtype, jnp.floating):
             return real(flat, lay)
         return (_n._split_gathered if how == "gather" else _n._split_sliced)(flat, lay)
 

@@ -30,8 +30,6 @@ XLA:CPU, the second does not.
 
 from __future__ import annotations
 
-import collections
-import re
 import sys
 import time
 
@@ -43,6 +41,7 @@ from jax import lax
 
 import optclip
 from bench import trees
+from bench.compile_probe import fused_counts
 from bench.run import Measured, _copy, temp_bytes, time_group, train_step
 from optclip import norms as _n
 from optclip.static import global_scale
@@ -53,15 +52,6 @@ def _compile(fn, *args) -> tuple[float, str]:
     t0 = time.perf_counter()
     c = low.compile()
     return time.perf_counter() - t0, c.as_text()
-
-
-def _fused_counts(hlo: str) -> tuple[int, int]:
-    bodies = collections.Counter()
-    for comp in re.split(r"\n(?=%\S+ |ENTRY )", hlo):
-        if comp.startswith("%fused"):
-            body = re.sub(r"%[\w.\-]+", "%x", comp.split("{", 1)[1])
-            bodies[re.sub(r"metadata=\{[^}]*\}", "", body)] += 1
-    return sum(bodies.values()), len(bodies)
 
 
 def _leaf_by_leaf(g):
@@ -93,7 +83,7 @@ def kernels() -> None:
         chain = optax.chain(tx, optax.adam(1e-3))
         s = jax.eval_shape(chain.init, gpt2)
         secs, hlo = _compile(train_step(chain), gpt2, s, gpt2)
-        n, d = _fused_counts(hlo)
+        n, d = fused_counts(hlo, ("%fused",))
         print(f"gpt2 {name} + adam: compile {secs:.2f} s, fused computations {n}, "
               f"distinct {d}", flush=True)
     v = jax.ShapeDtypeStruct((1000,), jnp.float32)

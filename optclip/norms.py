@@ -255,10 +255,6 @@ def layout_of(vals: Sequence[Any], axes: Sequence[Any]) -> Layout:
     return Layout(tuple(offsets), tuple(n_units), tuple(shapes), tuple(sizes), off)
 
 
-# Below this many arrays, per-unit results reach their arrays by slices on every backend.
-_GATHER_MIN = 8
-
-
 def _units(flat: jax.Array, lay: Layout, j: int, gather: bool) -> jax.Array:
     """Array ``j``'s part of the flat vector of per-unit results (scalar or keepdims shape).
 
@@ -267,13 +263,14 @@ def _units(flat: jax.Array, lay: Layout, j: int, gather: bool) -> jax.Array:
     kernel only for identical ones. A slice's offset is part of its kernel, and XLA fuses
     the slice, and the element-wise work on the vector before it, into the kernel that uses
     it: every array got kernels of its own (a tree of 1,000 leaves spent seconds compiling
-    nothing but the slices, and GPT-2's per-leaf chain had 150 more distinct kernels than
-    the global-norm chain's 84). A constant array of indices is an operand of the kernel
-    instead, not part of it (XLA:CPU fuses scalar constants only), so the kernels are the
-    same for every array with the same number of units and shape. One index more than the
-    units, dropped after the gather, keeps a one-unit array's indices from being a single
-    value, which XLA turns back into a slice (the extra index is not the unit's own: ``[o,
-    o]`` XLA folded into a broadcast constant, fused, a kernel per array again).
+    nothing but the slices, and GPT-2's per-leaf chain had 239 distinct kernels, the
+    global-norm chain 84: ``python -m bench.compile_probe``). A constant array of indices
+    is an operand of the kernel instead, not part of it (XLA:CPU fuses scalar constants
+    only), so the kernels are the same for every array with the same number of units and
+    shape. One index more than the units, dropped after the gather, keeps a one-unit
+    array's indices from being a single value, which XLA turns back into a slice (the extra
+    index is not the unit's own: ``[o, o]`` XLA folded into a broadcast constant, fused, a
+    kernel per array again).
     """
     o, k, shape = lay.offsets[j], lay.n_units[j], lay.shapes[j]
     if not gather or k == 0:
@@ -297,7 +294,7 @@ def split_flat(flat: jax.Array, lay: Layout) -> list[jax.Array]:
     shape share their kernels; elsewhere by slices, which XLA:GPU and XLA:TPU fuse into the
     kernel that uses them.
     """
-    if not jnp.issubdtype(flat.dtype, jnp.floating) or len(lay.offsets) < _GATHER_MIN:
+    if not jnp.issubdtype(flat.dtype, jnp.floating):
         return _split_sliced(flat, lay)
     return lax.platform_dependent(flat, cpu=lambda v: _split_gathered(v, lay),
                                   default=lambda v: _split_sliced(v, lay))

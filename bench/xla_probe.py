@@ -5,6 +5,7 @@
     python -m bench.xla_probe guard_cond   skip_nonfinite (a lax.cond) against a select, ResNet-50
     python -m bench.xla_probe value        clip_by_value: its reductions' costs, its NaN step
     python -m bench.xla_probe select       per-leaf values out of one vector: slices or selection
+    python -m bench.xla_probe update_space min and max with a NaN; temps of update clipping
 
 ``kernels``: XLA:CPU compiles each distinct fused kernel on its own and identical ones once.
 It prints, for the global-norm and the per-leaf chain + adam on the GPT-2 tree, the
@@ -21,6 +22,13 @@ taken by a slice at its offset (a distinct kernel per leaf), by a masked sum ove
 32 rows (``_selected`` here: the same kernel for every leaf; what XLA:CPU took up to commit
 93d58f9), and by a gather with constant indices (``norms._split_gathered``: the same kernel
 for every leaf, with no reduction).
+
+``update_space``: on XLA:CPU, ``jnp.min`` and ``jnp.max`` of float32 arrays holding one NaN
+(at random places, 200 trials) against NumPy: how often the result is NaN, the min or max
+of the other elements, or neither. Then the temp bytes, as a share of a two-leaf tree, of
+update-space clipping after adam: Optax's ``clip_by_block_rms`` and ``clip_by_global_norm``,
+optclip's ``clip_by_global_norm`` and ``clippy``, and the same step with two per-leaf
+reductions of the update (a sum of squares and a min) where each alone is one reduction.
 
 ``guard_copy``: temp bytes of a donated step ``p, mu -> p + u(mu'), mu'`` where the kept
 state is ``where(skip, mu, mu')`` (as the guards did until they took the step inside a
@@ -287,7 +295,46 @@ def select() -> None:
               flush=True)
 
 
+def update_space() -> None:
+    rng = np.random.default_rng(0)
+    for n in (16, 4096, 1 << 19):
+        mn, mx = jax.jit(jnp.min), jax.jit(jnp.max)
+        tally = {"min": [0, 0, 0], "max": [0, 0, 0]}  # NaN, the others' extreme, neither
+        for _ in range(200):
+            x = rng.uniform(1, 2, n).astype(np.float32)
+            x[rng.integers(n)] = np.nan
+            for name, f, ref in (("min", mn, np.nanmin), ("max", mx, np.nanmax)):
+                got = float(f(x))
+                k = 0 if np.isnan(got) else 1 if got == float(ref(x)) else 2
+                tally[name][k] += 1
+        for name, (nan, other, neither) in tally.items():
+            print(f"jnp.{name} of {n:,} float32 with one NaN, 200 trials: NaN {nan}, the "
+                  f"others' {name} {other}, neither {neither}", flush=True)
+
+    p = {"a": jnp.ones((512, 1024)), "b": jnp.ones((1024, 512))}
+    size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(p))
+
+    def two_reductions() -> optax.GradientTransformation:
+        def update(u, s, params):
+            lr, la = s  # traced: a constant bound is broadcast in full as the min's operand
+            def leaf(x, w):
+                r = jnp.min((lr * jnp.abs(w) + la) / jnp.abs(x))
+                return x * jnp.minimum(1, r) / jnp.maximum(1, jnp.sqrt(jnp.sum(x * x)))
+            return jax.tree.map(leaf, u, params), s
+        return optax.GradientTransformation(
+            lambda _: (jnp.float32(0.1), jnp.float32(1e-7)), update)
+
+    for name, tx in (("optax.clip_by_block_rms(1.0)", optax.clip_by_block_rms(1.0)),
+                     ("optax.clip_by_global_norm(1.0)", optax.clip_by_global_norm(1.0)),
+                     ("optclip.clip_by_global_norm(1.0)", optclip.clip_by_global_norm(1.0)),
+                     ("optclip.clippy(0.1, 1e-7)", optclip.clippy(0.1, 1e-7)),
+                     ("a sum of squares and a min per leaf", two_reductions())):
+        chain = optax.chain(optax.adam(1e-3), tx)
+        temp = temp_bytes(train_step(chain).lower(p, chain.init(p), p).compile())
+        print(f"adam, then {name}: temp {temp / size:.2f}x the tree", flush=True)
+
+
 if __name__ == "__main__":
     {"kernels": kernels, "guard_copy": guard_copy, "guard_cond": guard_cond, "value": value,
-     "select": select}[
+     "select": select, "update_space": update_space}[
         sys.argv[1] if len(sys.argv) > 1 else "kernels"]()

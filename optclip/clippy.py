@@ -46,17 +46,30 @@ class ClippyState(NamedTuple):
     optclip_name = "clippy"
 
 
-def _leaf_sigma(u: jax.Array, w: jax.Array, lam_rel: jax.Array, lam_abs: jax.Array,
+def _leaf_ratio(u: jax.Array, w: jax.Array, lam_rel: jax.Array, lam_abs: jax.Array,
                 acc: Any) -> jax.Array:
-    """``min(1, min_j (lam_rel |w_j| + lam_abs) / |u_j|)`` over the finite, non-zero ``u_j``."""
+    """``min_j (lam_rel |w_j| + lam_abs) / |u_j|`` over the finite, non-zero ``u_j`` (inf if
+    there is none), or -1 when a NaN bound (a NaN weight) meets such a ``u_j``.
+
+    The NaN is marked by a negative value, which no bound has, rather than left to the min:
+    XLA:CPU's min reduction (YNNPACK, jax 0.10) neither propagates a NaN nor skips it, but
+    returns some other element (``python -m bench.xla_probe update_space``). The marker also
+    crosses devices in the ``pmin`` that a NaN might not survive.
+    """
     if u.size == 0:
-        return jnp.ones((), acc)
+        return jnp.full((), jnp.inf, acc)
     d = jnp.abs(u).astype(acc)
     bound = mul0(jnp.abs(w).astype(acc), lam_rel.astype(acc)) + lam_abs.astype(acc)
     active = jnp.isfinite(d) & (d > 0)
     # The untaken branch divides by 1, so value and derivative are finite at u_j = 0.
-    ratio = jnp.where(active, bound / jnp.where(active, d, 1), jnp.inf)
-    return jnp.minimum(jnp.ones((), acc), jnp.min(ratio))
+    ratio = jnp.where(jnp.isnan(bound), -jnp.ones((), acc), bound / jnp.where(active, d, 1))
+    return jnp.min(jnp.where(active, ratio, jnp.inf))
+
+
+def _sigma(ratio: jax.Array) -> jax.Array:
+    """``min(1, ratio)``, NaN for :func:`_leaf_ratio`'s NaN marker."""
+    return jnp.where(ratio < 0, jnp.full((), jnp.nan, ratio.dtype),
+                     jnp.minimum(jnp.ones((), ratio.dtype), ratio))
 
 
 def _apply(u: jax.Array, sigma: jax.Array) -> jax.Array:
@@ -246,8 +259,8 @@ def clippy(
         norms_v, nonfinite = _n.norm_core(us, 2.0, axes_per_leaf=axes, flat=True)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clippy")
         acc = norms_v.dtype
-        sigmas = [_leaf_sigma(u, w, lr, la, acc) for u, w in zip(us, ws, strict=True)]
-        sigmas = _n.collect(sigmas, axes, lax.pmin)
+        ratios = [_leaf_ratio(u, w, lr, la, acc) for u, w in zip(us, ws, strict=True)]
+        sigmas = [_sigma(r) for r in _n.collect(ratios, axes, lax.pmin)]
 
         out = list(flat)
         for j, i in enumerate(idx):

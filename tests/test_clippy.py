@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optclip
@@ -175,6 +175,25 @@ def test_nonfinite_is_flagged_and_stays_visible():
     assert bool(state.stats.nonfinite) and int(state.stats.nonfinite_count) == 1
     _, state = tx.update({"a": jnp.ones(3), "b": jnp.ones(2), "c": jnp.ones(2)}, state, w)
     assert not bool(state.stats.nonfinite)
+
+
+@pytest.mark.parametrize("size", [3, 4096], ids=["small", "large"])
+def test_nan_weight_makes_its_tensors_factor_nan(size):
+    # As the docstring says: a NaN weight whose coordinate moves makes the tensor's factor,
+    # and so its update, NaN; other tensors and a NaN weight that does not move are kept.
+    # On XLA:CPU the min over a few thousand elements (YNNPACK's) does not propagate the
+    # NaN: it returned a finite factor (0.2 here) before the NaN was read on its own.
+    tx = optclip.clippy(0.1, 0.0)
+    w = {"a": jnp.ones(size).at[size // 2].set(jnp.nan), "b": jnp.ones(size),
+         "still": jnp.ones(size).at[1].set(jnp.nan)}
+    u = {"a": jnp.full(size, 0.5), "b": jnp.full(size, 0.5),
+         "still": jnp.full(size, 0.5).at[1].set(0.0)}
+    for update in (tx.update, jax.jit(tx.update)):
+        out, _ = update(u, tx.init(w), w)
+        assert np.isnan(np.asarray(out["a"])).all()
+        np.testing.assert_allclose(out["b"], 0.1, rtol=1e-6)
+        np.testing.assert_allclose(np.delete(np.asarray(out["still"]), 1), 0.1, rtol=1e-6)
+        assert float(out["still"][1]) == 0.0
 
 
 # --- stats, schedules, run-time thresholds ------------------------------------------------------
@@ -500,3 +519,33 @@ def test_shard_map_equals_unsharded():
                                        rtol=1e-6)
         else:
             assert not same  # the test can tell
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (simulated) devices")
+def test_shard_map_nan_weight_on_one_device_makes_the_whole_tensor_nan():
+    # the NaN lies in one shard; the factor is combined across devices as a flag, since a
+    # cross-device min may drop a NaN
+    w = {"k": jnp.ones((8, 512)).at[7, 3].set(jnp.nan), "r": jnp.ones(3)}
+    u = {"k": jnp.full((8, 512), 0.5), "r": jnp.full(3, 0.5)}
+    specs = {"k": P("x"), "r": P()}
+    mesh = Mesh(np.array(jax.devices()[:4]), ("x",))
+    tx = optclip.clippy(0.1, 1e-7, partition_specs=specs)
+    f = jax.jit(jax.shard_map(tx.update, mesh=mesh, in_specs=(specs, P(), specs),
+                              out_specs=(specs, P())))
+    got, _ = f(u, tx.init(w), w)
+    assert np.isnan(np.asarray(got["k"])).all()
+    np.testing.assert_allclose(got["r"], 0.1 + 1e-7, rtol=1e-6)
+    # jit over NamedSharding: the same as unsharded
+    plain = optclip.clippy(0.1, 1e-7)
+    put = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in w.items()}
+    got, _ = jax.jit(plain.update)(
+        {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in u.items()},
+        plain.init(w), put)
+    assert np.isnan(np.asarray(got["k"])).all()
+    np.testing.assert_allclose(got["r"], 0.1 + 1e-7, rtol=1e-6)
+    # pmap, the tensor split along its rows
+    pm = optclip.clippy(0.1, 1e-7, axis_name="x")
+    got, _ = jax.pmap(lambda u, w: pm.update(u, pm.init(w), w), axis_name="x",
+                      devices=jax.devices()[:4])(
+        u["k"].reshape(4, 2, 512), w["k"].reshape(4, 2, 512))
+    assert np.isnan(np.asarray(got)).all()

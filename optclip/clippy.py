@@ -147,8 +147,9 @@ def clippy(
     * NaN and inf update elements are not turned into plausible values: they
       pass through as they are, ``sigma`` is taken over the finite elements,
       and the stats flag the step (wrap the optimizer in
-      :func:`optclip.skip_nonfinite` to skip it). A NaN *parameter* makes its
-      tensor's factor, and so its update, NaN.
+      :func:`optclip.skip_nonfinite` to skip it). A NaN *parameter* whose update is
+      finite and non-zero makes its tensor's factor, and so its update, NaN (on every
+      backend, and across devices).
     * ``lambda_rel = inf`` times a zero weight counts as 0, not NaN.
 
     Thresholds that a schedule or a traced array makes negative or NaN at run

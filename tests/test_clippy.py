@@ -523,8 +523,8 @@ def test_shard_map_equals_unsharded():
 
 @pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (simulated) devices")
 def test_shard_map_nan_weight_on_one_device_makes_the_whole_tensor_nan():
-    # the NaN lies in one shard; the factor is combined across devices as a flag, since a
-    # cross-device min may drop a NaN
+    # the NaN lies in one shard; it crosses devices as a negative ratio in the pmin, which
+    # a NaN itself might not survive
     w = {"k": jnp.ones((8, 512)).at[7, 3].set(jnp.nan), "r": jnp.ones(3)}
     u = {"k": jnp.full((8, 512), 0.5), "r": jnp.full(3, 0.5)}
     specs = {"k": P("x"), "r": P()}

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -46,28 +47,85 @@ class ClippyState(NamedTuple):
     optclip_name = "clippy"
 
 
-def _leaf_ratio(u: jax.Array, w: jax.Array, lam_rel: jax.Array, lam_abs: jax.Array,
-                acc: Any) -> jax.Array:
-    """``min_j (lam_rel |w_j| + lam_abs) / |u_j|`` over the finite, non-zero ``u_j`` (inf if
-    there is none), or -1 when a NaN bound (a NaN weight) meets such a ``u_j``.
+def _ratios(u: jax.Array, w: jax.Array, lam_rel: jax.Array, lam_abs: jax.Array,
+            acc: Any) -> jax.Array:
+    """Element-wise ``(lam_rel |w_j| + lam_abs) / |u_j|``: inf where ``u_j`` is 0 or not
+    finite (no bound), -1 where the bound is NaN (a NaN weight) and ``u_j`` counts.
 
     The NaN is marked by a negative value, which no bound has, rather than left to the min:
     XLA:CPU's min reduction (YNNPACK, jax 0.10) neither propagates a NaN nor skips it, but
     returns some other element (``python -m bench.xla_probe update_space``). The marker also
     crosses devices in the ``pmin`` that a NaN might not survive.
     """
-    if u.size == 0:
-        return jnp.full((), jnp.inf, acc)
     d = jnp.abs(u).astype(acc)
     bound = mul0(jnp.abs(w).astype(acc), lam_rel.astype(acc)) + lam_abs.astype(acc)
     active = jnp.isfinite(d) & (d > 0)
     # The untaken branch divides by 1, so value and derivative are finite at u_j = 0.
     ratio = jnp.where(jnp.isnan(bound), -jnp.ones((), acc), bound / jnp.where(active, d, 1))
-    return jnp.min(jnp.where(active, ratio, jnp.inf))
+    return jnp.where(active, ratio, jnp.inf)
+
+
+def _leaf_sigmas(us: list[jax.Array], ws: list[jax.Array], lam_rel: jax.Array,
+                 lam_abs: jax.Array, acc: Any, axes: list[Any] | None
+                 ) -> tuple[list[jax.Array], jax.Array]:
+    """Each tensor's factor :func:`_sigma` of ``min_j`` :func:`_ratios` (the min taken
+    across the tensor's mesh axes too), as a list and as one vector.
+
+    Large tensors are reduced one by one. The small ones (up to ``norms.SMALL_LEAF``
+    elements) are concatenated, raw, by dtype and mesh axes (inside ``shard_map`` a
+    replicated tensor concatenated with a sharded one would be typed as sharded); their
+    ratios are taken in one element-wise op, reduced per tensor by one segment min, and
+    their factors computed on that vector, which each tensor then takes its own from (a
+    gather on XLA:CPU, ``norms.split_flat``). XLA:CPU compiles every kernel, and a model's
+    hundreds of small biases and scales, each with its own ratios, min and factor, cost
+    seconds of compile time.
+    """
+    n = len(us)
+    sig: list[Any] = [None] * n
+    parts, index = [], []
+    groups: dict[tuple, list[int]] = {}
+
+    def across(r: Any, ax: Any) -> Any:
+        return r if ax is None or ax == () else lax.pmin(r, ax)
+
+    large = []
+    for j, (u, w) in enumerate(zip(us, ws, strict=True)):
+        if u.size > _n.SMALL_LEAF:
+            large.append(j)
+        elif u.size:
+            ax = None if axes is None else axes[j]
+            groups.setdefault((u.dtype, jnp.asarray(w).dtype, ax), []).append(j)
+        else:
+            sig[j] = jnp.ones((), acc)
+            parts.append(sig[j][None])
+            index.append([j])
+    # the large tensors' minima cross devices together, one pmin per set of mesh axes
+    mins = _n.collect([jnp.min(_ratios(us[j], ws[j], lam_rel, lam_abs, acc)) for j in large],
+                      None if axes is None else [axes[j] for j in large], lax.pmin)
+    for j, m in zip(large, mins, strict=True):
+        sig[j] = _sigma(m)
+        parts.append(sig[j][None])
+        index.append([j])
+    for (_, _, ax), js in groups.items():
+        r = _ratios(jnp.concatenate([jnp.ravel(us[j]) for j in js]),
+                    jnp.concatenate([jnp.ravel(ws[j]) for j in js]), lam_rel, lam_abs, acc)
+        seg = np.repeat(np.arange(len(js), dtype=np.int32), [us[j].size for j in js])
+        vec = _sigma(across(jax.ops.segment_min(r, seg, num_segments=len(js),
+                                                indices_are_sorted=True), ax))
+        lay = _n.layout_of([vec[0]] * len(js), [None] * len(js))
+        for j, s in zip(js, _n.split_flat(vec, lay), strict=True):
+            sig[j] = s
+        parts.append(vec)
+        index.append(js)
+    order = np.concatenate(index)
+    sig_v = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    if not np.array_equal(order, np.arange(n)):
+        sig_v = sig_v[np.argsort(order)]
+    return sig, sig_v
 
 
 def _sigma(ratio: jax.Array) -> jax.Array:
-    """``min(1, ratio)``, NaN for :func:`_leaf_ratio`'s NaN marker."""
+    """``min(1, ratio)``, NaN for :func:`_ratios`' NaN marker."""
     return jnp.where(ratio < 0, jnp.full((), jnp.nan, ratio.dtype),
                      jnp.minimum(jnp.ones((), ratio.dtype), ratio))
 
@@ -260,13 +318,11 @@ def clippy(
         norms_v, nonfinite = _n.norm_core(us, 2.0, axes_per_leaf=axes, flat=True)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clippy")
         acc = norms_v.dtype
-        ratios = [_leaf_ratio(u, w, lr, la, acc) for u, w in zip(us, ws, strict=True)]
-        sigmas = [_sigma(r) for r in _n.collect(ratios, axes, lax.pmin)]
+        sigmas, sig_v = _leaf_sigmas(us, ws, lr, la, acc, axes)
 
         out = list(flat)
         for j, i in enumerate(idx):
             out[i] = _apply(us[j], sigmas[j])
-        sig_v = jnp.stack(sigmas)
         before = _n.combine_norms(norms_v, 2.0)
         after = _n.combine_norms(mul0(norms_v, sig_v), 2.0)
         pos = before > 0

@@ -236,7 +236,7 @@ def test_clip_by_value_reads_the_updates_twice_when_nothing_is_clamped():
                     "H200, made the per-leaf and agc steps 5-18% slower: "
                     "bench/results/h200_2f30d35/split_*.log)")
 @pytest.mark.parametrize("name", ["leaf_norms", "clip_by_leaf_norm", "clip_by_block_rms",
-                                  "adagc", "agc"])
+                                  "adagc", "agc", "clippy"])
 def test_per_leaf_results_reach_many_leaves_without_a_slice_each(name):
     # XLA:CPU compiles each distinct kernel on its own (several ms each); a slice of the flat
     # vector of norms at each leaf's offset was one distinct kernel per leaf: 1,000 leaves
@@ -405,11 +405,13 @@ def _operand_shapes(jaxpr, prims=("reduce",)):
             for v in e.invars]
 
 
-@pytest.mark.parametrize("name", ["agc", "clip_by_leaf_norm", "clip_by_block_rms", "adagc"])
+@pytest.mark.parametrize("name", ["agc", "clip_by_leaf_norm", "clip_by_block_rms", "adagc",
+                                  "clippy"])
 def test_unit_norms_reductions_do_not_grow_with_small_leaves(name):
     # agc's unit-wise norms reduced every small kernel on its own (2 per leaf, 3 with the
     # rescue): 34 s to compile at 1,000 mixed leaves. Small arrays of one shape are stacked
-    # and reduced together now.
+    # and reduced together now. clippy took each small tensor's min of ratios on its own
+    # (one reduction per leaf); they are concatenated and reduced by one segment min now.
     def shapes(n, prims=("reduce",)):
         tree = {f"l{i:04d}": jnp.ones((4, 9)) for i in range(n)}
         tx = REG[name].alone()

@@ -196,6 +196,41 @@ def test_nan_weight_makes_its_tensors_factor_nan(size):
         assert float(out["still"][1]) == 0.0
 
 
+def test_small_tensors_grouped_match_the_reference_with_mixed_dtypes_and_nonfinite():
+    # Small tensors are concatenated by dtype and reduced by one segment min; large ones on
+    # their own. Each tensor keeps its own factor: a NaN weight, an inf update, a zero or an
+    # empty tensor in the group changes no other tensor's factor.
+    rng = np.random.default_rng(7)
+    shapes = {"big": (300, 256), "k": (4, 3), "b": (3,), "s": (), "c": (2, 2, 3), "e": (0,),
+              "zero": (5,), "nanw": (6,), "infu": (4,), "h1": (5,), "h2": (2, 3)}
+    u = {k: rng.normal(size=s) * 10.0 ** rng.uniform(-3, 0, size=s) for k, s in shapes.items()}
+    w = {k: rng.normal(size=s) * 10.0 ** rng.uniform(-2, 1, size=s) for k, s in shapes.items()}
+    u["zero"] = np.zeros(5)
+    w["nanw"][2] = np.nan
+    u["infu"][1] = np.inf
+    dt = {"h1": jnp.bfloat16, "h2": jnp.float16}
+    u = {k: jnp.asarray(v, dt.get(k, jnp.float32)) for k, v in u.items()}
+    w = {k: jnp.asarray(v, dt.get(k, jnp.float32)) for k, v in w.items()}
+    tx = optclip.clippy(0.1, 1e-4)
+    out, state = jax.jit(tx.update)(u, tx.init(w), w)
+    for k in shapes:
+        uu, ww = np.asarray(u[k], np.float64), np.asarray(w[k], np.float64)
+        got = np.asarray(out[k], np.float64)
+        if k == "nanw":
+            assert np.isnan(got).all()
+            continue
+        fin = np.isfinite(uu)
+        want = np_sigma(np.where(fin, uu, 0), ww, 0.1, 1e-4) * uu
+        # the output is rounded to its dtype (float16's subnormals are 2**-24 apart)
+        np.testing.assert_allclose(got[fin], want[fin], rtol=1e-2 if k in dt else 2e-6,
+                                   atol=2.0**-25 if k == "h2" else 0, err_msg=k)
+        assert (got[~fin] == uu[~fin]).all(), k
+        assert out[k].dtype == u[k].dtype, k
+    assert any(np_sigma(np.asarray(u[k]), np.asarray(w[k]), 0.1, 1e-4) < 1
+               for k in ("k", "b", "c", "h1", "h2"))  # the small ones are clipped, some of them
+    assert bool(state.stats.nonfinite)
+
+
 # --- stats, schedules, run-time thresholds ------------------------------------------------------
 
 

@@ -6,6 +6,7 @@
     python -m bench.xla_probe value        clip_by_value: its reductions' costs, its NaN step
     python -m bench.xla_probe select       per-leaf values out of one vector: slices or selection
     python -m bench.xla_probe update_space min and max with a NaN; temps of update clipping
+    python -m bench.xla_probe written_out  per-leaf factors computed in every leaf's kernel
 
 ``kernels``: XLA:CPU compiles each distinct fused kernel on its own and identical ones once.
 It prints, for the global-norm and the per-leaf chain + adam on the GPT-2 tree, the
@@ -29,6 +30,13 @@ of the other elements, or neither. Then the temp bytes, as a share of a two-leaf
 update-space clipping after adam: Optax's ``clip_by_block_rms`` and ``clip_by_global_norm``,
 optclip's ``clip_by_global_norm`` and ``clippy``, and the same step with two per-leaf
 reductions of the update (a sum of squares and a min) where each alone is one reduction.
+
+``written_out``: compile time and optimized HLO size of 1,000 leaves each multiplied by its
+own factor, taken by a gather (``norms._split_gathered``) from a vector that a chain of
+cheap element-wise operations computes (as adagc's EMA and clip rule do): as it is, where
+XLA fuses the whole chain into each leaf's gather kernel, and through
+``norms._written_out`` (a ``lax.cond`` XLA does not fuse across) and through an
+optimization barrier.
 
 ``guard_copy``: temp bytes of a donated step ``p, mu -> p + u(mu'), mu'`` where the kept
 state is ``where(skip, mu, mu')`` (as the guards did until they took the step inside a
@@ -334,7 +342,30 @@ def update_space() -> None:
         print(f"adam, then {name}: temp {temp / size:.2f}x the tree", flush=True)
 
 
+def written_out() -> None:
+    n = 1000
+    xs = [jnp.ones((32,)) for _ in range(n)]
+    v, count = jnp.arange(n, dtype=jnp.float32), jnp.int32(3)
+    lay = _n.layout_of(xs, [None] * n)
+
+    def factors(v, count):
+        y = v
+        for k in range(12):
+            y = jnp.where(y > k, y * 1.01 + 0.5, jnp.sqrt(jnp.abs(y)))
+        return jnp.where(count < 100, y, 1.0)
+
+    ways = {"as it is": lambda f: f, "norms._written_out": _n._written_out,
+            "an optimization barrier": lax.optimization_barrier}
+    for name, way in ways.items():
+        def fn(v, xs, count, way=way):
+            return [x * s for x, s in
+                    zip(xs, _n._split_gathered(way(factors(v, count)), lay), strict=True)]
+        secs, text = _compile(fn, v, xs, count)
+        print(f"1,000 leaves times their factor, {name}: compile {secs:.2f} s, optimized HLO "
+              f"{len(text) / 1e6:.1f} MB", flush=True)
+
+
 if __name__ == "__main__":
     {"kernels": kernels, "guard_copy": guard_copy, "guard_cond": guard_cond, "value": value,
-     "select": select, "update_space": update_space}[
+     "select": select, "update_space": update_space, "written_out": written_out}[
         sys.argv[1] if len(sys.argv) > 1 else "kernels"]()

@@ -112,7 +112,7 @@ def _leaf_sigmas(us: list[jax.Array], ws: list[jax.Array], lam_rel: jax.Array,
         seg = np.repeat(np.arange(len(js), dtype=np.int32), [us[j].size for j in js])
         vec = _sigma(across(jax.ops.segment_min(r, seg, num_segments=len(js),
                                                 indices_are_sorted=True), ax))
-        lay = _n.layout_of([vec[0]] * len(js), [None] * len(js))
+        lay = _n.layout_of([jax.ShapeDtypeStruct((), acc)] * len(js), [None] * len(js))
         for j, s in zip(js, _n.split_flat(vec, lay), strict=True):
             sig[j] = s
         parts.append(vec)

@@ -293,10 +293,11 @@ def _written_out(v: jax.Array) -> jax.Array:
 
     XLA fuses cheap element-wise work into each of its consumers. A per-leaf clipper's
     factors (adagc's EMA, warm-up and clip rule, say) were computed again inside each
-    leaf's gather kernel: on 1,000 leaves the program grew 2.7x, and its compile time with
-    it. A ``lax.cond`` is a boundary XLA does not fuse across; its predicate, ``x == x or
-    x != x`` of one element, is always true (NaN included), but XLA does not fold it, and
-    the other branch is never taken (``python -m bench.xla_probe written_out``).
+    leaf's gather kernel, 57 instructions in each, and compile time grew with them (1,000
+    such leaves: 7.74 s, against 1.73 s written out; ``python -m bench.xla_probe
+    written_out``). A ``lax.cond`` is a boundary XLA does not fuse across; its predicate,
+    ``x == x or x != x`` of one element, is always true (NaN included), but XLA does not
+    fold it, and the other branch is never taken.
     """
     if v.size == 0:
         return v

@@ -289,9 +289,9 @@ def _gather_kernel_sizes(hlo: str) -> list[int]:
 def test_per_leaf_factors_are_computed_once_not_in_each_leafs_kernel(name):
     # XLA fuses cheap element-wise work into every consumer: each leaf's gather of its factor
     # from the vector of factors computed the whole per-unit rule again inside its own
-    # kernel (adagc's: 58 instructions in each of 1,000 kernels, and its optimized program
-    # 8.9 MB against clip_by_leaf_norm's 3.3 MB). The vector is now written out once, behind
-    # a lax.cond (norms._written_out), and each gather kernel holds the gather and little
+    # kernel (on 36492be: 8, 17, 57 and 20 instructions in each leaf's kernel for these
+    # clippers; clippy had no gathers). The vector is now written out once, behind a
+    # lax.cond (norms._written_out), and each gather kernel holds the gather and little
     # else.
     tree = {f"l{i:02d}": jnp.ones((6, 3)) for i in range(48)}
     tx = REG[name].alone()

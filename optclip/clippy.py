@@ -85,9 +85,6 @@ def _leaf_sigmas(us: list[jax.Array], ws: list[jax.Array], lam_rel: jax.Array,
     parts, index = [], []
     groups: dict[tuple, list[int]] = {}
 
-    def across(r: Any, ax: Any) -> Any:
-        return r if ax is None or ax == () else lax.pmin(r, ax)
-
     large = []
     for j, (u, w) in enumerate(zip(us, ws, strict=True)):
         if u.size > _n.SMALL_LEAF:
@@ -110,8 +107,8 @@ def _leaf_sigmas(us: list[jax.Array], ws: list[jax.Array], lam_rel: jax.Array,
         r = _ratios(jnp.concatenate([jnp.ravel(us[j]) for j in js]),
                     jnp.concatenate([jnp.ravel(ws[j]) for j in js]), lam_rel, lam_abs, acc)
         seg = np.repeat(np.arange(len(js), dtype=np.int32), [us[j].size for j in js])
-        vec = _sigma(across(jax.ops.segment_min(r, seg, num_segments=len(js),
-                                                indices_are_sorted=True), ax))
+        seg_min = jax.ops.segment_min(r, seg, num_segments=len(js), indices_are_sorted=True)
+        vec = _sigma(_n.collect([seg_min], [ax], lax.pmin)[0])
         lay = _n.layout_of([jax.ShapeDtypeStruct((), acc)] * len(js), [None] * len(js))
         for j, s in zip(js, _n.split_flat(vec, lay), strict=True):
             sig[j] = s

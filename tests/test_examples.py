@@ -147,8 +147,9 @@ def test_all_diverged_method_contributes_nothing_after_divergence():
 
 
 def test_lm_demo_quick_writes_schema_and_figure(tmp_path):
-    # one method of each kind: no clipper, a guard, a guard around a clipper
-    methods = ["none", "skip_on_spike", "zclip+skip_nonfinite"]
+    # no clipper, and a guard around a clipper (each method and scenario is a compile of its
+    # own; the headline tests below run global_norm and zclip at the default sizes)
+    methods = ["none", "zclip+skip_nonfinite"]
     r = run_example("lm_spikes.py", "--quick", "--methods", ",".join(methods), "--out",
                     str(tmp_path), timeout=600, fast_compile=True)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -61,12 +61,31 @@ def run(tx, step_fn=None, grads=grads_at):
 
 
 REFERENCE = {}
+UNSHARDED = {}
+
+
+def unsharded_step(name):
+    """The unsharded clipper's jitted update, one per clipper: the clean and the non-finite
+    references share its compile."""
+    if name not in UNSHARDED:
+        UNSHARDED[name] = (tx := CLIPPERS[name]()), jax.jit(tx.update)
+    return UNSHARDED[name]
 
 
 def reference(name):
     if name not in REFERENCE:
-        REFERENCE[name] = run(CLIPPERS[name]())
+        REFERENCE[name] = run(*unsharded_step(name))
     return REFERENCE[name]
+
+
+def assert_same_clean_and_nonfinite(name, tx, step):
+    """``step`` (a sharded update of ``tx``) equals the unsharded clipper on the clean
+    sequence, and on the sequence with a NaN and an inf on one shard, which it flags. One
+    compiled step serves both sequences."""
+    assert_same(run(tx, step), reference(name))
+    got = run_bad(tx, step)
+    assert_flagged(got)
+    assert_same(got, bad_reference(name))
 
 
 def assert_same(got, want):
@@ -117,7 +136,7 @@ def test_jit_named_sharding_equals_unsharded(name, layout):
     else:
         mesh, specs = Mesh(devs.reshape(2, 4), ("data", "model")), tp_specs()
     tx = CLIPPERS[name]()
-    assert_same(run(tx, sharded_step(tx, mesh, specs)), reference(name))
+    assert_same_clean_and_nonfinite(name, tx, sharded_step(tx, mesh, specs))
 
 
 # --- shard_map with axis_name / partition_specs ---------------------------------------------
@@ -136,7 +155,7 @@ def shard_map_step(tx, mesh, specs):
 def test_shard_map_one_axis(name):
     mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
     tx = CLIPPERS[name](axis_name="data")
-    assert_same(run(tx, shard_map_step(tx, mesh, fsdp_specs())), reference(name))
+    assert_same_clean_and_nonfinite(name, tx, shard_map_step(tx, mesh, fsdp_specs()))
 
 
 @pytest.mark.parametrize("name", sorted(CLIPPERS))
@@ -144,7 +163,7 @@ def test_shard_map_tuple_of_axes(name):
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
     specs = fsdp_specs(("data", "model"))
     tx = CLIPPERS[name](axis_name=("data", "model"))
-    assert_same(run(tx, shard_map_step(tx, mesh, specs)), reference(name))
+    assert_same_clean_and_nonfinite(name, tx, shard_map_step(tx, mesh, specs))
 
 
 @pytest.mark.parametrize("name", sorted(CLIPPERS))
@@ -153,7 +172,7 @@ def test_shard_map_mixed_layout_partition_specs(name):
     specs = tp_specs()
     specs["bias"] = P()  # replicated: counted once, not eight times
     tx = CLIPPERS[name](partition_specs=specs)
-    assert_same(run(tx, shard_map_step(tx, mesh, specs)), reference(name))
+    assert_same_clean_and_nonfinite(name, tx, shard_map_step(tx, mesh, specs))
 
 
 def test_shard_map_without_axis_name_gives_local_norms():
@@ -181,7 +200,8 @@ def test_bad_partition_specs():
 
 # --- NaN and inf on one shard: every flag, every guard, every layout ----------------------------
 # Step 1 has a NaN at [5, 0] of "dense", step 2 an inf at [12, 3]: each lives on one device only
-# under every layout below. A cross-device max may drop a NaN; the flags must not.
+# under every layout of this file (the jit and shard_map tests above run this sequence too,
+# through assert_same_clean_and_nonfinite). A cross-device max may drop a NaN; the flags must not.
 
 BAD = {1: ((5, 0), jnp.nan), 2: ((12, 3), jnp.inf)}
 
@@ -203,7 +223,7 @@ BAD_REFERENCE = {}
 
 def bad_reference(name):
     if name not in BAD_REFERENCE:
-        BAD_REFERENCE[name] = run_bad(CLIPPERS[name]())
+        BAD_REFERENCE[name] = run_bad(*unsharded_step(name))
     return BAD_REFERENCE[name]
 
 
@@ -225,37 +245,6 @@ def assert_flagged(outs):
 @pytest.mark.parametrize("name", sorted(CLIPPERS))
 def test_nonfinite_unsharded_is_flagged(name):
     assert_flagged(bad_reference(name))
-
-
-@pytest.mark.parametrize("layout", ["fsdp", "tp"])
-@pytest.mark.parametrize("name", sorted(CLIPPERS))
-def test_nonfinite_jit_named_sharding(name, layout):
-    devs = np.array(jax.devices()[:8])
-    if layout == "fsdp":
-        mesh, specs = Mesh(devs, ("data",)), fsdp_specs()
-    else:
-        mesh, specs = Mesh(devs.reshape(2, 4), ("data", "model")), tp_specs()
-    tx = CLIPPERS[name]()
-    got = run_bad(tx, sharded_step(tx, mesh, specs))
-    assert_flagged(got)
-    assert_same(got, bad_reference(name))
-
-
-@pytest.mark.parametrize("how", ["axis_name", "partition_specs"])
-@pytest.mark.parametrize("name", sorted(CLIPPERS))
-def test_nonfinite_shard_map(name, how):
-    if how == "axis_name":
-        mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
-        specs = fsdp_specs()
-        tx = CLIPPERS[name](axis_name="data")
-    else:
-        mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
-        specs = tp_specs()
-        specs["bias"] = P()
-        tx = CLIPPERS[name](partition_specs=specs)
-    got = run_bad(tx, shard_map_step(tx, mesh, specs))
-    assert_flagged(got)
-    assert_same(got, bad_reference(name))
 
 
 PMAP_SHAPES = {"dense": (16, 8), "bias": (8,), "out": (8, 16)}
@@ -369,20 +358,27 @@ MANY_PARAMS = {k: jnp.asarray(np.random.default_rng(7).normal(size=s) * 0.1, jnp
                for k, s in MANY.items()}
 
 
+def _many_go(tx, step_fn):
+    state = tx.init(MANY_PARAMS)
+    outs = []
+    for t in range(3):
+        u, state = step_fn(_many_grads(t), state, MANY_PARAMS)
+        outs.append((jax.device_get(u), jax.device_get(optclip.stats(state))))
+    return outs
+
+
+MANY_REFERENCE = {}
+
+
 @pytest.mark.parametrize("how", ["shard_map", "pmap", "named"])
 @pytest.mark.parametrize("name", ["leaf_norm", "block_rms", "agc", "adagc"])
 def test_many_small_leaves_sharded_equal_unsharded(name, how):
     # 20 small leaves in two groups of 10 (more than norms._SELECT_MIN): each leaf's norm and
     # scale reach it by a masked sum over a block of rows, not by a slice
-    def go(tx, step_fn):
-        state = tx.init(MANY_PARAMS)
-        outs = []
-        for t in range(3):
-            u, state = step_fn(_many_grads(t), state, MANY_PARAMS)
-            outs.append((jax.device_get(u), jax.device_get(optclip.stats(state))))
-        return outs
-
-    want = go(CLIPPERS[name](), jax.jit(CLIPPERS[name]().update))
+    go = _many_go
+    if name not in MANY_REFERENCE:  # the unsharded run, once per clipper
+        MANY_REFERENCE[name] = go((tx := CLIPPERS[name]()), jax.jit(tx.update))
+    want = MANY_REFERENCE[name]
     u_bad = want[1][0]
     assert np.isnan(u_bad["w03"]).any() or np.isinf(u_bad["w03"]).any()
     finite = [k for k in MANY if k not in ("w03", "b05")]

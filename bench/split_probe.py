@@ -3,7 +3,7 @@
 optclip hands each array its per-unit results by a gather with constant indices on XLA:CPU
 only (``lax.platform_dependent`` in ``norms.split_flat``), and by slices elsewhere. This probe
 forces one or the other on whatever backend it runs on (``split_flat`` only: the overflow
-rescue's scales for large arrays, ``norms._reduce_flat``, keep the shipped choice), and
+rescue's scales for large arrays, ``norms._reduce_packed``, keep the shipped choice), and
 measures
 
 * ``compile``: the first call of one clipper's ``update`` alone on a many-leaves tree

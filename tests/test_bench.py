@@ -464,6 +464,21 @@ def test_small_leaves_of_one_shape_are_reduced_without_a_copy_each(name):
     assert not [s for s in copied if int(np.prod(s)) == 36], copied
 
 
+@pytest.mark.parametrize("name", ["agc", "clip_by_leaf_norm", "clip_by_block_rms", "adagc",
+                                  "clippy"])
+def test_small_leaves_are_stacked_once_not_again_in_the_rescues_branches(name):
+    # The per-unit norms stacked the small leaves for their sum, and again inside each of the
+    # rescue's two lax.cond branches (their max and their rescaled sum): three stacks of
+    # every small leaf, and their compile time (2,000 small arrays: 3.3 s against 1.1 s
+    # stacked once). The branches take the stacks made outside them now.
+    tree = {f"l{i:04d}": jnp.ones((4, 9)) for i in range(40)}
+    tx = REG[name].alone()
+    jaxpr = jax.make_jaxpr(tx.update)(tree, tx.init(tree), tree).jaxpr
+    stacks = [e for e in _eqns(jaxpr) if e.primitive.name in ("stack", "concatenate")
+              and any(tuple(v.aval.shape) in ((4, 9), (1, 4, 9)) for v in e.invars)]
+    assert len(stacks) == 1, [len(e.invars) for e in stacks]
+
+
 def test_zero_probe_runs_and_zeroes_every_fourth_leaf(capsys):
     from bench import zero_probe
 

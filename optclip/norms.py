@@ -344,7 +344,8 @@ def _pack(vals: list[jax.Array], axes: list[Any], lay: Layout, mag) -> _Packed:
 
     The layout is built once and shared by the norm's reductions: the rescue's two
     ``lax.cond`` branches, which laid the arrays out again, each with its own stacks,
-    spent compile time on them (2,000 small arrays: 3.3 s against 1.1 s).
+    spent compile time on them (``agc``'s update alone on 1,000 small leaves: 8.50 s,
+    6.45 s with one layout; ``bench/results/cpu_packed``).
     """
     pieces: list[tuple] = []
     buckets: dict[int, list[tuple[jax.Array, np.ndarray]]] = {}

@@ -442,7 +442,8 @@ class _Collected(NamedTuple):
     """:func:`_pack_collect`'s result: the arrays packed in groups that share their mesh
     axes."""
 
-    groups: tuple[tuple[Any, np.ndarray, _Packed], ...]  # (mesh axes, units, packed)
+    # (mesh axes, the units of the layout it yields (None: one group, all of them), packed)
+    groups: tuple[tuple[Any, np.ndarray | None, _Packed], ...]
     total: int
 
 
@@ -755,10 +756,12 @@ def norm_core(
         return out or [jnp.zeros((0,), acc)]
     mesh = [None] * len(xs) if axes_per_leaf is None else list(axes_per_leaf)
     lay = layout_of(xs, axes)
-    # per unit: the arrays laid out once (stacks and rows of the small ones), outside the
-    # rescue's conds, whose branches then take the layout as it is
-    packed = None if combine else _pack_collect(xs, axes, lay, axes_per_leaf,
-                                                lambda v: _magnitude(v, acc))
+    # per unit: the arrays laid out once (stacks and rows of the small ones' magnitudes),
+    # outside the rescue's conds, whose branches then take the layout as it is
+    def mag(v: jax.Array) -> jax.Array:
+        return _magnitude(v, acc)
+
+    packed = None if combine else _pack_collect(xs, axes, lay, axes_per_leaf, mag)
 
     def finish(v: jax.Array) -> Any:
         return [v] if combine else (v if flat else split_flat(v, lay))
@@ -795,8 +798,7 @@ def norm_core(
         across the mesh axes."""
         red, coll, term = terms(kind)
         if not combine:
-            return _reduce_collect(packed, scale, term, red, coll, acc,
-                                   lambda v: _magnitude(v, acc))
+            return _reduce_collect(packed, scale, term, red, coll, acc, mag)
         groups: dict[Any, list[int]] = {}
         for i, ax in enumerate(mesh):
             groups.setdefault(ax, []).append(i)

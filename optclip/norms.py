@@ -730,14 +730,17 @@ def norm_core(
         empty = jnp.zeros((0,), acc) if flat and not combine else [jnp.zeros((), acc)]
         return empty, jnp.zeros((), bool)
     axes = [None] * len(xs) if axes is None else list(axes)
-    # Built afresh by every reduction, so that inside the rescue branch they are traced from
-    # ``xs`` (the cond's operands) rather than captured, materialised, from outside.
-    # ``xform(x, i, for_max)``: the max's copy is written differently, so that XLA does not
-    # merge it with the sum's into one producer of two reductions, which it would write out.
-    def mags_of(for_max: bool = False, ids: Any = None) -> list[jax.Array]:
-        ids = range(len(xs)) if ids is None else ids
-        return [_magnitude(xs[i] if xform is None else xform(xs[i], i, for_max), acc)
-                for i in ids]
+    def mag(v: jax.Array) -> jax.Array:
+        return _magnitude(v, acc)
+
+    # The combined norm's magnitudes: built afresh by every reduction, so that inside the
+    # rescue branch they are traced from ``xs`` (the cond's operands) rather than captured,
+    # materialised, from outside. (The per-unit norms' small arrays are stacked once, below:
+    # a stack is written out anyway.) ``xform(x, i, for_max)``: the max's copy is written
+    # differently, so that XLA does not merge it with the sum's into one producer of two
+    # reductions, which it would write out.
+    def mags_of(ids: Sequence[int], for_max: bool) -> list[jax.Array]:
+        return [mag(xs[i] if xform is None else xform(xs[i], i, for_max)) for i in ids]
 
     def group_mags(ids: list[int], for_max: bool) -> list[jax.Array]:
         """The magnitudes of a group of arrays to be reduced together. With ``xform``, the
@@ -745,22 +748,19 @@ def norm_core(
         index): transformed one by one, a model's thousand small leaves would each add
         their own op, and compile time grows with them."""
         if xform is None:
-            return mags_of(for_max, ids)
+            return mags_of(ids, for_max)
         big = [i for i in ids if xs[i].size > SMALL_LEAF]
         small = [i for i in ids if 0 < xs[i].size <= SMALL_LEAF]
-        out = mags_of(for_max, big)
+        out = mags_of(big, for_max)
         if small:
             flat = jnp.concatenate([jnp.ravel(xs[i]) for i in small]) if len(small) > 1 \
                 else jnp.ravel(xs[small[0]])
-            out.append(_magnitude(xform(flat, small[0], for_max), acc))
+            out.append(mag(xform(flat, small[0], for_max)))
         return out or [jnp.zeros((0,), acc)]
     mesh = [None] * len(xs) if axes_per_leaf is None else list(axes_per_leaf)
     lay = layout_of(xs, axes)
     # per unit: the arrays laid out once (stacks and rows of the small ones' magnitudes),
     # outside the rescue's conds, whose branches then take the layout as it is
-    def mag(v: jax.Array) -> jax.Array:
-        return _magnitude(v, acc)
-
     packed = None if combine else _pack_collect(xs, axes, lay, axes_per_leaf, mag)
 
     def finish(v: jax.Array) -> Any:

@@ -553,16 +553,16 @@ def run_steps(tx, axis, step_fn, steps=5):
     return outs
 
 
-UNSHARDED_RUNS = {}
+def shard_layer_axes(axis):
+    return prefix(axis) | {"head_b": None}
 
 
+@functools.cache
 def unsharded_run(name, axis):
     """The unsharded clipper's steps, computed once per clipper and layer axis (the sharded
     tests of every layout compare against it)."""
-    if (name, axis) not in UNSHARDED_RUNS:
-        tx = SHARD_CLIPPERS[name](prefix(axis) | {"head_b": None})
-        UNSHARDED_RUNS[name, axis] = run_steps(tx, axis, jax.jit(tx.update))
-    return UNSHARDED_RUNS[name, axis]
+    tx = SHARD_CLIPPERS[name](shard_layer_axes(axis))
+    return run_steps(tx, axis, jax.jit(tx.update))
 
 
 def assert_runs_equal(got, want):
@@ -588,7 +588,7 @@ SHARD_CASES = [(0, True), (0, False), (1, True)]
 def test_jit_named_sharding_equals_unsharded(name, axis, layer_sharded):
     mesh = mesh_2d()
     specs = shard_specs(axis, layer_sharded)
-    la = prefix(axis) | {"head_b": None}
+    la = shard_layer_axes(axis)
     tx = SHARD_CLIPPERS[name](la)
     want = unsharded_run(name, axis)
     assert any(bool(s["clipped"]) for _, s, _ in want)
@@ -608,7 +608,7 @@ def test_jit_named_sharding_equals_unsharded(name, axis, layer_sharded):
 def test_shard_map_partition_specs_equals_unsharded(name, axis, layer_sharded):
     mesh = mesh_2d()
     specs = shard_specs(axis, layer_sharded)
-    la = prefix(axis) | {"head_b": None}
+    la = shard_layer_axes(axis)
     want = unsharded_run(name, axis)
     tx = SHARD_CLIPPERS[name](la, partition_specs=specs)
     f = jax.jit(jax.shard_map(tx.update, mesh=mesh, in_specs=(specs, P(), specs),

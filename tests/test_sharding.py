@@ -3,6 +3,7 @@
 tests/conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts.
 """
 
+import functools
 import math
 
 import jax
@@ -60,22 +61,17 @@ def run(tx, step_fn=None, grads=grads_at):
     return outs
 
 
-REFERENCE = {}
-UNSHARDED = {}
-
-
+@functools.cache
 def unsharded_step(name):
-    """The unsharded clipper's jitted update, one per clipper: the clean and the non-finite
-    references share its compile."""
-    if name not in UNSHARDED:
-        UNSHARDED[name] = (tx := CLIPPERS[name]()), jax.jit(tx.update)
-    return UNSHARDED[name]
+    """The unsharded clipper's jitted update, one per clipper: every unsharded reference
+    of this file shares its compile."""
+    tx = CLIPPERS[name]()
+    return tx, jax.jit(tx.update)
 
 
+@functools.cache
 def reference(name):
-    if name not in REFERENCE:
-        REFERENCE[name] = run(*unsharded_step(name))
-    return REFERENCE[name]
+    return run(*unsharded_step(name))
 
 
 def assert_same_clean_and_nonfinite(name, tx, step):
@@ -218,13 +214,9 @@ def run_bad(tx, step_fn=None):
     return run(tx, step_fn, grads=bad_grads_at)
 
 
-BAD_REFERENCE = {}
-
-
+@functools.cache
 def bad_reference(name):
-    if name not in BAD_REFERENCE:
-        BAD_REFERENCE[name] = run_bad(*unsharded_step(name))
-    return BAD_REFERENCE[name]
+    return run_bad(*unsharded_step(name))
 
 
 def assert_flagged(outs):
@@ -367,7 +359,9 @@ def _many_go(tx, step_fn):
     return outs
 
 
-MANY_REFERENCE = {}
+@functools.cache
+def _many_reference(name):
+    return _many_go(*unsharded_step(name))
 
 
 @pytest.mark.parametrize("how", ["shard_map", "pmap", "named"])
@@ -375,10 +369,7 @@ MANY_REFERENCE = {}
 def test_many_small_leaves_sharded_equal_unsharded(name, how):
     # 20 small leaves in two groups of 10 (more than norms._SELECT_MIN): each leaf's norm and
     # scale reach it by a masked sum over a block of rows, not by a slice
-    go = _many_go
-    if name not in MANY_REFERENCE:  # the unsharded run, once per clipper
-        MANY_REFERENCE[name] = go((tx := CLIPPERS[name]()), jax.jit(tx.update))
-    want = MANY_REFERENCE[name]
+    want = _many_reference(name)
     u_bad = want[1][0]
     assert np.isnan(u_bad["w03"]).any() or np.isinf(u_bad["w03"]).any()
     finite = [k for k in MANY if k not in ("w03", "b05")]
@@ -387,18 +378,19 @@ def test_many_small_leaves_sharded_equal_unsharded(name, how):
     specs = {k: P("data") for k in MANY}
     if how == "shard_map":
         tx = CLIPPERS[name](axis_name="data")
-        got = go(tx, shard_map_step(tx, mesh, specs))
+        got = _many_go(tx, shard_map_step(tx, mesh, specs))
     elif how == "named":
         tx = CLIPPERS[name]()
         shard = {k: NamedSharding(mesh, s) for k, s in specs.items()}
-        got = go(tx, lambda g, s, p: jax.jit(tx.update)(jax.device_put(g, shard), s,
+        got = _many_go(tx, lambda g, s, p: jax.jit(tx.update)(jax.device_put(g, shard), s,
                                                         jax.device_put(p, shard)))
     else:
         tx = CLIPPERS[name](axis_name="i")
         split = lambda g: {k: v.reshape(8, -1, *v.shape[1:]) for k, v in g.items()}
         merge = lambda u: {k: v.reshape(MANY[k]) for k, v in u.items()}
         pstep = jax.pmap(tx.update, axis_name="i", in_axes=(0, None, 0), out_axes=(0, None))
-        got = go(tx, lambda g, s, p: (lambda u, s: (merge(u), s))(*pstep(split(g), s, split(p))))
+        got = _many_go(tx, lambda g, s, p: (lambda u, s: (merge(u), s))(
+            *pstep(split(g), s, split(p))))
     for (u1, s1), (u2, s2) in zip(got, want, strict=True):
         for k in MANY:
             np.testing.assert_allclose(np.asarray(u1[k]), np.asarray(u2[k]), rtol=1e-6,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from optclip.norms import is_float_leaf
 
@@ -209,3 +211,68 @@ def maybe_raise_nonfinite(enabled: bool, flag: jax.Array, where: str) -> None:
     """
     if enabled:
         jax.debug.callback(_raise_nonfinite, flag, where)
+
+
+_CONCRETE = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
+
+
+def _concrete(args: Any) -> bool:
+    """True when every leaf of ``args`` is a concrete array or number: not a tracer (the call
+    is then not inside ``jit``, ``grad``, ``vmap``, ``shard_map`` or ``pmap``)."""
+    for leaf in jax.tree.leaves(args):
+        if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, _CONCRETE):
+            return False
+        if getattr(leaf, "dtype", None) == jax.dtypes.float0:
+            return False
+    return True
+
+
+def _floating_point_error(err: Exception) -> FloatingPointError:
+    """The ``FloatingPointError`` that ``maybe_raise_nonfinite``'s callback raised inside a
+    compiled call, out of the runtime error that wraps it."""
+    text = str(err)
+    start = text.rfind("FloatingPointError: ")
+    line = text[start + len("FloatingPointError: "):].split("\n", 1)[0] if start >= 0 else text
+    return FloatingPointError(line)
+
+
+def transformation(init_fn: Callable, update_fn: Callable, *, hyper: Any = (),
+                   raises: bool = False, extra_args: bool = False):
+    """An Optax transformation whose ``update``, called outside any JAX transformation, runs
+    compiled: one compiled program, reused at every later call.
+
+    Called eagerly, an update runs op by op, and JAX traces every ``lax.cond`` in it again
+    at every call, as new programs, and compiles each again: 100-400 ms a step on a small
+    tree on XLA:CPU, where the compiled update takes 0.1-0.3 ms (``python -m
+    bench.eager_probe``). Under ``jit``, ``grad``, ``vmap``, ``shard_map`` or ``pmap``
+    (the arguments are tracers), and under ``jax.disable_jit()``, ``update_fn`` runs as it
+    is. So it does when a hyperparameter in ``hyper`` is a JAX array, as
+    ``optax.inject_hyperparams`` makes them: it builds the transformation anew at every
+    step, and a compiled update would be compiled anew at every step too.
+
+    With ``raises`` (``error_if_nonfinite=True``), the compiled call is waited for, and the
+    ``FloatingPointError`` of a non-finite step is raised as such, as an eager call raises
+    it (under the caller's ``jit`` it arrives wrapped by the runtime instead).
+    """
+    if any(isinstance(h, jax.Array) for h in jax.tree.leaves(hyper)):
+        run = update_fn
+    else:
+        compiled = jax.jit(update_fn)
+
+        @functools.wraps(update_fn)
+        def run(updates, state, params=None, **extra):
+            args = (updates, state, params, extra)
+            if jax.config.jax_disable_jit or not _concrete(args):
+                return update_fn(updates, state, params, **extra)
+            if not raises:
+                return compiled(updates, state, params, **extra)
+            try:
+                return jax.block_until_ready(compiled(updates, state, params, **extra))
+            except jax.errors.JaxRuntimeError as err:
+                if "FloatingPointError" not in str(err):
+                    raise
+                raise _floating_point_error(err) from err
+
+    if extra_args:
+        return optax.GradientTransformationExtraArgs(init_fn, run)
+    return optax.GradientTransformation(init_fn, run)

@@ -32,6 +32,7 @@ from optclip._common import (
     resolve_threshold,
     scale_leaf,
     scale_tree,
+    transformation,
 )
 from optclip.layers import LayerAxis
 from optclip.norms import AxisName
@@ -266,7 +267,8 @@ def agc(
         return (jax.tree_util.tree_unflatten(treedef, out),
                 AGCState(count=increment(state.count), stats=stats))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return transformation(init_fn, update_fn, hyper=(clipping, eps),
+                          raises=error_if_nonfinite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,7 +488,7 @@ def autoclip(
                                     nonfinite=nonfinite, invalid_threshold=invalid)
         return updates, AutoClipState(count=count, history=hist, extremes=ext, stats=stats)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return transformation(init_fn, update_fn, hyper=percentile, raises=error_if_nonfinite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,7 +712,9 @@ def zclip(
                                     invalid_threshold=invalid)
         return updates, ZClipState(ema=new_ema, stats=stats)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return transformation(init_fn, update_fn,
+                          hyper=(alpha, z_thresh, clip_factor, max_norm, eps),
+                          raises=error_if_nonfinite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -873,4 +877,5 @@ def adagc(
         return (jax.tree_util.tree_unflatten(treedef, out),
                 AdaGCState(count=increment(state.count), gamma=gamma, stats=stats))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return transformation(init_fn, update_fn, hyper=(lambda_rel, beta, lambda_abs),
+                          raises=error_if_nonfinite)

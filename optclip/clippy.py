@@ -26,6 +26,7 @@ from optclip._common import (
     maybe_raise_nonfinite,
     mul0,
     resolve,
+    transformation,
 )
 from optclip.norms import AxisName
 from optclip.stats import ClipStats
@@ -330,4 +331,5 @@ def clippy(
         return (jax.tree_util.tree_unflatten(treedef, out),
                 ClippyState(count=increment(state.count), stats=stats))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return transformation(init_fn, update_fn, hyper=(lambda_rel, lambda_abs),
+                          raises=error_if_nonfinite)

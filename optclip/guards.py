@@ -25,7 +25,7 @@ from jax import lax
 
 from optclip import adaptive as _a
 from optclip import norms as _n
-from optclip._common import check_state, check_threshold, increment
+from optclip._common import check_state, check_threshold, increment, transformation
 from optclip.adaptive import EMAStats, ema_record, state_dtype
 from optclip.norms import AxisName
 from optclip.stats import GuardStats, SpikeStats
@@ -285,7 +285,7 @@ def skip_nonfinite(
                                     skipped=nonfinite, nonfinite=nonfinite)
         return out, SkipNonfiniteState(inner_state=inner_state, stats=stats)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return transformation(init_fn, update_fn, extra_args=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -625,4 +625,4 @@ def skip_on_spike(
         return out, SkipOnSpikeState(inner_state=inner_state, history=history,
                                      consecutive=consecutive, stats=stats)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return transformation(init_fn, update_fn, hyper=(z_thresh, alpha, eps), extra_args=True)

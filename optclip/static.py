@@ -30,6 +30,7 @@ from optclip._common import (
     resolve_threshold,
     scale_leaf,
     scale_tree,
+    transformation,
 )
 from optclip.layers import LayerAxis
 from optclip.norms import AxisName, Ord
@@ -263,7 +264,8 @@ def clip_by_global_norm(
                                     invalid_threshold=invalid)
         return updates, GlobalNormClipState(count=increment(state.count), stats=stats)
 
-    return optax.GradientTransformation(_init_fn(GlobalNormClipState), update_fn)
+    return transformation(_init_fn(GlobalNormClipState), update_fn, hyper=(max_norm, min_norm),
+                          raises=error_if_nonfinite)
 
 
 def _clip_leaf(x: Any, lo: jax.Array, hi: jax.Array) -> Any:
@@ -529,7 +531,8 @@ def clip_by_value(
                                     invalid_threshold=invalid)
         return updates, ValueClipState(count=increment(state.count), stats=stats)
 
-    return optax.GradientTransformation(_init_fn(ValueClipState), update_fn)
+    return transformation(_init_fn(ValueClipState), update_fn, hyper=(max_value, min_value),
+                          raises=error_if_nonfinite)
 
 
 def per_leaf_clip(
@@ -646,7 +649,8 @@ def clip_by_leaf_norm(
                                     invalid_threshold=invalid)
         return updates, LeafNormClipState(count=increment(state.count), stats=stats)
 
-    return optax.GradientTransformation(_init_fn(LeafNormClipState), update_fn)
+    return transformation(_init_fn(LeafNormClipState), update_fn, hyper=max_norm,
+                          raises=error_if_nonfinite)
 
 
 def clip_by_block_rms(
@@ -709,4 +713,5 @@ def clip_by_block_rms(
                                     invalid_threshold=invalid)
         return updates, BlockRMSClipState(count=increment(state.count), stats=stats)
 
-    return optax.GradientTransformation(_init_fn(BlockRMSClipState), update_fn)
+    return transformation(_init_fn(BlockRMSClipState), update_fn, hyper=threshold,
+                          raises=error_if_nonfinite)

@@ -501,3 +501,14 @@ def test_compile_probe_runs_each_first_call_in_a_fresh_process(capsys):
     assert len(row) == 1 and "| this |" in row[0], out
     fused, distinct = (int(c) for c in row[0].strip("| ").split(" | ")[-2:])
     assert fused >= distinct > 0
+
+
+def test_eager_probe_runs_and_later_eager_calls_compile_nothing():
+    # in a subprocess: the probe turns on JAX's compile log for its whole process
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "bench.eager_probe", "--calls", "2"],
+                         capture_output=True, text=True, env=env, check=True, timeout=600).stdout
+    rows = [ln for ln in out.splitlines() if "first call" in ln]
+    assert len(rows) == 10, out
+    assert all(ln.endswith("(0 compiled)") for ln in rows), out

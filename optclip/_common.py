@@ -213,18 +213,24 @@ def maybe_raise_nonfinite(enabled: bool, flag: jax.Array, where: str) -> None:
         jax.debug.callback(_raise_nonfinite, flag, where)
 
 
-_CONCRETE = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
-
-
-def _concrete(args: Any) -> bool:
-    """True when every leaf of ``args`` is a concrete array or number: not a tracer (the call
-    is then not inside ``jit``, ``grad``, ``vmap``, ``shard_map`` or ``pmap``)."""
+def _all_jax_arrays(args: Any) -> bool:
+    """True when every leaf of ``args`` is a concrete JAX array: not a tracer (the call is
+    then not inside ``jit``, ``grad``, ``vmap``, ``shard_map`` or ``pmap``), not a NumPy array
+    or a Python number (which ``jit`` would convert: a NumPy int64 to int32), and not a
+    ``float0`` array."""
     for leaf in jax.tree.leaves(args):
-        if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, _CONCRETE):
+        if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array):
             return False
-        if getattr(leaf, "dtype", None) == jax.dtypes.float0:
+        if leaf.dtype == jax.dtypes.float0:
             return False
     return True
+
+
+# Raised while tracing by code that needs a Python value (a schedule with a Python ``if`` on
+# the step count, an inner optimizer that reads an extra argument with ``float``): such an
+# update can only run op by op, as it did.
+_NEEDS_VALUES = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                 jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
 
 
 def _floating_point_error(err: Exception) -> FloatingPointError:
@@ -236,42 +242,48 @@ def _floating_point_error(err: Exception) -> FloatingPointError:
     return FloatingPointError(line)
 
 
-def transformation(init_fn: Callable, update_fn: Callable, *, hyper: Any = (),
-                   raises: bool = False, extra_args: bool = False):
-    """An Optax transformation whose ``update``, called outside any JAX transformation, runs
-    compiled: one compiled program, reused at every later call.
+def transformation(init_fn: Callable, update_fn: Callable, *, raises: bool = False,
+                   extra_args: bool = False):
+    """An Optax transformation whose ``update``, called again and again outside any JAX
+    transformation, runs compiled: one program, built at its second call and reused.
 
     Called eagerly, an update runs op by op, and JAX traces every ``lax.cond`` in it again
-    at every call, as new programs, and compiles each again: 100-400 ms a step on a small
-    tree on XLA:CPU, where the compiled update takes 0.1-0.3 ms (``python -m
-    bench.eager_probe``). Under ``jit``, ``grad``, ``vmap``, ``shard_map`` or ``pmap``
-    (the arguments are tracers), and under ``jax.disable_jit()``, ``update_fn`` runs as it
-    is. So it does when a hyperparameter in ``hyper`` is a JAX array, as
-    ``optax.inject_hyperparams`` makes them: it builds the transformation anew at every
-    step, and a compiled update would be compiled anew at every step too.
+    at every call, as new programs, and compiles each again: 140-430 ms a step on a small
+    tree on XLA:CPU, where the compiled update takes 0.2-0.5 ms (``python -m
+    bench.eager_probe``). The first call of a transformation still runs op by op: one built
+    anew at every step (as ``optax.inject_hyperparams`` builds it) is called once, and
+    compiling it would cost a compile at every step. Runs as written: under ``jit``,
+    ``grad``, ``vmap``, ``shard_map`` or ``pmap`` (the arguments are tracers), under
+    ``jax.disable_jit()``, when an argument is not a JAX array (a NumPy array, a Python
+    number or string, a ``float0`` array), and from the first time tracing it needs a
+    Python value (a schedule or a wrapped optimizer that does not trace).
 
     With ``raises`` (``error_if_nonfinite=True``), the compiled call is waited for, and the
     ``FloatingPointError`` of a non-finite step is raised as such, as an eager call raises
     it (under the caller's ``jit`` it arrives wrapped by the runtime instead).
     """
-    if any(isinstance(h, jax.Array) for h in jax.tree.leaves(hyper)):
-        run = update_fn
-    else:
-        compiled = jax.jit(update_fn)
+    compiled = jax.jit(update_fn)
+    calls = {"n": 0, "as_written": False}
 
-        @functools.wraps(update_fn)
-        def run(updates, state, params=None, **extra):
-            args = (updates, state, params, extra)
-            if jax.config.jax_disable_jit or not _concrete(args):
-                return update_fn(updates, state, params, **extra)
-            if not raises:
-                return compiled(updates, state, params, **extra)
-            try:
-                return jax.block_until_ready(compiled(updates, state, params, **extra))
-            except jax.errors.JaxRuntimeError as err:
-                if "FloatingPointError" not in str(err):
-                    raise
-                raise _floating_point_error(err) from err
+    @functools.wraps(update_fn)
+    def run(updates, state, params=None, **extra):
+        args = (updates, state, params, extra)
+        if (calls["as_written"] or jax.config.jax_disable_jit
+                or not _all_jax_arrays(args)):
+            return update_fn(updates, state, params, **extra)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return update_fn(updates, state, params, **extra)
+        try:
+            out = compiled(updates, state, params, **extra)
+            return jax.block_until_ready(out) if raises else out
+        except _NEEDS_VALUES:
+            calls["as_written"] = True
+            return update_fn(updates, state, params, **extra)
+        except Exception as err:
+            if not raises or "FloatingPointError" not in str(err):
+                raise
+            raise _floating_point_error(err) from err
 
     if extra_args:
         return optax.GradientTransformationExtraArgs(init_fn, run)

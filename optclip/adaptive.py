@@ -267,8 +267,7 @@ def agc(
         return (jax.tree_util.tree_unflatten(treedef, out),
                 AGCState(count=increment(state.count), stats=stats))
 
-    return transformation(init_fn, update_fn, hyper=(clipping, eps),
-                          raises=error_if_nonfinite)
+    return transformation(init_fn, update_fn, raises=error_if_nonfinite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,7 +487,7 @@ def autoclip(
                                     nonfinite=nonfinite, invalid_threshold=invalid)
         return updates, AutoClipState(count=count, history=hist, extremes=ext, stats=stats)
 
-    return transformation(init_fn, update_fn, hyper=percentile, raises=error_if_nonfinite)
+    return transformation(init_fn, update_fn, raises=error_if_nonfinite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,9 +711,7 @@ def zclip(
                                     invalid_threshold=invalid)
         return updates, ZClipState(ema=new_ema, stats=stats)
 
-    return transformation(init_fn, update_fn,
-                          hyper=(alpha, z_thresh, clip_factor, max_norm, eps),
-                          raises=error_if_nonfinite)
+    return transformation(init_fn, update_fn, raises=error_if_nonfinite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -877,5 +874,4 @@ def adagc(
         return (jax.tree_util.tree_unflatten(treedef, out),
                 AdaGCState(count=increment(state.count), gamma=gamma, stats=stats))
 
-    return transformation(init_fn, update_fn, hyper=(lambda_rel, beta, lambda_abs),
-                          raises=error_if_nonfinite)
+    return transformation(init_fn, update_fn, raises=error_if_nonfinite)

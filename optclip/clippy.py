@@ -331,5 +331,4 @@ def clippy(
         return (jax.tree_util.tree_unflatten(treedef, out),
                 ClippyState(count=increment(state.count), stats=stats))
 
-    return transformation(init_fn, update_fn, hyper=(lambda_rel, lambda_abs),
-                          raises=error_if_nonfinite)
+    return transformation(init_fn, update_fn, raises=error_if_nonfinite)

@@ -625,4 +625,4 @@ def skip_on_spike(
         return out, SkipOnSpikeState(inner_state=inner_state, history=history,
                                      consecutive=consecutive, stats=stats)
 
-    return transformation(init_fn, update_fn, hyper=(z_thresh, alpha, eps), extra_args=True)
+    return transformation(init_fn, update_fn, extra_args=True)

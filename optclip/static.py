@@ -264,8 +264,7 @@ def clip_by_global_norm(
                                     invalid_threshold=invalid)
         return updates, GlobalNormClipState(count=increment(state.count), stats=stats)
 
-    return transformation(_init_fn(GlobalNormClipState), update_fn, hyper=(max_norm, min_norm),
-                          raises=error_if_nonfinite)
+    return transformation(_init_fn(GlobalNormClipState), update_fn, raises=error_if_nonfinite)
 
 
 def _clip_leaf(x: Any, lo: jax.Array, hi: jax.Array) -> Any:
@@ -531,8 +530,7 @@ def clip_by_value(
                                     invalid_threshold=invalid)
         return updates, ValueClipState(count=increment(state.count), stats=stats)
 
-    return transformation(_init_fn(ValueClipState), update_fn, hyper=(max_value, min_value),
-                          raises=error_if_nonfinite)
+    return transformation(_init_fn(ValueClipState), update_fn, raises=error_if_nonfinite)
 
 
 def per_leaf_clip(
@@ -649,8 +647,7 @@ def clip_by_leaf_norm(
                                     invalid_threshold=invalid)
         return updates, LeafNormClipState(count=increment(state.count), stats=stats)
 
-    return transformation(_init_fn(LeafNormClipState), update_fn, hyper=max_norm,
-                          raises=error_if_nonfinite)
+    return transformation(_init_fn(LeafNormClipState), update_fn, raises=error_if_nonfinite)
 
 
 def clip_by_block_rms(
@@ -713,5 +710,4 @@ def clip_by_block_rms(
                                     invalid_threshold=invalid)
         return updates, BlockRMSClipState(count=increment(state.count), stats=stats)
 
-    return transformation(_init_fn(BlockRMSClipState), update_fn, hyper=threshold,
-                          raises=error_if_nonfinite)
+    return transformation(_init_fn(BlockRMSClipState), update_fn, raises=error_if_nonfinite)

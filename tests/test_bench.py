@@ -507,7 +507,7 @@ def test_eager_probe_runs_and_later_eager_calls_compile_nothing():
     # in a subprocess: the probe turns on JAX's compile log for its whole process
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-m", "bench.eager_probe", "--calls", "2"],
+    out = subprocess.run([sys.executable, "-m", "bench.eager_probe", "--calls", "3"],
                          capture_output=True, text=True, env=env, check=True, timeout=600).stdout
     rows = [ln for ln in out.splitlines() if "first call" in ln]
     assert len(rows) == 10, out

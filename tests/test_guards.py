@@ -91,6 +91,11 @@ def test_extra_args_that_are_not_arrays_reach_the_inner_optimizer(guard):
     kw = {"halve": True, "n_micro": 2, "table": np.array([1.0, 1.0])}
     u, _ = tx.update(g, s, None, scale="one", value=1.0, **kw)
     np.testing.assert_array_equal(np.asarray(u), [1.0, 2.0])  # 2 * 0.5 / 2 * 2
+    # with no string among them, called again and again (eagerly, an update runs compiled
+    # from its second call: the bool, the int and the table must not become traced operands)
+    for _ in range(3):
+        u, _ = tx.update(g, s, None, value=jnp.asarray(1.0), **kw)
+        np.testing.assert_array_equal(np.asarray(u), [0.5, 1.0])  # 2 * 0.5 * 0.5 / 2 * 2
 
 
 def test_state_built_for_other_params_is_refused_by_name():

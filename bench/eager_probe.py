@@ -1,4 +1,5 @@
-"""What each eager call of a clipper's update costs: XLA compiles and time.
+"""What each eager call of a clipper's update, or of a norm function, costs: XLA compiles
+and time.
 
     python -m bench.eager_probe [--calls 5]
 
@@ -6,8 +7,9 @@ An eager ``tx.update`` (not under ``jit``) ran op by op, and JAX traced its ``la
 branches again at every call, as new programs, and compiled each again: the compiles after
 the first call are what every later eager step paid. Since ``_common.transformation``, the
 second call of an update with JAX arrays builds one compiled program, which later calls
-reuse (the first still runs op by op). Times are wall-clock, results waited for, on a
-two-leaf tree plus a 64x64 matrix.
+reuse (the first still runs op by op); ``optclip.global_norm``, ``leaf_norms`` and
+``unitwise_norm`` run compiled from their first call. Times are wall-clock, results waited
+for, on a two-leaf tree plus a 64x64 matrix.
 """
 
 from __future__ import annotations
@@ -47,15 +49,24 @@ def main(argv: list[str] | None = None) -> None:
              "zclip": lambda: optclip.zclip(), "adagc": lambda: optclip.adagc(),
              "clippy": lambda: optclip.clippy(),
              "skip_nonfinite": lambda: optclip.skip_nonfinite(optax.adam(1e-3))}
-    for name, make in build.items():
-        tx = make()
-        state = tx.init(g)
+    norms = {"optclip.global_norm": lambda: optclip.global_norm(g),
+             "optclip.leaf_norms": lambda: optclip.leaf_norms(g),
+             "optclip.unitwise_norm": lambda: optclip.unitwise_norm(g["c"])}
+    for name, make in list(build.items()) + list(norms.items()):
+        if name in norms:
+            step = make
+        else:
+            tx = make()
+            box = {"state": tx.init(g)}
+
+            def step(tx=tx, box=box):
+                out, box["state"] = tx.update(g, box["state"], g)
+                return out, box["state"]
         compiles, secs = [], []
         for _ in range(args.calls):
             before = count["n"]
             t0 = time.perf_counter()
-            out, state = tx.update(g, state, g)
-            jax.block_until_ready((out, state))
+            jax.block_until_ready(step())
             secs.append(time.perf_counter() - t0)
             compiles.append(count["n"] - before)
         print(f"{name:20s} first call {secs[0]:.2f} s ({compiles[0]} programs compiled); "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optclip.norms import is_float_leaf
+from optclip.norms import all_jax_arrays, is_float_leaf
 
 Threshold = float | jax.Array | Callable[[jax.Array], Any]
 """A Python float, a JAX scalar, or an Optax schedule (a callable of the step count)."""
@@ -213,24 +214,8 @@ def maybe_raise_nonfinite(enabled: bool, flag: jax.Array, where: str) -> None:
         jax.debug.callback(_raise_nonfinite, flag, where)
 
 
-def _all_jax_arrays(args: Any) -> bool:
-    """True when every leaf of ``args`` is a concrete JAX array: not a tracer (the call is
-    then not inside ``jit``, ``grad``, ``vmap``, ``shard_map`` or ``pmap``), not a NumPy array
-    or a Python number (which ``jit`` would convert: a NumPy int64 to int32), and not a
-    ``float0`` array."""
-    for leaf in jax.tree.leaves(args):
-        if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array):
-            return False
-        if leaf.dtype == jax.dtypes.float0:
-            return False
-    return True
-
-
-# Raised while tracing by code that needs a Python value (a schedule with a Python ``if`` on
-# the step count, an inner optimizer that reads an extra argument with ``float``): such an
-# update can only run op by op, as it did.
-_NEEDS_VALUES = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
-                 jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
+# What a compiled call raises while it runs (rather than while it is traced)
+_RUNTIME_ERROR = getattr(jax.errors, "JaxRuntimeError", RuntimeError)
 
 
 def _floating_point_error(err: Exception) -> FloatingPointError:
@@ -248,15 +233,18 @@ def transformation(init_fn: Callable, update_fn: Callable, *, raises: bool = Fal
     transformation, runs compiled: one program, built at its second call and reused.
 
     Called eagerly, an update runs op by op, and JAX traces every ``lax.cond`` in it again
-    at every call, as new programs, and compiles each again: 140-430 ms a step on a small
-    tree on XLA:CPU, where the compiled update takes 0.2-0.5 ms (``python -m
+    at every call, as new programs, and compiles each again: 150-460 ms a step on a small
+    tree on XLA:CPU, where the compiled update takes 0.2-0.4 ms (``python -m
     bench.eager_probe``). The first call of a transformation still runs op by op: one built
     anew at every step (as ``optax.inject_hyperparams`` builds it) is called once, and
     compiling it would cost a compile at every step. Runs as written: under ``jit``,
     ``grad``, ``vmap``, ``shard_map`` or ``pmap`` (the arguments are tracers), under
     ``jax.disable_jit()``, when an argument is not a JAX array (a NumPy array, a Python
     number or string, a ``float0`` array), and from the first time tracing it needs a
-    Python value (a schedule or a wrapped optimizer that does not trace).
+    Python value, or otherwise fails to trace where it ran op by op (a schedule with a
+    Python ``if`` on the step count, or one that formats it): then with a ``RuntimeWarning``,
+    once. As under ``jit``, what the update reads from Python while it is traced (a schedule's
+    or a wrapped optimizer's Python state) is fixed at the second call.
 
     With ``raises`` (``error_if_nonfinite=True``), the compiled call is waited for, and the
     ``FloatingPointError`` of a non-finite step is raised as such, as an eager call raises
@@ -269,7 +257,7 @@ def transformation(init_fn: Callable, update_fn: Callable, *, raises: bool = Fal
     def run(updates, state, params=None, **extra):
         args = (updates, state, params, extra)
         if (calls["as_written"] or jax.config.jax_disable_jit
-                or not _all_jax_arrays(args)):
+                or not all_jax_arrays(args)):
             return update_fn(updates, state, params, **extra)
         calls["n"] += 1
         if calls["n"] == 1:
@@ -277,13 +265,22 @@ def transformation(init_fn: Callable, update_fn: Callable, *, raises: bool = Fal
         try:
             out = compiled(updates, state, params, **extra)
             return jax.block_until_ready(out) if raises else out
-        except _NEEDS_VALUES:
-            calls["as_written"] = True
-            return update_fn(updates, state, params, **extra)
-        except Exception as err:
+        except _RUNTIME_ERROR as err:
             if not raises or "FloatingPointError" not in str(err):
                 raise
             raise _floating_point_error(err) from err
+        except Exception as err:
+            # Raised while tracing. An error of the caller's (a wrong state, a tree of other
+            # shapes) is raised again, op by op; an update that ran op by op but cannot be
+            # traced runs op by op from now on.
+            out = update_fn(updates, state, params, **extra)
+            calls["as_written"] = True
+            warnings.warn(
+                f"optclip: this update ran op by op but could not be compiled "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                "it runs op by op from now on, tracing its lax.conds at every call.",
+                RuntimeWarning, stacklevel=2)
+            return out
 
     if extra_args:
         return optax.GradientTransformationExtraArgs(init_fn, run)

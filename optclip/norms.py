@@ -903,6 +903,50 @@ def global_norm_and_flag(
     return norms[0], nonfinite
 
 
+def all_jax_arrays(args: Any) -> bool:
+    """True when every leaf of ``args`` is a concrete JAX array: not a tracer (the call is
+    then not inside ``jit``, ``grad``, ``vmap``, ``shard_map`` or ``pmap``), not a NumPy array
+    or a Python number (which ``jit`` would convert: a NumPy int64 to int32), and not a
+    ``float0`` array."""
+    for leaf in jax.tree.leaves(args):
+        if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array):
+            return False
+        if leaf.dtype == jax.dtypes.float0:
+            return False
+    return True
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_when_eager(fn):
+    """``fn(x, *args, **kwargs)`` compiled when called eagerly on JAX arrays: one program per
+    set of the other (static) arguments, kept for the process. Op by op, JAX traced the
+    overflow rescue's ``lax.cond`` again at every call and compiled it again (100 ms or more
+    a call on XLA:CPU: a norm logged at every step of an eager loop paid it at every step).
+    Runs as written under ``jit`` and the other transformations, under
+    ``jax.disable_jit()``, when ``x`` holds anything but JAX arrays, and when an argument
+    cannot be a key (an array ``ord``, which ``check_ord`` refuses, or a dict of partition
+    specs)."""
+    @functools.wraps(fn)
+    def run(x, *args, **kwargs):
+        if jax.config.jax_disable_jit or not all_jax_arrays(x):
+            return fn(x, *args, **kwargs)
+        # typed, so that ord=True (refused) is not ord=1, which equals it
+        key = (fn.__name__, tuple((type(a), a) for a in args),
+               tuple((k, type(v), v) for k, v in sorted(kwargs.items())))
+        try:
+            compiled = _COMPILED.get(key)
+        except TypeError:
+            return fn(x, *args, **kwargs)
+        if compiled is None:
+            compiled = _COMPILED[key] = jax.jit(lambda x: fn(x, *args, **kwargs))
+        return compiled(x)
+
+    return run
+
+
+@_compiled_when_eager
 def global_norm(
     tree: PyTree, ord: Ord = 2, *, axis_name: AxisName = None, partition_specs: Any = None
 ) -> jax.Array:
@@ -943,6 +987,7 @@ def global_norm(
                                 partition_specs=partition_specs)[0]
 
 
+@_compiled_when_eager
 def leaf_norms(
     tree: PyTree,
     ord: Ord = 2,
@@ -1013,6 +1058,7 @@ def unitwise_axes(x: Any, axis: int | Sequence[int] | None = None) -> tuple[int,
     return tuple(range(ndim - 1))
 
 
+@_compiled_when_eager
 def unitwise_norm(x: jax.Array, axis: int | Sequence[int] | None = None) -> jax.Array:
     """The L2 norm of each unit of ``x``, as in AGC (Brock et al. 2021).
 

@@ -510,5 +510,5 @@ def test_eager_probe_runs_and_later_eager_calls_compile_nothing():
     out = subprocess.run([sys.executable, "-m", "bench.eager_probe", "--calls", "3"],
                          capture_output=True, text=True, env=env, check=True, timeout=600).stdout
     rows = [ln for ln in out.splitlines() if "first call" in ln]
-    assert len(rows) == 10, out
+    assert len(rows) == 13, out
     assert all(ln.endswith("(0 compiled)") for ln in rows), out

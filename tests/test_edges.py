@@ -3,6 +3,7 @@ user can act on. Each test here failed on the code before the fix it pins."""
 
 import logging
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -92,22 +93,27 @@ def _lowerings(fn) -> list[str]:
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_eager_update_compiles_once(name):
     # Eagerly, JAX traced each lax.cond again at every call and compiled it again: 1 to 3
-    # programs a step, 150-480 ms on XLA:CPU (python -m bench.eager_probe). Now the second
-    # call of an update with JAX arrays builds one compiled program, and later calls reuse it.
+    # programs a step, 150-460 ms on XLA:CPU (python -m bench.eager_probe). Now the first call
+    # runs op by op (a transformation built anew at every step is called once), the second
+    # builds one compiled program of the whole update, and later calls reuse it.
     tx = ALL[name]()
-    s0 = tx.init(P)
-    _, s1 = tx.update(G, s0, P)  # op by op
-    out, s2 = tx.update(G, s1, P)  # compiled
-    counts = [len(_lowerings(lambda s=s: jax.block_until_ready(tx.update(G, s, P))))
-              for s in (s2, s2)]
-    assert counts == [0, 0]
+    states, lowered = [tx.init(P)], []
+    for _ in range(4):
+        out = []
+        lowered.append(_lowerings(lambda s=states[-1], out=out: out.append(
+            jax.block_until_ready(tx.update(G, s, P)))))
+        states.append(out[0][1])
+    whole = [[n for n in names if "update_fn" in n] for names in lowered]
+    assert [len(w) for w in whole] == [0, 1, 0, 0], lowered
+    assert [len(names) for names in lowered[2:]] == [0, 0]
     # a compiled call may hand an input's buffer back as an output: the state it returns must
     # still hold no buffer twice, or donating it fails
-    ids = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(s2)]
+    ids = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(states[-1])]
     assert len(ids) == len(set(ids))
     with jax.disable_jit():  # op by op, the update as written
-        want = tx.update(G, tx.update(G, s0, P)[1], P)
-    for a, b in zip(jax.tree.leaves((out, s2)), jax.tree.leaves(want), strict=True):
+        want = tx.update(G, states[1], P)
+    got = tx.update(G, states[1], P)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
@@ -125,16 +131,36 @@ def test_a_transformation_rebuilt_every_step_is_not_compiled_every_step():
     np.testing.assert_allclose(float(optax.global_norm(u)), 0.1, rtol=1e-6)
 
 
-def test_an_update_that_needs_python_values_runs_as_written():
-    # a schedule with a Python `if` on the step count cannot be traced: it runs op by op, as it
-    # did, rather than raising
-    tx = optclip.clip_by_global_norm(lambda c: 1.0 if int(c) < 2 else 0.5)
+@pytest.mark.parametrize("schedule", [
+    lambda c: 1.0 if int(c) < 2 else 0.5,  # a Python `if` on the step count
+    lambda c: 1.0 if f"{c:d}" < "2" else 0.5,  # the step count formatted
+    lambda c: [1.0, 1.0, 0.5, 0.5][c],  # a list indexed by it
+])
+def test_an_update_that_needs_python_values_runs_as_written(schedule):
+    # it cannot be traced: it runs op by op, as it did, with one warning, rather than raising
+    tx = optclip.clip_by_global_norm(schedule)
     state = tx.init(P)
-    norms = []
-    for _ in range(4):
-        u, state = tx.update(G, state, P)
+    norms, lowered = [], []
+    for i in range(4):
+        out = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lowered.append(_lowerings(lambda s=state, out=out: out.append(tx.update(G, s, P))))
+        assert len(caught) == (i == 1), [str(w.message) for w in caught]
+        u, state = out[0]
         norms.append(float(optax.global_norm(u)))
     np.testing.assert_allclose(norms, [1.0, 1.0, 0.5, 0.5], rtol=1e-6)
+    assert not [n for names in lowered[2:] for n in names if "update_fn" in n]  # stays op by op
+
+
+def test_a_callers_error_in_the_compiled_call_is_raised_not_hidden():
+    tx = optclip.clip_by_global_norm(1.0)
+    state = tx.init(P)
+    _, state = tx.update(G, state, P)
+    with pytest.raises(TypeError, match="update got state=None"):
+        tx.update(G, None, P)  # the second call, which would compile: the caller's error
+    _, state = tx.update(G, state, P)
+    assert _lowerings(lambda: tx.update(G, state, P)) == []  # and it still runs compiled
 
 
 def test_numpy_and_integer_leaves_pass_through_untouched_eagerly():
@@ -146,6 +172,40 @@ def test_numpy_and_integer_leaves_pass_through_untouched_eagerly():
         u, state = tx.update(g, state)
         assert u["step"] is g["step"]
     np.testing.assert_allclose(np.asarray(u["w"]), [0.6, 0.8], rtol=1e-6)
+    # JAX integer leaves take the compiled path, and keep their values
+    g = {"w": jnp.array([3.0, 4.0]), "step": jnp.array([7, -3], jnp.int32)}
+    for _ in range(3):
+        u, state = tx.update(g, state)
+        assert u["step"].dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(u["step"]), [7, -3])
+
+
+NORMS = {"global_norm": lambda t: optclip.global_norm(t),
+         "global_norm_inf": lambda t: optclip.global_norm(t, ord="inf"),
+         "leaf_norms": lambda t: optclip.leaf_norms(t, 3.0),
+         "unitwise_norm": lambda t: optclip.unitwise_norm(t["w"], axis=(0,))}
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_eager_norms_compile_once(name):
+    # a norm logged at every step of an eager loop compiled its rescue's lax.cond at every call
+    f = NORMS[name]
+    got = f(G)
+    assert [len(_lowerings(lambda: jax.block_until_ready(f(G)))) for _ in range(2)] == [0, 0]
+    with jax.disable_jit():
+        want = f(G)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+def test_eager_norms_keep_their_arguments_apart():
+    # ord=True equals ord=1 as a key: it is still refused, not served the 1-norm
+    assert float(optclip.global_norm(G, 1)) == pytest.approx(21.0)
+    with pytest.raises(ValueError, match="ord"):
+        optclip.global_norm(G, True)
+    with pytest.raises(ValueError, match="ord"):
+        optclip.global_norm(G, jnp.asarray(2.0))
+    np.testing.assert_allclose(float(optclip.global_norm(G, 2.0)), math.sqrt(91.0), rtol=1e-6)
 
 
 # --- thresholds that go bad at run time ----------------------------------------------------------

@@ -91,11 +91,16 @@ def test_extra_args_that_are_not_arrays_reach_the_inner_optimizer(guard):
     kw = {"halve": True, "n_micro": 2, "table": np.array([1.0, 1.0])}
     u, _ = tx.update(g, s, None, scale="one", value=1.0, **kw)
     np.testing.assert_array_equal(np.asarray(u), [1.0, 2.0])  # 2 * 0.5 / 2 * 2
-    # with no string among them, called again and again (eagerly, an update runs compiled
-    # from its second call: the bool, the int and the table must not become traced operands)
+    # with no string among them, called again and again: an eager update runs compiled from
+    # its second call when every argument is a JAX array; the bool, the int and the table
+    # are not, and must reach the inner optimizer as they are, never as traced operands
     for _ in range(3):
         u, _ = tx.update(g, s, None, value=jnp.asarray(1.0), **kw)
         np.testing.assert_array_equal(np.asarray(u), [0.5, 1.0])  # 2 * 0.5 * 0.5 / 2 * 2
+    # JAX-array extra args alone: the compiled path, with the inner optimizer's defaults
+    for _ in range(3):
+        u, _ = tx.update(g, s, None, value=jnp.asarray(1.0))
+        np.testing.assert_array_equal(np.asarray(u), [1.0, 2.0])
 
 
 def test_state_built_for_other_params_is_refused_by_name():

@@ -228,7 +228,7 @@ def _floating_point_error(err: Exception) -> FloatingPointError:
 
 
 def transformation(init_fn: Callable, update_fn: Callable, *, raises: bool = False,
-                   extra_args: bool = False):
+                   extra_args: bool = False) -> optax.GradientTransformation:
     """An Optax transformation whose ``update``, called again and again outside any JAX
     transformation, runs compiled: one program, built at its second call and reused.
 

@@ -20,6 +20,32 @@ import statistics
 import time
 
 
+def lowerings(fn):
+    """``(fn(), names)``: ``names`` are the programs JAX lowers while ``fn`` runs (builds for
+    XLA: compiled, or found in a cache), by the log line that names each."""
+    import jax
+
+    seen = []
+
+    class Log(logging.Handler):
+        def emit(self, record):
+            msg = record.getMessage()
+            if msg.startswith("Compiling "):
+                seen.append(msg.split(" with ", 1)[0])
+
+    log = logging.getLogger("jax._src.interpreters.pxla")
+    handler, level = Log(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)  # the level JAX logs these at (bench.compile_log raises it)
+    try:
+        with jax.log_compiles(True):
+            out = fn()
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    return out, seen
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=5, help="at least 3")
@@ -30,16 +56,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import optclip
 
-    count = {"n": 0}
-
-    class Count(logging.Handler):
-        def emit(self, rec):
-            count["n"] += rec.getMessage().startswith("Compiling ")
-
-    jax.config.update("jax_log_compiles", True)
     for name in ("jax._src.interpreters.pxla", "jax._src.dispatch"):
         logging.getLogger(name).propagate = False
-    logging.getLogger("jax._src.interpreters.pxla").addHandler(Count())
     g = {"a": jnp.ones((3, 4)), "b": jnp.ones(5), "c": jnp.ones((64, 64))}
     build = {"clip_by_global_norm": lambda: optclip.clip_by_global_norm(1.0),
              "clip_by_value": lambda: optclip.clip_by_value(0.1),
@@ -64,11 +82,10 @@ def main(argv: list[str] | None = None) -> None:
                 return out, box["state"]
         compiles, secs = [], []
         for _ in range(args.calls):
-            before = count["n"]
             t0 = time.perf_counter()
-            jax.block_until_ready(step())
+            _, names = lowerings(lambda step=step: jax.block_until_ready(step()))
             secs.append(time.perf_counter() - t0)
-            compiles.append(count["n"] - before)
+            compiles.append(len(names))
         print(f"{name:20s} first call {secs[0]:.2f} s ({compiles[0]} programs compiled); "
               f"second {secs[1]:.2f} s ({compiles[1]}); "
               f"later calls {1e3 * statistics.median(secs[2:]):.1f} ms "

@@ -404,9 +404,9 @@ def unit_rescue() -> None:
               "(768, 768)": ((768, 768), (0,)), "(3, 3, 256, 256)": ((3, 3, 256, 256), (0, 1, 2)),
               "(1, 1, 1024, 256)": ((1, 1, 1024, 256), (0, 1, 2)),
               "(3, 3, 512, 512)": ((3, 3, 512, 512), (0, 1, 2))}
-    forms = dict(_terms_forms())
+    forms = _terms_forms()
 
-    def split(v, s, red):
+    def split(v, s):
         # two stages: the reduced dims as (a, b) rows, b summed first
         units = v.shape[-1]
         rows = v.size // units
@@ -426,7 +426,7 @@ def unit_rescue() -> None:
                 def rescued():
                     s = sv.reshape((1,) * (x.ndim - 1) + (-1,))
                     if form is None:
-                        return split(x, s, red)
+                        return split(x, s)
                     return jnp.sum(form(x, s), axis=red).reshape(-1)
                 return lax.cond(pred, rescued, lambda: jnp.zeros((x.shape[-1],), x.dtype))
             c = jax.jit(f).lower(jax.ShapeDtypeStruct((), bool), x, sv).compile()

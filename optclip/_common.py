@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optclip.norms import all_jax_arrays, is_float_leaf
+from optclip.norms import compiles_eagerly, is_float_leaf
 
 Threshold = float | jax.Array | Callable[[jax.Array], Any]
 """A Python float, a JAX scalar, or an Optax schedule (a callable of the step count)."""
@@ -256,8 +256,7 @@ def transformation(init_fn: Callable, update_fn: Callable, *, raises: bool = Fal
     @functools.wraps(update_fn)
     def run(updates, state, params=None, **extra):
         args = (updates, state, params, extra)
-        if (calls["as_written"] or jax.config.jax_disable_jit
-                or not all_jax_arrays(args)):
+        if calls["as_written"] or not compiles_eagerly(args):
             return update_fn(updates, state, params, **extra)
         calls["n"] += 1
         if calls["n"] == 1:

@@ -903,11 +903,14 @@ def global_norm_and_flag(
     return norms[0], nonfinite
 
 
-def all_jax_arrays(args: Any) -> bool:
-    """True when every leaf of ``args`` is a concrete JAX array: not a tracer (the call is
-    then not inside ``jit``, ``grad``, ``vmap``, ``shard_map`` or ``pmap``), not a NumPy array
-    or a Python number (which ``jit`` would convert: a NumPy int64 to int32), and not a
-    ``float0`` array."""
+def compiles_eagerly(args: Any) -> bool:
+    """True when a call on ``args`` may run a compiled program in place of op by op: not
+    under ``jax.disable_jit()``, and every leaf of ``args`` a concrete JAX array: not a
+    tracer (the call is then not inside ``jit``, ``grad``, ``vmap``, ``shard_map`` or
+    ``pmap``), not a NumPy array or a Python number (which ``jit`` would convert: a NumPy
+    int64 to int32), and not a ``float0`` array."""
+    if jax.config.jax_disable_jit:
+        return False
     for leaf in jax.tree.leaves(args):
         if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array):
             return False
@@ -930,7 +933,7 @@ def _compiled_when_eager(fn):
     specs)."""
     @functools.wraps(fn)
     def run(x, *args, **kwargs):
-        if jax.config.jax_disable_jit or not all_jax_arrays(x):
+        if not compiles_eagerly(x):
             return fn(x, *args, **kwargs)
         # typed, so that ord=True (refused) is not ord=1, which equals it
         key = (fn.__name__, tuple((type(a), a) for a in args),

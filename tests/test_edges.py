@@ -1,7 +1,6 @@
 """Run-time trust, for every clipper: donation, thresholds that go bad at run time, errors a
 user can act on. Each test here failed on the code before the fix it pins."""
 
-import logging
 import math
 import warnings
 
@@ -13,6 +12,7 @@ import pytest
 import refs
 
 import optclip
+from bench.eager_probe import lowerings
 from optclip import static
 
 P = {"w": jnp.array([[0.5, -1.0], [2.0, 0.25]]), "b": jnp.array([0.1, -0.2])}
@@ -69,27 +69,6 @@ def test_reset_peaks_state_can_be_donated():
 
 # --- an eager update compiles once ---------------------------------------------------------------
 
-def _lowerings(fn) -> list[str]:
-    """The programs JAX lowers (builds for XLA, compiled or found in a cache) in ``fn()``, by
-    the log line that names each."""
-    seen = []
-
-    class Log(logging.Handler):
-        def emit(self, record):
-            if record.getMessage().startswith("Compiling "):
-                seen.append(record.getMessage().split(" with ", 1)[0])
-
-    log = logging.getLogger("jax._src.interpreters.pxla")
-    handler = Log()
-    log.addHandler(handler)
-    try:
-        with jax.log_compiles(True):
-            fn()
-    finally:
-        log.removeHandler(handler)
-    return seen
-
-
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_eager_update_compiles_once(name):
     # Eagerly, JAX traced each lax.cond again at every call and compiled it again: 1 to 3
@@ -99,10 +78,10 @@ def test_eager_update_compiles_once(name):
     tx = ALL[name]()
     states, lowered = [tx.init(P)], []
     for _ in range(4):
-        out = []
-        lowered.append(_lowerings(lambda s=states[-1], out=out: out.append(
-            jax.block_until_ready(tx.update(G, s, P)))))
-        states.append(out[0][1])
+        (_, state), names = lowerings(
+            lambda s=states[-1]: jax.block_until_ready(tx.update(G, s, P)))
+        states.append(state)
+        lowered.append(names)
     whole = [[n for n in names if "update_fn" in n] for names in lowered]
     assert [len(w) for w in whole] == [0, 1, 0, 0], lowered
     assert [len(names) for names in lowered[2:]] == [0, 0]
@@ -124,9 +103,8 @@ def test_a_transformation_rebuilt_every_step_is_not_compiled_every_step():
         optclip.clip_by_global_norm(1.0), optax.sgd(learning_rate)))(learning_rate=0.1)
     state, names = tx.init(P), []
     for _ in range(3):
-        out = []
-        names += _lowerings(lambda s=state, out=out: out.append(tx.update(G, s, P)))
-        u, state = out[0]
+        (u, state), lowered = lowerings(lambda s=state: tx.update(G, s, P))
+        names += lowered
     assert names and not [n for n in names if "update_fn" in n], names
     np.testing.assert_allclose(float(optax.global_norm(u)), 0.1, rtol=1e-6)
 
@@ -142,12 +120,11 @@ def test_an_update_that_needs_python_values_runs_as_written(schedule):
     state = tx.init(P)
     norms, lowered = [], []
     for i in range(4):
-        out = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            lowered.append(_lowerings(lambda s=state, out=out: out.append(tx.update(G, s, P))))
+            (u, state), names = lowerings(lambda s=state: tx.update(G, s, P))
         assert len(caught) == (i == 1), [str(w.message) for w in caught]
-        u, state = out[0]
+        lowered.append(names)
         norms.append(float(optax.global_norm(u)))
     np.testing.assert_allclose(norms, [1.0, 1.0, 0.5, 0.5], rtol=1e-6)
     assert not [n for names in lowered[2:] for n in names if "update_fn" in n]  # stays op by op
@@ -160,7 +137,7 @@ def test_a_callers_error_in_the_compiled_call_is_raised_not_hidden():
     with pytest.raises(TypeError, match="update got state=None"):
         tx.update(G, None, P)  # the second call, which would compile: the caller's error
     _, state = tx.update(G, state, P)
-    assert _lowerings(lambda: tx.update(G, state, P)) == []  # and it still runs compiled
+    assert lowerings(lambda: tx.update(G, state, P))[1] == []  # and it still runs compiled
 
 
 def test_numpy_and_integer_leaves_pass_through_untouched_eagerly():
@@ -191,7 +168,7 @@ def test_eager_norms_compile_once(name):
     # a norm logged at every step of an eager loop compiled its rescue's lax.cond at every call
     f = NORMS[name]
     got = f(G)
-    assert [len(_lowerings(lambda: jax.block_until_ready(f(G)))) for _ in range(2)] == [0, 0]
+    assert [len(lowerings(lambda: jax.block_until_ready(f(G)))[1]) for _ in range(2)] == [0, 0]
     with jax.disable_jit():
         want = f(G)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):

@@ -742,22 +742,34 @@ def norm_core(
     def mags_of(ids: Sequence[int], for_max: bool) -> list[jax.Array]:
         return [mag(xs[i] if xform is None else xform(xs[i], i, for_max)) for i in ids]
 
+    mesh = [None] * len(xs) if axes_per_leaf is None else list(axes_per_leaf)
+    # The combined norm's small arrays, per group of mesh axes: concatenated raw once, outside
+    # the rescue's conds, which take the concatenation as it is. It is written out anyway (a
+    # concatenation of many arrays is not fused into its reduction), and built in each of the
+    # three reductions it cost compile time in proportion to the number of small leaves.
+    small_flat: dict[int, jax.Array] = {}
+    if combine:
+        by_axes: dict[Any, list[int]] = {}
+        for i, ax in enumerate(mesh):
+            if 0 < xs[i].size <= SMALL_LEAF:
+                by_axes.setdefault(ax, []).append(i)
+        for ids in by_axes.values():
+            if len(ids) > 1:
+                small_flat[ids[0]] = jnp.concatenate([jnp.ravel(xs[i]) for i in ids])
+
     def group_mags(ids: list[int], for_max: bool) -> list[jax.Array]:
-        """The magnitudes of a group of arrays to be reduced together. With ``xform``, the
-        small arrays are concatenated raw and transformed once (with the first one's
-        index): transformed one by one, a model's thousand small leaves would each add
-        their own op, and compile time grows with them."""
-        if xform is None:
-            return mags_of(ids, for_max)
+        """The magnitudes of a group of arrays to be reduced together: the large ones one by
+        one, the small ones as one flat array (``small_flat``; with ``xform``, transformed
+        once, with the first one's index): one by one, a model's thousand small leaves would
+        each add their own op, and compile time grows with them."""
         big = [i for i in ids if xs[i].size > SMALL_LEAF]
         small = [i for i in ids if 0 < xs[i].size <= SMALL_LEAF]
+        if not small:
+            return mags_of(big, for_max) or [jnp.zeros((0,), acc)]
         out = mags_of(big, for_max)
-        if small:
-            flat = jnp.concatenate([jnp.ravel(xs[i]) for i in small]) if len(small) > 1 \
-                else jnp.ravel(xs[small[0]])
-            out.append(mag(xform(flat, small[0], for_max)))
-        return out or [jnp.zeros((0,), acc)]
-    mesh = [None] * len(xs) if axes_per_leaf is None else list(axes_per_leaf)
+        flat = small_flat[small[0]] if small[0] in small_flat else jnp.ravel(xs[small[0]])
+        out.append(mag(flat if xform is None else xform(flat, small[0], for_max)))
+        return out
     lay = layout_of(xs, axes)
     # per unit: the arrays laid out once (stacks and rows of the small ones' magnitudes),
     # outside the rescue's conds, whose branches then take the layout as it is

@@ -480,6 +480,20 @@ def test_small_leaves_are_stacked_once_not_again_in_the_rescues_branches(name):
     assert len(stacks) == 1, [len(e.invars) for e in stacks]
 
 
+@pytest.mark.parametrize("name", ["clip_by_global_norm", "zclip", "autoclip", "skip_on_spike"])
+def test_global_norms_small_leaves_are_concatenated_once(name):
+    # The combined norm concatenated its small leaves in each of its three reductions (the
+    # sum, and inside the rescue's lax.conds the max and the rescaled sum): the update alone
+    # on 2,000 small leaves compiled in 9.10 s, 6.71 s concatenated once
+    # (bench/results/cpu_small_concat). The conds take the concatenation made outside them.
+    tree = {f"l{i:04d}": jnp.ones((4, 9)) for i in range(40)}
+    tx = REG[name].alone()
+    jaxpr = jax.make_jaxpr(tx.update)(tree, tx.init(tree), tree).jaxpr
+    concats = [e for e in _eqns(jaxpr) if e.primitive.name == "concatenate"
+               and any(tuple(v.aval.shape) == (36,) for v in e.invars)]
+    assert len(concats) == 1, [len(e.invars) for e in concats]
+
+
 def test_zero_probe_runs_and_zeroes_every_fourth_leaf(capsys):
     from bench import zero_probe
 

@@ -743,33 +743,38 @@ def norm_core(
         return [mag(xs[i] if xform is None else xform(xs[i], i, for_max)) for i in ids]
 
     mesh = [None] * len(xs) if axes_per_leaf is None else list(axes_per_leaf)
-    # The combined norm's small arrays, per group of mesh axes: concatenated raw once, outside
-    # the rescue's conds, which take the concatenation as it is. It is written out anyway (a
+    # The combined norm's small arrays, per group of mesh axes: concatenated once, outside the
+    # rescue's conds, which take the concatenation as it is. It is written out anyway (a
     # concatenation of many arrays is not fused into its reduction), and built in each of the
     # three reductions it cost compile time in proportion to the number of small leaves.
-    small_flat: dict[int, jax.Array] = {}
+    # Without ``xform``, their magnitudes are concatenated, each taken in the accumulation
+    # dtype first. With ``xform``, the arrays themselves (the transform is taken once, on the
+    # concatenation, with its first array's index), of strong types: a weak float32 (the
+    # gradient of a Python float) beside a float16 array would be cast to float16. And
+    # complex arrays apart: a real one would gain imaginary zeros, which an ``xform`` that
+    # clamps into bounds excluding 0 would move.
+    small_flat: dict[Any, list[tuple[int, jax.Array]]] = {}
     if combine:
-        by_axes: dict[Any, list[int]] = {}
+        kinds: dict[tuple, list[int]] = {}
         for i, ax in enumerate(mesh):
             if 0 < xs[i].size <= SMALL_LEAF:
-                by_axes.setdefault(ax, []).append(i)
-        for ids in by_axes.values():
-            if len(ids) > 1:
-                small_flat[ids[0]] = jnp.concatenate([jnp.ravel(xs[i]) for i in ids])
+                kinds.setdefault((ax, xform is not None and jnp.iscomplexobj(xs[i])),
+                                 []).append(i)
+        for (ax, _), ids in kinds.items():
+            vals = [jnp.ravel(mag(xs[i]) if xform is None
+                              else lax.convert_element_type(xs[i], xs[i].dtype)) for i in ids]
+            small_flat.setdefault(ax, []).append(
+                (ids[0], jnp.concatenate(vals) if len(vals) > 1 else vals[0]))
 
-    def group_mags(ids: list[int], for_max: bool) -> list[jax.Array]:
-        """The magnitudes of a group of arrays to be reduced together: the large ones one by
-        one, the small ones as one flat array (``small_flat``; with ``xform``, transformed
-        once, with the first one's index): one by one, a model's thousand small leaves would
-        each add their own op, and compile time grows with them."""
-        big = [i for i in ids if xs[i].size > SMALL_LEAF]
-        small = [i for i in ids if 0 < xs[i].size <= SMALL_LEAF]
-        if not small:
-            return mags_of(big, for_max) or [jnp.zeros((0,), acc)]
-        out = mags_of(big, for_max)
-        flat = small_flat[small[0]] if small[0] in small_flat else jnp.ravel(xs[small[0]])
-        out.append(mag(flat if xform is None else xform(flat, small[0], for_max)))
-        return out
+    def group_mags(ax: Any, ids: list[int], for_max: bool) -> list[jax.Array]:
+        """The magnitudes of a group of arrays to be reduced together (those of mesh axes
+        ``ax``): the large ones one by one, the small ones as flat arrays (``small_flat``):
+        one by one, a model's thousand small leaves would each add their own op, and compile
+        time grows with them."""
+        out = mags_of([i for i in ids if xs[i].size > SMALL_LEAF], for_max)
+        for first, flat in small_flat.get(ax, []):
+            out.append(flat if xform is None else mag(xform(flat, first, for_max)))
+        return out or [jnp.zeros((0,), acc)]
     lay = layout_of(xs, axes)
     # per unit: the arrays laid out once (stacks and rows of the small ones' magnitudes),
     # outside the rescue's conds, whose branches then take the layout as it is
@@ -816,7 +821,8 @@ def norm_core(
             groups.setdefault(ax, []).append(i)
         parts = []
         for ax, ids in groups.items():
-            part = grouped_total(group_mags(ids, kind in ("max", "scale")), scale, term, red)
+            part = grouped_total(group_mags(ax, ids, kind in ("max", "scale")), scale, term,
+                                 red)
             parts.append(part if ax is None or ax == () else coll(part, ax))
         return red(jnp.stack(parts)) if len(parts) > 1 else parts[0]
 

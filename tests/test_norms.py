@@ -353,3 +353,23 @@ def test_all_zero_leaves_skip_the_rescues_second_pass(monkeypatch):
     tx = optclip.clip_by_leaf_norm(1.0)
     tree = _zero_mix({})
     assert _second_passes(monkeypatch, lambda g: tx.update(g, tx.init(g))[0], tree) == 0
+
+
+@pytest.mark.parametrize("half", [jnp.float16, jnp.bfloat16])
+def test_a_weak_float32_leaf_beside_a_half_precision_one_keeps_its_precision(half):
+    # jax.grad of a Python-float parameter is a weak float32. Concatenated raw with a float16
+    # leaf, it was cast to float16 (1e5 to inf: the update zeroed as non-finite), with a
+    # bfloat16 one it lost its digits (1.001 to 1.0).
+    t = 1e5 if half == jnp.float16 else 1.001
+    g = {"t": jnp.asarray(t), "w": jnp.ones(3, half)}
+    assert g["t"].weak_type
+    want = math.sqrt(3 + t * t)
+    for p in (1, 2, 3, math.inf):
+        ref = {1: 3 + t, 2: want, 3: (3 + t ** 3) ** (1 / 3), math.inf: max(1.0, t)}[p]
+        np.testing.assert_allclose(float(optclip.global_norm(g, p)), ref, rtol=1e-6)
+    tx = optclip.clip_by_global_norm(2 * want)
+    out, state = jax.jit(tx.update)(g, tx.init(g))
+    assert not bool(state.stats.nonfinite) and not bool(state.stats.clipped)
+    np.testing.assert_allclose(float(state.stats.grad_norm), want, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out["w"], np.float32), np.ones(3, np.float32))
+

@@ -358,6 +358,41 @@ def test_trains_least_squares_to_optimum(name, opt):
     assert float(optclip.stats(state)["grad_norm"]) < 0.05
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_clip_by_value_scale_stat_with_complex_and_real_leaves_and_bounds_excluding_zero(jit):
+    # The norm after the clamp concatenated the small leaves raw before clamping them: a real
+    # leaf beside a complex one was promoted to complex, and its imaginary zeros were clamped
+    # into [0.1, 1] and counted (the clamp itself, leaf by leaf, was right).
+    tree = {"c": jnp.array([1 + 1j, 0.05 - 2j], jnp.complex64),
+            "r": jnp.array([0.5, 2.0, -3.0], jnp.float32)}
+    tx = optclip.clip_by_value(1.0, min_value=0.1)
+    update = jax.jit(tx.update) if jit else tx.update
+    out, state = update(tree, tx.init(None))
+    xs = [np.asarray(x).astype(np.complex128) for x in jax.tree.leaves(tree)]
+    clamped = [np.clip(x.real, 0.1, 1.0) + 1j * np.clip(x.imag, 0.1, 1.0) if np.iscomplexobj(
+        np.asarray(t)) else np.clip(x.real, 0.1, 1.0) for x, t in zip(xs, jax.tree.leaves(tree),
+                                                                     strict=True)]
+    for got, want in zip(jax.tree.leaves(out), clamped, strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+    before = math.sqrt(sum(np.sum(np.abs(x) ** 2) for x in xs))
+    after = math.sqrt(sum(np.sum(np.abs(x) ** 2) for x in clamped))
+    np.testing.assert_allclose(float(state.stats.scale), after / before, rtol=1e-5)
+    np.testing.assert_allclose(float(state.stats.grad_norm), before, rtol=1e-6)
+
+
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_clip_by_value_scale_stat_with_a_weak_float32_leaf_beside_a_bfloat16_one(two_sided):
+    # the norm after the clamp concatenated the small leaves raw: a weak float32 (the gradient
+    # of a Python float) was cast to bfloat16, and 1.001 counted as 1.0
+    g = {"h": jnp.array([3.0, 0.5], jnp.bfloat16), "t": jnp.asarray(1.001)}
+    tx = optclip.clip_by_value(1.5, min_value=-1.5 if two_sided else None)
+    _, state = jax.jit(tx.update)(g, tx.init(None))
+    before = math.sqrt(9 + 0.25 + 1.001 ** 2)
+    after = math.sqrt(1.5 ** 2 + 0.25 + 1.001 ** 2)
+    assert bool(state.stats.clipped)
+    np.testing.assert_allclose(float(state.stats.scale), after / before, rtol=1e-6)
+
+
 def test_clip_by_value_scale_stat_matches_float64_at_every_magnitude():
     # the norm after the clamp is taken divided by the bound, with no overflow rescue (the
     # terms are at most 1 and one is 1): exact from 1e-30 to 1e30, complex and bf16 leaves too

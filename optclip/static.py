@@ -325,6 +325,11 @@ def _value_clamped(leaves: list[jax.Array], lo: jax.Array, hi: jax.Array, symmet
         return jnp.zeros((), bool)
     wide = [v.astype(jnp.promote_types(v.dtype, jnp.float32)) for v in parts]
     lo_, hi_ = lo.astype(wide[0].dtype), hi.astype(wide[0].dtype)
+    # the small arrays concatenated once, outside the cond, for both of its branches (each
+    # concatenated them again: a concatenation of many arrays is compiled on its own)
+    small = [v.ravel() for v in wide if v.size <= _n.SMALL_LEAF]
+    if len(small) > 1:
+        wide = [v for v in wide if v.size > _n.SMALL_LEAF] + [jnp.concatenate(small)]
 
     def finite_step():
         if symmetric:

@@ -733,10 +733,11 @@ def norm_core(
     def mag(v: jax.Array) -> jax.Array:
         return _magnitude(v, acc)
 
-    # The combined norm's magnitudes: built afresh by every reduction, so that inside the
-    # rescue branch they are traced from ``xs`` (the cond's operands) rather than captured,
-    # materialised, from outside. (The per-unit norms' small arrays are stacked once, below:
-    # a stack is written out anyway.) ``xform(x, i, for_max)``: the max's copy is written
+    # The combined norm's magnitudes of its large arrays: built afresh by every reduction, so
+    # that inside the rescue branch they are traced from ``xs`` (the cond's operands) rather
+    # than captured, materialised, from outside. (Its small arrays are concatenated once, and
+    # the per-unit norms' stacked once, below: a concatenation or a stack of many arrays is
+    # written out anyway.) ``xform(x, i, for_max)``: the max's copy is written
     # differently, so that XLA does not merge it with the sum's into one producer of two
     # reductions, which it would write out.
     def mags_of(ids: Sequence[int], for_max: bool) -> list[jax.Array]:

@@ -484,8 +484,8 @@ def test_small_leaves_are_stacked_once_not_again_in_the_rescues_branches(name):
 def test_global_norms_small_leaves_are_concatenated_once(name):
     # The combined norm concatenated its small leaves in each of its three reductions (the
     # sum, and inside the rescue's lax.conds the max and the rescaled sum): the update alone
-    # on 2,000 small leaves compiled in 9.10 s, 6.71 s concatenated once
-    # (bench/results/cpu_small_concat). The conds take the concatenation made outside them.
+    # on 2,000 small leaves compiled in 6.95 s, 5.81 s concatenated once (medians of five,
+    # bench/results/cpu_small_concat). The conds take the concatenation made outside them.
     tree = {f"l{i:04d}": jnp.ones((4, 9)) for i in range(40)}
     tx = REG[name].alone()
     jaxpr = jax.make_jaxpr(tx.update)(tree, tx.init(tree), tree).jaxpr
@@ -494,20 +494,30 @@ def test_global_norms_small_leaves_are_concatenated_once(name):
     assert len(concats) == 1, [len(e.invars) for e in concats]
 
 
-def test_clip_by_value_concatenates_its_small_leaves_three_times_not_seven():
+@pytest.mark.parametrize("min_value", [None, -0.2])
+@pytest.mark.parametrize("with_complex", [False, True])
+def test_clip_by_value_concatenates_its_small_leaves_three_times_not_seven(min_value,
+                                                                          with_complex):
     # its norm before, its clamp flag's two branches (the max on a finite step, the any on a
     # non-finite one, of which XLA:CPU's takes slices and lowers the other backends' form
     # too) and its norm after the clamp each concatenated the small leaves, the norms three
-    # times over: seven concatenations (b50ea1b). Now the norms concatenate once each (their
-    # magnitudes, and for the norm after the arrays it clamps), and the clamp flag once for
+    # times over (with min_value; once for the norm after without it): seven or nine
+    # concatenations (b50ea1b). Now the norms concatenate once each (their magnitudes, and for
+    # the norm after the arrays it clamps, complex ones apart), and the clamp flag once for
     # both branches. On 2,000 small leaves its update's first call went from 17.9 s to 12.9 s
     # (bench/results/cpu_small_concat/compile_probe_value.log).
     tree = {f"l{i:04d}": jnp.ones((4, 9)) for i in range(40)}
-    tx = REG["clip_by_value"].alone()
-    jaxpr = jax.make_jaxpr(tx.update)(tree, tx.init(tree), tree).jaxpr
+    if with_complex:
+        tree.update({f"c{i}": jnp.ones((2, 3), jnp.complex64) for i in range(3)})
+    tx = optclip.clip_by_value(0.1, min_value=min_value)
+    jaxpr = jax.make_jaxpr(tx.update)(tree, tx.init(tree)).jaxpr
     concats = [e for e in _eqns(jaxpr) if e.primitive.name == "concatenate"
                and any(tuple(v.aval.shape) == (36,) for v in e.invars)]
     assert len(concats) == 3, [len(e.invars) for e in concats]
+    # the norm after the clamp's complex group: concatenated once, apart
+    apart = [e for e in _eqns(jaxpr) if e.primitive.name == "concatenate"
+             and all(v.aval.dtype == jnp.complex64 for v in e.invars)]
+    assert len(apart) == (1 if with_complex else 0), [len(e.invars) for e in apart]
 
 
 def test_zero_probe_runs_and_zeroes_every_fourth_leaf(capsys):

@@ -313,8 +313,8 @@ def _value_clamped(leaves: list[jax.Array], lo: jax.Array, hi: jax.Array, symmet
     every backend's fast reduce kernels and, beside the norms' sums, cost about one more read
     of the updates. A NaN would poison the max, so on a non-finite step (a ``lax.cond`` on the
     flag the norm already gives) a boolean ``any`` of the finite elements outside the bounds
-    decides instead: a NaN does not hide a clamp beside it. Both group the small leaves as
-    the norms do (``norms.grouped_total``), so that compile time stays linear in the number
+    decides instead: a NaN does not hide a clamp beside it. The small leaves are
+    concatenated once, for both branches, so that compile time stays linear in the number
     of leaves.
     """
     parts = []
@@ -381,10 +381,8 @@ def _chunked_any(vals: list[jax.Array], pred, chunks: int = _ANY_CHUNKS) -> jax.
     dtype = jnp.result_type(*vals) if vals else jnp.float32
     # A slice's offset is an int32: a leaf of 2**31 elements or more is reduced whole.
     huge = [jnp.any(pred(v)) for v in vals if v.size >= _INT32_MAX]
-    flat = [v.ravel().astype(dtype) for v in vals if _n.SMALL_LEAF < v.size < _INT32_MAX]
-    small = [v.ravel().astype(dtype) for v in vals if 0 < v.size <= _n.SMALL_LEAF]
-    if small:  # once, outside the loop (as norms.grouped_total groups them)
-        flat.append(jnp.concatenate(small) if len(small) > 1 else small[0])
+    # (its caller hands the small arrays in concatenated already)
+    flat = [v.ravel().astype(dtype) for v in vals if 0 < v.size < _INT32_MAX]
     init = jnp.any(jnp.stack(huge)) if huge else jnp.zeros((), bool)
     if not flat:
         return init

@@ -4,7 +4,8 @@ One first call (trace + lower + compile) varies by about 1 s from run to run on 
 machine, more than most compile-time changes this library makes. This probe compiles each
 chain's donated train step (as ``python -m bench`` does) in a fresh process, ``--reps``
 times, interleaving the chains and the two checkouts in a shuffled order, and prints the
-medians. It also prints the number of fused computations in the compiled step, and of
+medians, and the medians of its trace + lower part (Python's work, before XLA's). It also
+prints the number of fused computations in the compiled step, and of
 distinct ones (names set aside: XLA:CPU compiles identical kernels once), which do not vary.
 
     python -m bench.compile_probe [--trees gpt2,resnet50] [--clippers a,b] [--reps 3]
@@ -63,15 +64,17 @@ def one(tree_name: str, name: str, alone: bool = False) -> dict:
     state = jax.eval_shape(tx.init, tree)
     t0 = time.perf_counter()
     if alone:
-        compiled = jax.jit(lambda u, s, p: tx.update(u, s, p), donate_argnums=(0, 1)).lower(
-            tree, state, tree).compile()
+        lowered = jax.jit(lambda u, s, p: tx.update(u, s, p), donate_argnums=(0, 1)).lower(
+            tree, state, tree)
     else:
-        compiled = train_step(tx).lower(tree, state, tree).compile()
+        lowered = train_step(tx).lower(tree, state, tree)
+    lower_s = time.perf_counter() - t0
+    compiled = lowered.compile()
     secs = time.perf_counter() - t0
     n, d = fused_counts(compiled.as_text())
     import optclip
 
-    return {"first_call_s": secs, "fused": n, "distinct": d,
+    return {"first_call_s": secs, "lower_s": lower_s, "fused": n, "distinct": d,
             "optclip": str(Path(optclip.__file__).resolve().parents[1])}
 
 
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.reps} rounds, each first call in a fresh process", flush=True)
     rng = random.Random(args.seed)
     got: dict = collections.defaultdict(list)
+    lowers: dict = collections.defaultdict(list)
     counts: dict = {}
     for rep in range(args.reps):
         order = tasks[:]
@@ -123,17 +127,21 @@ def main(argv: list[str] | None = None) -> None:
         for tree_name, name, label in order:
             r = _run(srcs[label], tree_name, name, args.alone)
             got[(tree_name, name, label)].append(r["first_call_s"])
+            lowers[(tree_name, name, label)].append(r["lower_s"])
             counts[(tree_name, name, label)] = (r["fused"], r["distinct"])
             print(f"round {rep + 1}: {tree_name} {name} [{label}] first call "
-                  f"{r['first_call_s']:.2f} s, fused {r['fused']}, distinct {r['distinct']}",
+                  f"{r['first_call_s']:.2f} s (trace + lower {r['lower_s']:.2f} s), "
+                  f"fused {r['fused']}, distinct {r['distinct']}",
                   flush=True)
     what = "update alone" if args.alone else "chain + adam"
-    print(f"\n| tree | {what} | checkout | first call, median (all) | fused | distinct |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| tree | {what} | checkout | first call, median (all) | of which trace + lower "
+          "| fused | distinct |")
+    print("|---|---|---|---|---|---|---|")
     for key in tasks:
         ts = got[key]
         print(f"| {key[0]} | `{key[1]}` | {key[2]} | {statistics.median(ts):.2f} s "
-              f"({', '.join(f'{t:.2f}' for t in ts)}) | {counts[key][0]} | {counts[key][1]} |")
+              f"({', '.join(f'{t:.2f}' for t in ts)}) | {statistics.median(lowers[key]):.2f} s "
+              f"| {counts[key][0]} | {counts[key][1]} |")
 
 
 if __name__ == "__main__":

@@ -273,10 +273,20 @@ def _units(flat: jax.Array, lay: Layout, j: int, gather: bool) -> jax.Array:
     kernel per array again).
     """
     o, k, shape = lay.offsets[j], lay.n_units[j], lay.shapes[j]
+    # lax primitives, not NumPy-style indexing, whose own Python work (and index
+    # normalisation) was most of a per-leaf clipper's trace time on many leaves
+    # (bench/results/cpu_trace/); XLA's optimized program is the same.
     if not gather or k == 0:
-        return flat[o:o + k].reshape(shape)
+        return lax.reshape(lax.slice(flat, (o,), (o + k,)), shape)
     idx = np.append(np.arange(o, o + k), 0 if o else lay.total - 1).astype(np.int32)
-    return flat.at[idx].get(mode="promise_in_bounds")[:k].reshape(shape)
+    got = lax.gather(flat, idx[:, None], _GATHER_DIMS, (1,),
+                     mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+    return lax.reshape(lax.slice(got, (0,), (k,)), shape)
+
+
+# one element of a 1-D array per index (as ``v.at[idx].get()``)
+_GATHER_DIMS = lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(0,),
+                                          start_index_map=(0,))
 
 
 def _split_sliced(flat: jax.Array, lay: Layout) -> list[jax.Array]:

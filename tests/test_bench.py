@@ -253,6 +253,36 @@ def test_per_leaf_results_reach_many_leaves_without_a_slice_each(name):
     assert sum(int(n) >= 96 for n in operands) < 96 // 8
 
 
+def _n_eqns(jaxpr) -> int:
+    """The equations of ``jaxpr``, those of the jaxprs inside them included."""
+    from jax._src import core as jax_core  # jaxprs_in_params: no public equivalent
+
+    return sum(1 + sum(_n_eqns(j) for j in jax_core.jaxprs_in_params(e.params))
+               for e in jaxpr.eqns)
+
+
+# equations per small leaf, at most (at 3bdf577: 9, and 12 for clippy; the global norm's 2
+# are each leaf's multiply by the factor and its conversion)
+_EQNS_PER_LEAF = {"clip_by_leaf_norm": 6, "clip_by_block_rms": 6, "agc": 6, "adagc": 6,
+                  "clippy": 9}
+
+
+@pytest.mark.parametrize("name", list(_EQNS_PER_LEAF))
+def test_trace_work_per_small_leaf(name):
+    # Tracing (Python) was about half of a per-unit clipper's first call on 1,000 small
+    # leaves (trace + lower 2.1-2.9 s, against 0.7 s for the global norm): NumPy-style
+    # indexing to take each leaf's part of the flat vector of norms (with its index
+    # normalisation), and a stack of every leaf's size. The equations a leaf adds are a
+    # deterministic measure of that work; the first calls, with their trace + lower part, are
+    # in bench/results/cpu_trace/ (python -m bench.compile_probe --alone).
+    def n(leaves):
+        tree = {f"b{i:03d}": jnp.ones((8,)) for i in range(leaves)}
+        tx = REG[name].alone()
+        return _n_eqns(jax.make_jaxpr(tx.update)(tree, tx.init(tree), tree).jaxpr)
+
+    assert (n(80) - n(40)) / 40 <= _EQNS_PER_LEAF[name]
+
+
 @pytest.mark.skipif(not ON_CPU, reason="the gather is XLA:CPU's (norms.split_flat)")
 @pytest.mark.parametrize("name", ["clip_by_leaf_norm", "clip_by_block_rms", "adagc", "agc"])
 def test_large_leaves_of_one_shape_share_their_kernels(name):
@@ -539,8 +569,11 @@ def test_compile_probe_runs_each_first_call_in_a_fresh_process(capsys):
     out = capsys.readouterr().out
     row = [ln for ln in out.splitlines() if ln.startswith("| tiny | `clip_by_leaf_norm`")]
     assert len(row) == 1 and "| this |" in row[0], out
-    fused, distinct = (int(c) for c in row[0].strip("| ").split(" | ")[-2:])
+    cells = row[0].strip("| ").split(" | ")
+    fused, distinct = (int(c) for c in cells[-2:])
     assert fused >= distinct > 0
+    first, traced = float(cells[3].split()[0]), float(cells[4].split()[0])
+    assert 0 < traced < first  # trace + lower is a part of the first call
 
 
 def test_eager_probe_runs_and_later_eager_calls_compile_nothing():

@@ -206,17 +206,17 @@ def layer_norms(
     flat, nonfinite = _n.norm_core(xs, p, axes=axes, axes_per_leaf=mesh, flag_axes=flag_axes,
                                    flat=True)
     lay = _n.layout_of(xs, axes)
-    if not flag_axes and all(_names(ax) == () for ax in mesh or ()):
+    split_across = any(_names(ax) for ax in mesh or ())
+    if not flag_axes and not split_across:
         # no array split across devices: every size is known here, one constant (a scalar
         # per array, stacked, was much of the trace time of a tree of many leaves)
         unit_sizes = jnp.asarray(np.repeat(np.asarray(lay.sizes, np.float64),
                                            np.asarray(lay.n_units, np.int64)), flat.dtype)
         return LayerNorms(flat, unit_sizes, nonfinite, lambda v: _n.split_flat(v, lay))
-    local_sizes = [jnp.asarray(s, flat.dtype) for s in lay.sizes]
-    sizes = _n.collect(local_sizes, mesh, lax.psum)
+    sizes = _n.collect([jnp.asarray(s, flat.dtype) for s in lay.sizes], mesh, lax.psum)
     if not flag_axes:
         unit_sizes = jnp.repeat(jnp.stack(sizes), np.asarray(lay.n_units),
-                                total_repeat_length=lay.total) if sizes else flat
+                                total_repeat_length=lay.total)
         return LayerNorms(flat, unit_sizes, nonfinite, lambda v: _n.split_flat(v, lay))
     # Every layer's norm on every device, in one psum across the mesh axes that split a
     # layer axis: each device writes its own layers' norms at their place (zeros elsewhere),

@@ -372,4 +372,3 @@ def test_a_weak_float32_leaf_beside_a_half_precision_one_keeps_its_precision(hal
     assert not bool(state.stats.nonfinite) and not bool(state.stats.clipped)
     np.testing.assert_allclose(float(state.stats.grad_norm), want, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(out["w"], np.float32), np.ones(3, np.float32))
-

@@ -6,6 +6,7 @@
     python -m bench.xla_probe value        clip_by_value: its reductions' costs, its NaN step
     python -m bench.xla_probe select       per-leaf values out of one vector: slices or selection
     python -m bench.xla_probe update_space min and max with a NaN; temps of update clipping
+    python -m bench.xla_probe reduce_fusion  the element-wise ops XLA:CPU fuses into a min
     python -m bench.xla_probe written_out  per-leaf factors computed in every leaf's kernel
     python -m bench.xla_probe unit_rescue  per-unit rescued sums: which terms XLA writes out
 
@@ -31,6 +32,13 @@ of the other elements, or neither. Then the temp bytes, as a share of a two-leaf
 update-space clipping after adam: Optax's ``clip_by_block_rms`` and ``clip_by_global_norm``,
 optclip's ``clip_by_global_norm`` and ``clippy``, and the same step with two per-leaf
 reductions of the update (a sum of squares and a min) where each alone is one reduction.
+
+``reduce_fusion``: which element-wise operations XLA:CPU fuses into a reduction of Adam's
+update. Adam, then each tensor multiplied by ``min(1, r)`` where ``r`` is a min reduction of
+an element-wise expression of the update ``u`` and the weight ``w`` (as ``clippy``'s ratios
+are), on a two-leaf tree: the temp bytes of the donated step, as a share of the tree. 1.00x
+is Adam's update alone written out (the reduction read it as it was computed); 2.00x or
+more, the reduction's operand written out as well.
 
 ``written_out``: compile time and optimized HLO size of 1,000 leaves each multiplied by its
 own factor, taken by a gather (``norms._split_gathered``) from a vector that a chain of
@@ -473,8 +481,61 @@ def unit_rescue() -> None:
         _n._scaled_terms, _n._reduce_packed = shipped, shipped_reduce
 
 
+def reduce_fusion() -> None:
+    p = {"a": jax.ShapeDtypeStruct((512, 1024), jnp.float32),
+         "b": jax.ShapeDtypeStruct((1024, 512), jnp.float32)}
+    size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(p))
+
+    def bound(w, lr, la):
+        return lr * jnp.abs(w) + la
+
+    forms = {
+        "b / |u| (arithmetic only)": lambda u, w, lr, la: bound(w, lr, la) / jnp.abs(u),
+        "max(b / |u|, 0)": lambda u, w, lr, la: jnp.maximum(bound(w, lr, la) / jnp.abs(u), 0),
+        "b / min(|u|, 3e38)": lambda u, w, lr, la: bound(w, lr, la) / jnp.minimum(
+            jnp.abs(u), 3e38),
+        "sqrt(b / |u|)": lambda u, w, lr, la: jnp.sqrt(bound(w, lr, la) / jnp.abs(u)),
+        "(b / |u|) ** 2": lambda u, w, lr, la: (bound(w, lr, la) / jnp.abs(u)) ** 2,
+        "b with 0 * inf = 0 (a select)": lambda u, w, lr, la: (
+            jnp.where((w == 0) | (lr == 0), 0.0, jnp.abs(w) * lr) + la) / jnp.abs(u),
+        "where(|u| > 0, b / |u|, inf)": lambda u, w, lr, la: jnp.where(
+            jnp.abs(u) > 0, bound(w, lr, la) / jnp.abs(u), jnp.inf),
+        "b / where(|u| > 0, |u|, 1)": lambda u, w, lr, la: bound(w, lr, la) / jnp.where(
+            jnp.abs(u) > 0, jnp.abs(u), 1.0),
+        "b / |u| + isfinite(u) (a compare, a convert)": lambda u, w, lr, la: (
+            bound(w, lr, la) / jnp.abs(u) + jnp.isfinite(u).astype(jnp.float32)),
+        "bitcast to int32 (min of the bits)": lambda u, w, lr, la: lax.bitcast_convert_type(
+            bound(w, lr, la) / jnp.abs(u), jnp.int32),
+        "clippy's masked ratios (optclip.clippy._ratios)": None,
+    }
+    import importlib
+    clippy_mod = importlib.import_module("optclip.clippy")
+
+    def tx_of(form) -> optax.GradientTransformation:
+        def update(u, s, params):
+            lr, la = s  # traced: a constant bound is broadcast in full as the min's operand
+
+            def leaf(x, w):
+                if form is None:
+                    e = clippy_mod._ratios(x, w, lr, la, jnp.float32)
+                else:
+                    e = form(x, w, lr, la)
+                r = jnp.min(e)
+                if r.dtype != jnp.float32:
+                    r = lax.bitcast_convert_type(r, jnp.float32)
+                return x * jnp.minimum(1, r)
+            return jax.tree.map(leaf, u, params), s
+        return optax.GradientTransformation(
+            lambda _: (jnp.float32(0.1), jnp.float32(1e-7)), update)
+
+    for name, form in forms.items():
+        chain = optax.chain(optax.adam(1e-3), tx_of(form))
+        temp = temp_bytes(train_step(chain).lower(p, chain.init(p), p).compile())
+        print(f"adam, then a min of {name}: temp {temp / size:.2f}x the tree", flush=True)
+
+
 if __name__ == "__main__":
     {"kernels": kernels, "guard_copy": guard_copy, "guard_cond": guard_cond, "value": value,
      "select": select, "update_space": update_space, "written_out": written_out,
-     "unit_rescue": unit_rescue}[
+     "unit_rescue": unit_rescue, "reduce_fusion": reduce_fusion}[
         sys.argv[1] if len(sys.argv) > 1 else "kernels"]()

@@ -37,8 +37,8 @@ reductions of the update (a sum of squares and a min) where each alone is one re
 update. Adam, then each tensor multiplied by ``min(1, r)`` where ``r`` is a min reduction of
 an element-wise expression of the update ``u`` and the weight ``w`` (as ``clippy``'s ratios
 are), on a two-leaf tree: the temp bytes of the donated step, as a share of the tree. 1.00x
-is Adam's update alone written out (the reduction read it as it was computed); 2.00x or
-more, the reduction's operand written out as well.
+is Adam's update alone, written out once, the arithmetic on it fused into the reduction
+that reads it; 2.00x or more, the reduction's operand written out as well.
 
 ``written_out``: compile time and optimized HLO size of 1,000 leaves each multiplied by its
 own factor, taken by a gather (``norms._split_gathered``) from a vector that a chain of
@@ -502,7 +502,7 @@ def reduce_fusion() -> None:
             jnp.abs(u) > 0, bound(w, lr, la) / jnp.abs(u), jnp.inf),
         "b / where(|u| > 0, |u|, 1)": lambda u, w, lr, la: bound(w, lr, la) / jnp.where(
             jnp.abs(u) > 0, jnp.abs(u), 1.0),
-        "b / |u| + isfinite(u) (a compare, a convert)": lambda u, w, lr, la: (
+        "b / |u| + isfinite(u) (an is-finite test, converted)": lambda u, w, lr, la: (
             bound(w, lr, la) / jnp.abs(u) + jnp.isfinite(u).astype(jnp.float32)),
         "bitcast to int32 (min of the bits)": lambda u, w, lr, la: lax.bitcast_convert_type(
             bound(w, lr, la) / jnp.abs(u), jnp.int32),

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from optclip.norms import compiles_eagerly, is_float_leaf
 
@@ -284,3 +285,26 @@ def transformation(init_fn: Callable, update_fn: Callable, *, raises: bool = Fal
     if extra_args:
         return optax.GradientTransformationExtraArgs(init_fn, run)
     return optax.GradientTransformation(init_fn, run)
+
+
+def vma(aval: Any) -> frozenset:
+    """The mesh axes an abstract value varies over inside ``shard_map`` (none outside it,
+    and on JAX versions that do not type them)."""
+    mat = getattr(aval, "mat", None)  # JAX >= 0.10: the manual axis type
+    if mat is not None:
+        return frozenset(getattr(mat, "varying", None) or ())
+    return frozenset(getattr(aval, "vma", None) or ())  # JAX 0.6 - 0.9
+
+
+def vma_of(x: Any) -> frozenset:
+    return vma(jax.typeof(x)) if hasattr(jax, "typeof") else frozenset()
+
+
+def as_varying(x: jax.Array, have: frozenset, want: frozenset) -> jax.Array:
+    """``x`` typed as varying over ``want`` (a superset of ``have``); values unchanged."""
+    extra = tuple(sorted(want - have, key=str))
+    if not extra:
+        return x
+    if hasattr(lax, "pcast"):
+        return lax.pcast(x, extra, to="varying")
+    return lax.pvary(x, extra)  # JAX 0.6 - 0.9

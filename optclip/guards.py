@@ -25,7 +25,15 @@ from jax import lax
 
 from optclip import adaptive as _a
 from optclip import norms as _n
-from optclip._common import check_state, check_threshold, increment, transformation
+from optclip._common import (
+    as_varying,
+    check_state,
+    check_threshold,
+    increment,
+    transformation,
+    vma,
+    vma_of,
+)
 from optclip.adaptive import EMAStats, ema_record, state_dtype
 from optclip.norms import AxisName
 from optclip.stats import GuardStats, SpikeStats
@@ -71,35 +79,12 @@ def check_inner(inner: Any, who: str) -> optax.GradientTransformationExtraArgs:
     )
 
 
-def _vma(aval: Any) -> frozenset:
-    """The mesh axes an abstract value varies over inside ``shard_map`` (none outside it,
-    and on JAX versions that do not type them)."""
-    mat = getattr(aval, "mat", None)  # JAX >= 0.10: the manual axis type
-    if mat is not None:
-        return frozenset(getattr(mat, "varying", None) or ())
-    return frozenset(getattr(aval, "vma", None) or ())  # JAX 0.6 - 0.9
-
-
-def _vma_of(x: Any) -> frozenset:
-    return _vma(jax.typeof(x)) if hasattr(jax, "typeof") else frozenset()
-
-
-def _as_varying(x: jax.Array, have: frozenset, want: frozenset) -> jax.Array:
-    """``x`` typed as varying over ``want`` (a superset of ``have``); values unchanged."""
-    extra = tuple(sorted(want - have, key=str))
-    if not extra:
-        return x
-    if hasattr(lax, "pcast"):
-        return lax.pcast(x, extra, to="varying")
-    return lax.pvary(x, extra)  # JAX 0.6 - 0.9
-
-
 def _hold(aval: Any) -> Any:
     """The update of a skipped step for a leaf of type ``aval``: zeros of its shape, dtype
     and varying axes."""
     if aval.dtype == jax.dtypes.float0:
         return np.zeros(aval.shape, aval.dtype)
-    return _as_varying(jnp.zeros(aval.shape, aval.dtype), frozenset(), _vma(aval))
+    return as_varying(jnp.zeros(aval.shape, aval.dtype), frozenset(), vma(aval))
 
 
 def guarded_step(skip: jax.Array, step: Any, operands: Any, old_inner: Any) -> tuple[Any, Any]:
@@ -144,7 +129,7 @@ def guarded_step(skip: jax.Array, step: Any, operands: Any, old_inner: Any) -> t
                 f"the wrapped optimizer's state at {jax.tree_util.keystr(path) or '<root>'} "
                 f"has shape {tuple(np.shape(o))}, but its update returns shape "
                 f"{tuple(a.shape)}: was the state built by tx.init for other params?")
-    want = [_vma(a) | _vma_of(o) for a, o in zip(s_avals, old_leaves, strict=True)]
+    want = [vma(a) | vma_of(o) for a, o in zip(s_avals, old_leaves, strict=True)]
     dtypes = [jnp.promote_types(jnp.result_type(o), a.dtype)
               for o, a in zip(old_leaves, s_avals, strict=True)]
 
@@ -153,12 +138,12 @@ def guarded_step(skip: jax.Array, step: Any, operands: Any, old_inner: Any) -> t
 
     def take(ops):
         new_updates, new_inner = step(ops)
-        leaves = [_as_varying(cast(n, d), _vma_of(n), w)
+        leaves = [as_varying(cast(n, d), vma_of(n), w)
                   for n, d, w in zip(jax.tree.leaves(new_inner), dtypes, want, strict=True)]
         return new_updates, jax.tree.unflatten(s_def, leaves)
 
     def hold(ops):
-        leaves = [_as_varying(cast(o, d), _vma_of(o), w)
+        leaves = [as_varying(cast(o, d), vma_of(o), w)
                   for o, d, w in zip(old_leaves, dtypes, want, strict=True)]
         return jax.tree.map(_hold, u_avals), jax.tree.unflatten(s_def, leaves)
 

@@ -19,6 +19,7 @@ from optclip import layers as _layers
 from optclip import norms as _n
 from optclip._common import (
     Threshold,
+    as_varying,
     check_state,
     check_threshold,
     concrete_scalar,
@@ -31,6 +32,7 @@ from optclip._common import (
     scale_leaf,
     scale_tree,
     transformation,
+    vma_of,
 )
 from optclip.layers import LayerAxis
 from optclip.norms import AxisName, Ord
@@ -393,9 +395,12 @@ def _chunked_any(vals: list[jax.Array], pred, chunks: int = _ANY_CHUNKS) -> jax.
                  for v, w in zip(flat, widths, strict=True)]
         return acc | jnp.any(pred(jnp.concatenate(parts) if len(parts) > 1 else parts[0]))
 
-    # the first slices outside the loop, so that the carry has the body's type (inside
-    # shard_map: varying along the arrays' axes)
-    return lax.fori_loop(1, chunks, step, step(0, init))
+    # The carry typed as the body's result is: inside shard_map, varying along every
+    # array's mesh axes. (Taking the first slices outside the loop for its type, as before,
+    # compiled the body's kernels twice.)
+    have = vma_of(init)
+    init = as_varying(init, have, have.union(*(vma_of(v) for v in flat)))
+    return lax.fori_loop(0, chunks, step, init)
 
 
 def _max_or_minus_inf(x: jax.Array) -> jax.Array:

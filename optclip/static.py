@@ -396,10 +396,12 @@ def _chunked_any(vals: list[jax.Array], pred, chunks: int = _ANY_CHUNKS) -> jax.
         return acc | jnp.any(pred(jnp.concatenate(parts) if len(parts) > 1 else parts[0]))
 
     # The carry typed as the body's result is: inside shard_map, varying along every
-    # array's mesh axes. (Taking the first slices outside the loop for its type, as before,
-    # compiled the body's kernels twice.)
+    # array's mesh axes and those of whatever ``pred`` closes over (the bounds), read off
+    # ``pred`` of one element (traced for its type only: XLA drops it). Taking the first
+    # slices outside the loop for the type, as before, compiled the body's kernels twice.
     have = vma_of(init)
-    init = as_varying(init, have, have.union(*(vma_of(v) for v in flat)))
+    probe = pred(lax.slice(flat[0], (0,), (1,)))
+    init = as_varying(init, have, have.union(vma_of(probe), *(vma_of(v) for v in flat)))
     return lax.fori_loop(0, chunks, step, init)
 
 

@@ -92,12 +92,29 @@ def test_bench_quick_runs_and_reports(tmp_path):
     assert ("agc", "adam") in ratios
     assert ("clip_by_global_norm", "fused_global_norm") in ratios
     assert ("zclip", "clip_by_global_norm") in ratios
+    assert all(r["paired"] > 0 for r in small["ratios"] if "+" not in r["den"])
+    assert re.search(r"\| step: agc / adam \| [0-9.]+x \(paired [0-9.]+x\) \|", md)
     many = result["many"]["results"]["tiny_many"]
     for name in CLIPPERS:
         assert many[name]["first_call_s"] > 0, many[name]
     whats = {r["what"] for r in result["targets"]}
     assert "first call: agc / optax.adaptive_grad_clip (chains)" in whats
     assert all(r["met"] in (True, False, None) for r in result["targets"])
+
+
+def test_paired_ratio_is_the_median_of_each_rounds_ratio():
+    # A stretch of slow rounds moves every member of a group: the ratio of medians then
+    # mixes fast rounds of one chain with slow rounds of the other, the paired ratio does not.
+    den = [1.0, 1.0, 1.0, 2.0, 2.0]
+    num = [1.1, 1.1, 2.2, 2.2, 2.2]  # 1.1x den in every round; its slow stretch came earlier
+    res = {"group_step_s": {"all": {"a": 2.2, "b": 1.0}},
+           "group_times_s": {"all": {"a": num, "b": den}}}
+    assert bench_run.group_ratio(res, "a", "b") == pytest.approx(2.2)
+    assert bench_run.paired_ratio(res, "a", "b") == pytest.approx(1.1)
+    # the group where both were timed, as group_ratio takes it
+    res["group_times_s"] = {"a": {"a": num, "b": den}, "b": {"b": [5.0] * 5}}
+    assert bench_run.paired_ratio(res, "a", "b") == pytest.approx(1.1)
+    assert bench_run.paired_ratio(res, "a", "c") is None
 
 
 def test_bench_groups_fit_the_memory_budget(tmp_path):

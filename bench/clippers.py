@@ -8,6 +8,7 @@ compared to: Optax's equivalent, or ``adam`` alone where Optax has none.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +43,33 @@ def fused_clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
         return jax.tree.map(lambda x: x * scale.astype(x.dtype), updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def fused_value(max_value: float, norm_after: bool = False) -> optax.GradientTransformation:
+    """A hand-fused clip by value that keeps the stats a clamp needs: the L2 norm of the
+    updates and whether any element was clamped (their largest magnitude above the bound),
+    and with ``norm_after`` the L2 norm of the clamped updates too.
+
+    One sum of squares and one max reduction per leaf (and a sum of clamped squares), then
+    ``jnp.clip``: the floor for ``clip_by_value`` with its stats, on a step that clamps nothing
+    (where the norm after the clamp is the norm before), and with ``norm_after`` on one that
+    clamps. No overflow safety, no NaN handling (a NaN is clamped into the bounds, as
+    ``optax.clip`` does): a diagnostic for ``python -m bench.gn_probe``.
+    """
+
+    def update_fn(updates, state, params=None):
+        del params
+        leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(updates)]
+        sq = sum(jnp.sum(jnp.square(x)) for x in leaves)
+        big = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) for x in leaves])
+        after = (jnp.sqrt(sum(jnp.sum(jnp.square(jnp.minimum(jnp.abs(x), max_value)))
+                              for x in leaves)) if norm_after else jnp.zeros((), jnp.float32))
+        clipped = jax.tree.map(lambda x: jnp.clip(x, -max_value, max_value), updates)
+        return clipped, (jnp.sqrt(sq), big > max_value, after)
+
+    return optax.GradientTransformation(
+        lambda params: (jnp.zeros((), jnp.float32), jnp.zeros((), bool),
+                        jnp.zeros((), jnp.float32)), update_fn)
 
 
 def fused_agc(clipping: float, eps: float = 1e-3) -> optax.GradientTransformation:

@@ -19,9 +19,12 @@ the barrier that ships now. Both were removed.)
 ``adam_constout``: adam after a transformation whose state is two compile-time constants;
 ``agc``, with its overflow rescue's two ``lax.cond`` replaced by the fast branch (``agc_nocond``),
 a hand-fused unit-wise AGC (``agc_fused``, ``clippers.fused_agc``: what an AGC costs) and
-Optax's (``optax_agc``); ``leaf`` (``clip_by_leaf_norm``), ``value`` (``clip_by_value(0.1)``) and
-``optax_clip`` (``optax.clip(0.1)``); zclip, uncapped and capped at the chain's threshold
-(``zclip_capped``: it then scales every step as the chain does). Prints each compiled
+Optax's (``optax_agc``); ``leaf`` (``clip_by_leaf_norm``), ``value`` (``clip_by_value(0.1)``),
+``optax_clip`` (``optax.clip(0.1)``), and a hand-fused clip by value with its norm and clamp
+flag (``value_fused``, ``clippers.fused_value``); ``clip_by_value(0.01)``, which clamps a third
+of the bench's gradients (``value_clamping``), and the hand-fused one that also takes the norm
+after the clamp (``value_fused_after``); zclip, uncapped and capped at the chain's
+threshold (``zclip_capped``: it then scales every step as the chain does). Prints each compiled
 step's conditionals, fused kernels and temp bytes.
 
     python -m bench.gn_probe [--trees gpt2,resnet50] [--reps 25] [--steps 20] [--only a,b]
@@ -149,6 +152,13 @@ def variants():
         "leaf": (lambda: optax.chain(optclip.clip_by_leaf_norm(1.0), adam()), False),
         "value": (lambda: optax.chain(optclip.clip_by_value(0.1), adam()), False),
         "optax_clip": (lambda: optax.chain(optax.clip(0.1), adam()), False),
+        # what a clip by value with its norm and clamp flag costs (clippers.fused_value)
+        "value_fused": (lambda: optax.chain(clippers.fused_value(0.1), adam()), False),
+        # clamping a third of the elements (the bench's clip_by_value_clamping), and its floor,
+        # which also takes the norm after the clamp
+        "value_clamping": (lambda: optax.chain(optclip.clip_by_value(0.01), adam()), False),
+        "value_fused_after": (lambda: optax.chain(clippers.fused_value(0.01, norm_after=True),
+                                                  adam()), False),
         "zclip": (lambda: optax.chain(optclip.zclip(warmup_steps=1), adam()), False),
         # zclip capped at the same threshold: it then scales every step as the global-norm
         # chain does, so a gap that stays between these two is in the code, not the data

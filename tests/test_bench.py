@@ -368,6 +368,25 @@ def test_fresh_chain_state_is_donatable(name):
     assert bench_run.shared_buffers(REG[name].chain().init(tree)) == []
 
 
+def test_fused_value_floor_keeps_the_stats_it_is_a_floor_for():
+    # bench.clippers.fused_value is the floor README cites for clip_by_value's step: it must
+    # compute what clip_by_value reports (the norm, the clamp flag, the norm after a clamp),
+    # and clamp as optax.clip does.
+    from bench.clippers import fused_value
+
+    g = {"a": jnp.array([0.5, -0.02, 0.03]), "b": jnp.array([[0.001, -0.2]], jnp.bfloat16)}
+    x = np.concatenate([np.asarray(v, np.float64).ravel() for v in jax.tree.leaves(g)])
+    for bound, clamps in ((0.1, True), (1.0, False)):
+        tx = fused_value(bound, norm_after=True)
+        out, (norm, clipped, after) = jax.jit(tx.update)(g, tx.init(g))
+        assert float(norm) == pytest.approx(np.linalg.norm(x), rel=1e-6)
+        assert bool(clipped) is clamps
+        assert float(after) == pytest.approx(np.linalg.norm(np.clip(x, -bound, bound)), rel=1e-6)
+        ref, _ = optax.clip(bound).update(g, None)
+        for o, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
+            assert o.dtype == r.dtype and np.array_equal(np.asarray(o), np.asarray(r))
+
+
 _CPU_HLO = pytest.mark.skipif(
     not ON_CPU, reason="constant_outputs reads XLA:CPU's optimized HLO: XLA:GPU's emits such an "
                        "output otherwise, and it found none on an H200 where there were two")

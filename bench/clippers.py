@@ -53,8 +53,9 @@ def fused_value(max_value: float, norm_after: bool = False) -> optax.GradientTra
     One sum of squares and one max reduction per leaf (and a sum of clamped squares), then
     ``jnp.clip``: the floor for ``clip_by_value`` with its stats, on a step that clamps nothing
     (where the norm after the clamp is the norm before), and with ``norm_after`` on one that
-    clamps. No overflow safety, no NaN handling (a NaN is clamped into the bounds, as
-    ``optax.clip`` does): a diagnostic for ``python -m bench.gn_probe``.
+    clamps. No overflow safety and no NaN handling (``jnp.clip``, as ``optax.clip``, lets a NaN
+    through and clamps an inf; a NaN makes the max NaN and the flag False): a diagnostic for
+    ``python -m bench.gn_probe``.
     """
 
     def update_fn(updates, state, params=None):

@@ -106,14 +106,20 @@ def test_paired_ratio_is_the_median_of_each_rounds_ratio():
     # A stretch of slow rounds moves every member of a group: the ratio of medians then
     # mixes fast rounds of one chain with slow rounds of the other, the paired ratio does not.
     den = [1.0, 1.0, 1.0, 2.0, 2.0]
-    num = [1.1, 1.1, 2.2, 2.2, 2.2]  # 1.1x den in every round; its slow stretch came earlier
+    num = [1.1, 1.1, 2.2, 2.2, 2.2]  # 1.1x den in 4 rounds of 5: its slow stretch began earlier
     res = {"group_step_s": {"all": {"a": 2.2, "b": 1.0}},
            "group_times_s": {"all": {"a": num, "b": den}}}
     assert bench_run.group_ratio(res, "a", "b") == pytest.approx(2.2)
     assert bench_run.paired_ratio(res, "a", "b") == pytest.approx(1.1)
-    # the group where both were timed, as group_ratio takes it
-    res["group_times_s"] = {"a": {"a": num, "b": den}, "b": {"b": [5.0] * 5}}
-    assert bench_run.paired_ratio(res, "a", "b") == pytest.approx(1.1)
+    # round by round: rounds 4/1, 1/2, 2/4 give 0.5x (the sorted times paired would give 1x)
+    res["group_times_s"]["all"] = {"a": [4.0, 1.0, 2.0], "b": [1.0, 2.0, 4.0]}
+    assert bench_run.paired_ratio(res, "a", "b") == pytest.approx(0.5)
+    # from the group group_ratio takes (the subject's own, before "all")
+    res = {"group_step_s": {"all": {"a": 1.0, "b": 1.0}, "a": {"a": 3.0, "b": 1.0}},
+           "group_times_s": {"all": {"a": [1.0] * 3, "b": [1.0] * 3},
+                             "a": {"a": [3.0] * 3, "b": [1.0] * 3}}}
+    assert bench_run.group_ratio(res, "a", "b") == pytest.approx(3.0)
+    assert bench_run.paired_ratio(res, "a", "b") == pytest.approx(3.0)
     assert bench_run.paired_ratio(res, "a", "c") is None
 
 
@@ -374,9 +380,10 @@ def test_fused_value_floor_keeps_the_stats_it_is_a_floor_for():
     # and clamp as optax.clip does.
     from bench.clippers import fused_value
 
-    g = {"a": jnp.array([0.5, -0.02, 0.03]), "b": jnp.array([[0.001, -0.2]], jnp.bfloat16)}
+    g = {"a": jnp.array([0.25, -0.02, 0.03]), "b": jnp.array([[0.001, -0.5]], jnp.bfloat16)}
     x = np.concatenate([np.asarray(v, np.float64).ravel() for v in jax.tree.leaves(g)])
-    for bound, clamps in ((0.1, True), (1.0, False)):
+    # 0.3: only -0.5 lies outside (the flag takes magnitudes); 0.1: both
+    for bound, clamps in ((0.1, True), (0.3, True), (1.0, False)):
         tx = fused_value(bound, norm_after=True)
         out, (norm, clipped, after) = jax.jit(tx.update)(g, tx.init(g))
         assert float(norm) == pytest.approx(np.linalg.norm(x), rel=1e-6)

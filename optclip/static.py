@@ -515,6 +515,16 @@ def clip_by_value(
                 # A subnormal bound is taken as 0 on CPU: d = 1 then.
                 d = lax.stop_gradient(jnp.where(
                     (hi >= jnp.finfo(hi.dtype).tiny) & jnp.isfinite(hi), hi, jnp.ones_like(hi)))
+                # A bound that may differ across devices (an array or a schedule, inside
+                # shard_map or pmap, where only shard_map says whether it does): d is their
+                # largest, the same on every device, so that the shards' sums, summed across
+                # devices, share one scale. Every term is then still at most 1, but none need
+                # be 1: bounds that differ by more than about 1e19 can lose the small ones.
+                axes = set(vma_of(d))
+                if not is_python_number(max_value):
+                    axes.update(_n.union_axes(leaf_axes))
+                if axes:
+                    d = lax.pmax(d, tuple(sorted(axes, key=str)))
                 ds = _n.own_copies(d, len(leaves))
                 return _n.norm_core(
                     leaves, 2.0, combine=True, axes_per_leaf=leaf_axes, rescue=False,
@@ -526,8 +536,17 @@ def clip_by_value(
                                                       min_value is None, m))[0][0]
 
         # Nothing clamped on a finite step: the norm after is the norm before, and the
-        # updates are not read a third time.
-        after = lax.cond(clipped | nonfinite, norm_after, lambda: before)
+        # updates are not read a third time. Inside shard_map, bounds that differ across
+        # devices may make the norm after differ across them too: both branches typed so.
+        after_axes = vma_of(before).union(vma_of(lo), vma_of(hi))
+
+        def typed(f):
+            def g():
+                v = f()
+                return as_varying(v, vma_of(v), after_axes)
+            return g
+
+        after = lax.cond(clipped | nonfinite, typed(norm_after), typed(lambda: before))
         # The clamp does not need these reductions, and when the input is donated XLA then
         # copies the whole input to keep it for them. Bounds that depend on the reductions
         # (never changing their value: a norm is never < 0) order them before the clamp.

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -324,6 +325,50 @@ def test_clip_by_value_clamp_on_one_shard_only_equals_unsharded(how):
             return merge(u), s
         got = run(tx, step, grads=_one_clamp_grads)
     assert_same(got, want)
+
+
+@pytest.mark.parametrize("how", ["shard_map", "pmap"])
+@pytest.mark.parametrize("with_min", [False, True])
+def test_clip_by_value_with_a_bound_that_differs_across_devices(with_min, how):
+    # A bound may be computed on each device (here from its index). Each device clamps its
+    # shard to its own bound; the stats are global: the norm of all the gradients, the norm
+    # of all the clamped values over it, whether any element was clamped. Before, without
+    # min_value, the norm after the clamp was scaled by each device's own bound: inside
+    # shard_map that failed to trace, under pmap each device's scale stat was wrong.
+    g = {"w": jnp.asarray(np.arange(64.0).reshape(8, 8) / 10 - 3, jnp.float32),
+         "b": jnp.asarray(np.linspace(-2.0, 2.0, 16).reshape(8, 2), jnp.float32)}
+    x = {k: np.asarray(v, np.float64) for k, v in g.items()}
+    for base in (0.5, 100.0):  # clamps on every device; clamps nothing
+        his = base + 0.1 * np.arange(8)
+        los = -0.5 * his if with_min else -his
+
+        def body(g, base=base, axis="data" if how == "shard_map" else "i"):
+            hi = base + 0.1 * lax.axis_index(axis).astype(jnp.float32)
+            tx = (optclip.clip_by_value(hi, -0.5 * hi, axis_name=axis) if with_min
+                  else optclip.clip_by_value(hi, axis_name=axis))
+            u, state = tx.update(g, tx.init(g))
+            st = optclip.stats(state)
+            return u, jnp.stack([st["grad_norm"], st["scale"],
+                                 st["clipped"].astype(jnp.float32)])[None]
+
+        if how == "shard_map":
+            mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+            specs = {"w": P("data"), "b": P("data")}
+            u, st = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(specs,),
+                                          out_specs=(specs, P("data"))))(g)
+        else:
+            u, st = jax.pmap(body, axis_name="i")(g)
+            st = st[:, 0]
+        # device k holds row k of each leaf, and clamps it to [los[k], his[k]]
+        want = {k: np.clip(v, los[:, None], his[:, None]) for k, v in x.items()}
+        for k in g:
+            np.testing.assert_allclose(np.asarray(u[k]), want[k], rtol=1e-6)
+        before = math.sqrt(sum((v ** 2).sum() for v in x.values()))
+        after = math.sqrt(sum((v ** 2).sum() for v in want.values()))
+        clipped = any((v != want[k]).any() for k, v in x.items())
+        assert clipped is (base == 0.5)
+        np.testing.assert_allclose(np.asarray(st), np.tile([before, after / before, clipped],
+                                                           (8, 1)), rtol=1e-5)
 
 
 # --- many small leaves: the per-leaf results are handed out by selection (XLA:CPU) -----------

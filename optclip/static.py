@@ -516,15 +516,18 @@ def clip_by_value(
                 d = lax.stop_gradient(jnp.where(
                     (hi >= jnp.finfo(hi.dtype).tiny) & jnp.isfinite(hi), hi, jnp.ones_like(hi)))
                 # A bound that may differ across devices (an array or a schedule, inside
-                # shard_map or pmap, where only shard_map says whether it does): d is their
-                # largest, the same on every device, so that the shards' sums, summed across
-                # devices, share one scale. Every term is then still at most 1, but none need
-                # be 1: bounds that differ by more than about 1e19 can lose the small ones.
-                axes = set(vma_of(d))
-                if not is_python_number(max_value):
-                    axes.update(_n.union_axes(leaf_axes))
-                if axes:
-                    d = lax.pmax(d, tuple(sorted(axes, key=str)))
+                # shard_map or pmap, where only shard_map says whether it does): d is the
+                # largest across the devices whose sums are summed (the leaves' axes, over
+                # which the flag that chose this branch is OR-ed too: a collective over any
+                # other axis could wait for devices that took the other branch), so that
+                # they share one scale. Where the bounds differ by more than about 1e19, or
+                # the largest is near float32's max, the smaller bounds' clamped terms
+                # underflow and the scale stat comes out too small (0 at worst); where one
+                # device's bound is inf (no clamp there), d can be below its values, and the
+                # sum can overflow (scale inf). The updates are clamped exactly either way.
+                axes = _n.union_axes(leaf_axes)
+                if axes and (vma_of(d) or not is_python_number(max_value)):
+                    d = lax.pmax(d, axes)
                 ds = _n.own_copies(d, len(leaves))
                 return _n.norm_core(
                     leaves, 2.0, combine=True, axes_per_leaf=leaf_axes, rescue=False,

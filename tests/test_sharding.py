@@ -327,48 +327,73 @@ def test_clip_by_value_clamp_on_one_shard_only_equals_unsharded(how):
     assert_same(got, want)
 
 
-@pytest.mark.parametrize("how", ["shard_map", "pmap"])
+@pytest.mark.parametrize("how", ["shard_map", "pmap", "other_axis", "local"])
 @pytest.mark.parametrize("with_min", [False, True])
 def test_clip_by_value_with_a_bound_that_differs_across_devices(with_min, how):
     # A bound may be computed on each device (here from its index). Each device clamps its
-    # shard to its own bound; the stats are global: the norm of all the gradients, the norm
-    # of all the clamped values over it, whether any element was clamped. Before, without
-    # min_value, the norm after the clamp was scaled by each device's own bound: inside
-    # shard_map that failed to trace, under pmap each device's scale stat was wrong.
-    g = {"w": jnp.asarray(np.arange(64.0).reshape(8, 8) / 10 - 3, jnp.float32),
-         "b": jnp.asarray(np.linspace(-2.0, 2.0, 16).reshape(8, 2), jnp.float32)}
-    x = {k: np.asarray(v, np.float64) for k, v in g.items()}
-    for base in (0.5, 100.0):  # clamps on every device; clamps nothing
-        his = base + 0.1 * np.arange(8)
-        los = -0.5 * his if with_min else -his
-
-        def body(g, base=base, axis="data" if how == "shard_map" else "i"):
-            hi = base + 0.1 * lax.axis_index(axis).astype(jnp.float32)
-            tx = (optclip.clip_by_value(hi, -0.5 * hi, axis_name=axis) if with_min
-                  else optclip.clip_by_value(hi, axis_name=axis))
+    # shard to its own bound, and grad_norm, scale and clipped are those of all the shards
+    # combined across the axes given. Before, without min_value, the norm after the clamp
+    # was scaled by each device's own bound: inside shard_map that failed to trace, under
+    # pmap each device's scale was wrong. "other_axis": the bound varies along a mesh axis
+    # the leaves are not split over (each group of devices with one bound has its own
+    # stats); "local": no axis_name, each device's stats its own (a collective across
+    # devices in that branch of the norm-after cond deadlocked here).
+    x = {"w": np.arange(64.0).reshape(8, 8) / 10 - 3, "b": np.linspace(-2.0, 2.0, 16).reshape(8, 2)}
+    g = {k: jnp.asarray(v, jnp.float32) for k, v in x.items()}
+    # clamps on every device; clamps nothing; clamps on the first device (or group) only, so
+    # that devices take different branches of the norm-after cond where no axis joins them
+    for base, step in ((0.5, 0.1), (100.0, 0.1), (0.5, 100.0)):
+        def body(g, base=base, step=step):
+            axis = "i" if how == "pmap" else "model" if how == "other_axis" else "data"
+            hi = base + step * lax.axis_index(axis).astype(jnp.float32)
+            kw = {} if how == "local" else {"axis_name": "i" if how == "pmap" else "data"}
+            bound = (lambda count: hi) if how == "pmap" else hi  # a schedule, an array
+            tx = (optclip.clip_by_value(bound, -0.5 * hi, **kw) if with_min
+                  else optclip.clip_by_value(bound, **kw))
             u, state = tx.update(g, tx.init(g))
             st = optclip.stats(state)
-            return u, jnp.stack([st["grad_norm"], st["scale"],
-                                 st["clipped"].astype(jnp.float32)])[None]
+            st = jnp.stack([st["grad_norm"], st["scale"], st["clipped"].astype(jnp.float32)])
+            return u, st[None, None] if how == "other_axis" else st[None]
 
-        if how == "shard_map":
-            mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
-            specs = {"w": P("data"), "b": P("data")}
-            u, st = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(specs,),
-                                          out_specs=(specs, P("data"))))(g)
-        else:
+        if how == "pmap":
             u, st = jax.pmap(body, axis_name="i")(g)
             st = st[:, 0]
-        # device k holds row k of each leaf, and clamps it to [los[k], his[k]]
-        want = {k: np.clip(v, los[:, None], his[:, None]) for k, v in x.items()}
-        for k in g:
-            np.testing.assert_allclose(np.asarray(u[k]), want[k], rtol=1e-6)
-        before = math.sqrt(sum((v ** 2).sum() for v in x.values()))
-        after = math.sqrt(sum((v ** 2).sum() for v in want.values()))
-        clipped = any((v != want[k]).any() for k, v in x.items())
-        assert clipped is (base == 0.5)
-        np.testing.assert_allclose(np.asarray(st), np.tile([before, after / before, clipped],
-                                                           (8, 1)), rtol=1e-5)
+        elif how == "other_axis":  # rows split 4 ways over "data", the bound by "model"
+            mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+            u, st = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("data"),),
+                                          out_specs=(P("data", "model"), P("data", "model"))))(g)
+        else:
+            mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+            u, st = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("data"),),
+                                          out_specs=(P("data"), P("data"))))(g)
+            st = np.asarray(st)
+        # bounds per device (one row of each leaf each), or per "model" group
+        his = base + step * np.arange(2 if how == "other_axis" else 8)
+        los = -0.5 * his if with_min else -his
+        if how == "other_axis":
+            groups = [({k: np.clip(v, los[m], his[m]) for k, v in x.items()}, x, st[:, m])
+                      for m in range(2)]
+            for m, (want, _, _) in enumerate(groups):
+                for k, v in u.items():
+                    w = np.asarray(v).reshape(8, 2, -1)[:, m]  # the model copies side by side
+                    np.testing.assert_allclose(w, want[k], rtol=1e-6)
+        else:
+            want = {k: np.clip(v, los[:, None], his[:, None]) for k, v in x.items()}
+            for k in g:
+                np.testing.assert_allclose(np.asarray(u[k]), want[k], rtol=1e-6)
+            if how == "local":
+                groups = [({k: v[r] for k, v in want.items()}, {k: v[r] for k, v in x.items()},
+                           st[r]) for r in range(8)]
+            else:
+                groups = [(want, x, row) for row in st]
+        for want_g, x_g, got in groups:
+            before = math.sqrt(sum((v ** 2).sum() for v in x_g.values()))
+            after = math.sqrt(sum((v ** 2).sum() for v in want_g.values()))
+            clipped = any((v != want_g[k]).any() for k, v in x_g.items())
+            got = np.asarray(got).reshape(-1, 3)
+            np.testing.assert_allclose(got, np.tile([before, after / before, clipped],
+                                                    (len(got), 1)), rtol=1e-5)
+        assert bool(np.asarray(st)[..., 2].any()) is (base == 0.5)  # the comparisons bite
 
 
 # --- many small leaves: the per-leaf results are handed out by selection (XLA:CPU) -----------

@@ -516,17 +516,17 @@ def clip_by_value(
                 d = lax.stop_gradient(jnp.where(
                     (hi >= jnp.finfo(hi.dtype).tiny) & jnp.isfinite(hi), hi, jnp.ones_like(hi)))
                 # A bound that may differ across devices (an array or a schedule, inside
-                # shard_map or pmap, where only shard_map says whether it does): d is the
-                # largest across the devices whose sums are summed (the leaves' axes, over
-                # which the flag that chose this branch is OR-ed too: a collective over any
-                # other axis could wait for devices that took the other branch), so that
-                # they share one scale. Where the bounds differ by more than about 1e19, or
-                # the largest is near float32's max, the smaller bounds' clamped terms
-                # underflow and the scale stat comes out too small (0 at worst); where one
-                # device's bound is inf (no clamp there), d can be below its values, and the
-                # sum can overflow (scale inf). The updates are clamped exactly either way.
+                # shard_map or pmap; a number cannot): d is the largest across the devices
+                # whose sums are summed (the leaves' axes, over which the flag that chose
+                # this branch is OR-ed too: a collective over any other axis could wait for
+                # devices that took the other branch), so that they share one scale. Where
+                # the bounds differ by more than about 1e19, or the largest is near
+                # float32's max, the smaller bounds' clamped terms underflow and the scale
+                # stat comes out too small (0 at worst); where one device's bound is inf (no
+                # clamp there), d can be below its values, and the sum can overflow (scale
+                # inf). The updates are clamped exactly either way.
                 axes = _n.union_axes(leaf_axes)
-                if axes and (vma_of(d) or not is_python_number(max_value)):
+                if axes and not is_python_number(max_value):
                     d = lax.pmax(d, axes)
                 ds = _n.own_copies(d, len(leaves))
                 return _n.norm_core(

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from bench import trees
 from bench.clippers import entries
+from bench.compile_probe import fused_counts
 from bench.run import Measured, _copy, temp_bytes, time_group, train_step
 from bench.worker import compile_update
 from optclip import norms as _n
@@ -59,10 +60,12 @@ def compile_main(args) -> None:
     tree = trees.abstract_tree(trees.TREES[args.tree]())
     tx = entries()[args.clipper].alone()
     with split(args.split):
-        lower_s, compile_s, temp = compile_update(tx, tree)
+        lower_s, compile_s, temp, hlo = compile_update(tx, tree, hlo=True)
+    n, d = fused_counts(hlo)
     print(f"compile {args.tree} {args.clipper} split={args.split} on "
           f"{jax.devices()[0].platform}: lower {lower_s:.2f} s, compile {compile_s:.2f} s, "
-          f"first call {lower_s + compile_s:.2f} s, temp {temp}", flush=True)
+          f"first call {lower_s + compile_s:.2f} s, temp {temp}, fused {n}, distinct {d}",
+          flush=True)
 
 
 def step_main(args) -> None:

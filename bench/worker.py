@@ -21,10 +21,11 @@ def _emit(obj) -> None:
     sys.stdout.flush()
 
 
-def compile_update(tx, tree):
+def compile_update(tx, tree, hlo: bool = False):
     """Trace, lower and compile ``tx.update`` alone, jitted with updates and state donated.
 
-    Returns (seconds to trace and lower, seconds to compile, temp bytes or None).
+    Returns (seconds to trace and lower, seconds to compile, temp bytes or None), and with
+    ``hlo`` the compiled program's text after them.
     """
     import jax
 
@@ -41,6 +42,8 @@ def compile_update(tx, tree):
         temp = int(compiled.memory_analysis().temp_size_in_bytes)
     except Exception:  # not every backend reports it
         temp = None
+    if hlo:
+        return t1 - t0, t2 - t1, temp, compiled.as_text()
     return t1 - t0, t2 - t1, temp
 
 

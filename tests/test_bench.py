@@ -394,6 +394,56 @@ def test_fused_value_floor_keeps_the_stats_it_is_a_floor_for():
             assert o.dtype == r.dtype and np.array_equal(np.asarray(o), np.asarray(r))
 
 
+def _np_agc(g, w, clipping=0.01, eps=1e-3):
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    ax = tuple(range(g.ndim - 1)) if g.ndim > 1 else None
+    gn = np.sqrt(np.sum(g * g, axis=ax, keepdims=True))
+    mx = clipping * np.maximum(np.sqrt(np.sum(w * w, axis=ax, keepdims=True)), eps)
+    return g * np.minimum(1.0, mx / np.where(gn > 0, gn, 1.0))
+
+
+def _np_clippy(u, w, lam_rel=0.1, lam_abs=1e-7):
+    u, w = np.asarray(u, np.float64), np.asarray(w, np.float64)
+    a = np.abs(u)
+    r = np.where(a > 0, (lam_rel * np.abs(w) + lam_abs) / np.where(a > 0, a, 1.0), np.inf)
+    return u * min(1.0, float(np.min(r))) if u.size else u
+
+
+def _np_leaf_norm(g, max_norm=1.0):
+    g = np.asarray(g, np.float64)
+    n = np.sqrt(np.sum(g * g))
+    return g * min(1.0, max_norm / n) if n > 0 else g
+
+
+@pytest.mark.parametrize("name", ["fused_leaf_norm", "fused_agc", "stacked_agc",
+                                  "fused_clippy", "stacked_clippy"])
+def test_hand_fused_compile_references_compute_their_clipper(name):
+    # README sets optclip's first calls against these references: each must do its
+    # clipper's work (per leaf, or on stacks of the leaves of one shape), checked against
+    # NumPy written from the papers' formulas, on leaves that clip and leaves that do not,
+    # shapes repeated (stacked together) and not, a scalar and a zero update.
+    rng = np.random.default_rng(3)
+    shapes = [(3, 4), (5,), (), (3, 4), (2, 3, 4), (5,), (3, 4), (1,)]
+    g = {f"l{i}": jnp.asarray(rng.normal(size=s) * (3.0 if i % 2 else 0.001), jnp.float32)
+         for i, s in enumerate(shapes)}
+    g["l7"] = jnp.zeros((1,), jnp.float32)
+    w = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in g.items()}
+    tx = REG[name].alone()
+    out, _ = jax.jit(tx.update)(g, tx.init(w), w)
+    ref = {"fused_leaf_norm": lambda k: _np_leaf_norm(g[k]),
+           "fused_agc": lambda k: _np_agc(g[k], w[k]),
+           "stacked_agc": lambda k: _np_agc(g[k], w[k]),
+           "fused_clippy": lambda k: _np_clippy(g[k], w[k]),
+           "stacked_clippy": lambda k: _np_clippy(g[k], w[k])}[name]
+    changed = 0
+    for k in g:
+        want = ref(k)
+        assert out[k].shape == g[k].shape and out[k].dtype == g[k].dtype
+        np.testing.assert_allclose(np.asarray(out[k]), want, rtol=2e-6, atol=1e-30)
+        changed += not np.allclose(want, np.asarray(g[k]))
+    assert changed >= 2  # some leaves were clipped, so the test can tell a no-op
+
+
 _CPU_HLO = pytest.mark.skipif(
     not ON_CPU, reason="constant_outputs reads XLA:CPU's optimized HLO: XLA:GPU's emits such an "
                        "output otherwise, and it found none on an H200 where there were two")

@@ -1,0 +1,91 @@
+"""Which part of optclip's first call the hand-fused references lack: each chain + adam's
+first call with optclip.norms' ``lax.cond`` (the overflow rescue) as shipped, and with only
+its fast branch traced (``bench.gn_probe.no_cond("fast")``: not overflow-safe, a diagnostic),
+each in a fresh process, rounds interleaved (``--alone``: each update alone, as
+``python -m bench``'s many-leaves trees compile it).
+
+    PYTHONPATH=. python bench/results/cpu_compile_floors/ablate.py --trees gpt2,resnet50 \\
+        --clippers clip_by_global_norm,clip_by_leaf_norm,adagc,clip_by_value,clippy --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+
+CODE = """
+import contextlib, json, sys, time
+sys.path.insert(0, {root!r})
+import jax
+from bench.clippers import entries
+from bench.compile_probe import fused_counts
+from bench.gn_probe import no_cond
+from bench.run import train_step
+from bench.trees import TREES, abstract_tree
+reg = entries()
+tiny = abstract_tree(TREES["tiny"]())
+warm = reg["adam"].chain()
+train_step(warm).lower(tiny, jax.eval_shape(warm.init, tiny), tiny).compile()
+tree = abstract_tree(TREES[{tree!r}]())
+ctx = no_cond("fast") if {mode!r} == "fast" else contextlib.nullcontext()
+with ctx:
+    tx = reg[{name!r}].alone() if {alone!r} else reg[{name!r}].chain()
+    state = jax.eval_shape(tx.init, tree)
+    t0 = time.perf_counter()
+    if {alone!r}:
+        lowered = jax.jit(lambda u, s, p: tx.update(u, s, p), donate_argnums=(0, 1)).lower(
+            tree, state, tree)
+    else:
+        lowered = train_step(tx).lower(tree, state, tree)
+    lower_s = time.perf_counter() - t0
+compiled = lowered.compile()
+secs = time.perf_counter() - t0
+n, d = fused_counts(compiled.as_text())
+print("RESULT " + json.dumps(dict(s=secs, lower=lower_s, fused=n, distinct=d)))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trees", default="gpt2")
+    ap.add_argument("--clippers", default="clip_by_global_norm,clip_by_leaf_norm")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--alone", action="store_true",
+                    help="each transformation's update alone, not its chain + adam")
+    args = ap.parse_args()
+    tasks = [(t, c, m) for t in args.trees.split(",") for c in args.clippers.split(",")
+             for m in ("shipped", "fast")]
+    res: dict = {k: [] for k in tasks}
+    rng = random.Random(0)
+    for r in range(args.reps):
+        rng.shuffle(tasks)
+        for t, c, m in tasks:
+            out = subprocess.run([sys.executable, "-c", CODE.format(root=str(ROOT), tree=t, name=c,
+                                                                    mode=m, alone=args.alone)],
+                                 capture_output=True, text=True, check=True)
+            x = json.loads(out.stdout.split("RESULT ", 1)[1])
+            res[(t, c, m)].append(x)
+            print(f"round {r + 1}: {t} {c} {m}: {x['s']:.2f} s (lower {x['lower']:.2f} s), "
+                  f"fused {x['fused']}, distinct {x['distinct']}", flush=True)
+    what = "update alone" if args.alone else "chain + adam"
+    print(f"\n| tree | {what} | norms' cond | first call, median (all) | fused | distinct |")
+    print("|---|---|---|---|---|---|")
+    for t in args.trees.split(","):
+        for c in args.clippers.split(","):
+            for m in ("shipped", "fast"):
+                xs = res[(t, c, m)]
+                s = [x["s"] for x in xs]
+                print(f"| {t} | `{c}` | {m} | {statistics.median(s):.2f} s "
+                      f"({', '.join(f'{v:.2f}' for v in s)}) | {xs[0]['fused']} | "
+                      f"{xs[0]['distinct']} |")
+
+
+if __name__ == "__main__":
+    main()

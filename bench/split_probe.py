@@ -2,13 +2,15 @@
 
 optclip hands each array its per-unit results by a gather with constant indices on XLA:CPU
 only (``lax.platform_dependent`` in ``norms.split_flat``), and by slices elsewhere. This probe
-forces one or the other on whatever backend it runs on (``split_flat`` only: the overflow
+forces one or the other on whatever backend it runs on (the gather as shipped on XLA:CPU,
+from the vector written out by ``norms._written_out``; ``split_flat`` only: the overflow
 rescue's scales for large arrays, ``norms._reduce_packed``, keep the shipped choice), and
 measures
 
-* ``compile``: the first call of one clipper's ``update`` alone on a many-leaves tree
-  (run it once per clipper and mode, each in its own process, so that no compile cache or
-  earlier compile helps the next);
+* ``compile``: the first call of one clipper's ``update`` alone on a many-leaves tree, after
+  a warm-up compile of a tiny tree, with its kernel counts (run it once per clipper and
+  mode, each in its own process, so that no compile cache or earlier compile helps the
+  next);
 * ``step``: the chain + adam step time of the per-unit clippers with either split, interleaved
   and donated as ``python -m bench`` times them, with the global-norm chain beside them.
 
@@ -47,7 +49,9 @@ def split(how: str):
     def forced(flat, lay):
         if how == "default" or not jnp.issubdtype(flat.dtype, jnp.floating):
             return real(flat, lay)
-        return (_n._split_gathered if how == "gather" else _n._split_sliced)(flat, lay)
+        if how == "gather":  # as shipped on XLA:CPU: the vector written out first
+            return _n._split_gathered(_n._written_out(flat), lay)
+        return _n._split_sliced(flat, lay)
 
     _n.split_flat = forced
     try:
@@ -57,6 +61,10 @@ def split(how: str):
 
 
 def compile_main(args) -> None:
+    # warm-up, as bench.compile_probe does: a process's first compile pays one-off costs
+    tiny = trees.abstract_tree(trees.TREES["tiny"]())
+    warm = entries()["adam"].chain()
+    train_step(warm).lower(tiny, jax.eval_shape(warm.init, tiny), tiny).compile()
     tree = trees.abstract_tree(trees.TREES[args.tree]())
     tx = entries()[args.clipper].alone()
     with split(args.split):

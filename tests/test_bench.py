@@ -415,19 +415,29 @@ def _np_leaf_norm(g, max_norm=1.0):
     return g * min(1.0, max_norm / n) if n > 0 else g
 
 
-@pytest.mark.parametrize("name", ["fused_leaf_norm", "fused_agc", "stacked_agc",
-                                  "fused_clippy", "stacked_clippy"])
+_SAME_WORK = {"fused_leaf_norm": lambda: optclip.clip_by_leaf_norm(1.0),
+              "fused_agc": lambda: optclip.agc(0.01), "stacked_agc": lambda: optclip.agc(0.01),
+              "fused_clippy": lambda: optclip.clippy(0.1, 1e-7),
+              "stacked_clippy": lambda: optclip.clippy(0.1, 1e-7)}
+
+
+@pytest.mark.parametrize("name", list(_SAME_WORK))
 def test_hand_fused_compile_references_compute_their_clipper(name):
     # README sets optclip's first calls against these references: each must do its
     # clipper's work (per leaf, or on stacks of the leaves of one shape), checked against
-    # NumPy written from the papers' formulas, on leaves that clip and leaves that do not,
-    # shapes repeated (stacked together) and not, a scalar and a zero update.
+    # NumPy written from the papers' formulas and against the optclip clipper itself. Every
+    # shape (repeated shapes are stacked together; a 3-D leaf, whose AGC units are its last
+    # axis; a scalar) has a leaf that clips; one weight is zero (AGC's eps, Clippy's
+    # lambda_abs), one update is zero.
     rng = np.random.default_rng(3)
-    shapes = [(3, 4), (5,), (), (3, 4), (2, 3, 4), (5,), (3, 4), (1,)]
-    g = {f"l{i}": jnp.asarray(rng.normal(size=s) * (3.0 if i % 2 else 0.001), jnp.float32)
+    shapes = [(3, 4), (5,), (), (3, 4), (2, 3, 4), (5,), (3, 4), (1,), (2, 3, 4), ()]
+    big = {1, 2, 3, 4, 5, 7}
+    g = {f"l{i}": jnp.asarray(rng.normal(size=s) * (3.0 if i in big else 0.001)
+                              * (30.0 if not s else 1.0), jnp.float32)
          for i, s in enumerate(shapes)}
-    g["l7"] = jnp.zeros((1,), jnp.float32)
+    g["l9"] = jnp.zeros((), jnp.float32)
     w = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in g.items()}
+    w["l3"] = jnp.zeros((3, 4), jnp.float32)
     tx = REG[name].alone()
     out, _ = jax.jit(tx.update)(g, tx.init(w), w)
     ref = {"fused_leaf_norm": lambda k: _np_leaf_norm(g[k]),
@@ -435,13 +445,18 @@ def test_hand_fused_compile_references_compute_their_clipper(name):
            "stacked_agc": lambda k: _np_agc(g[k], w[k]),
            "fused_clippy": lambda k: _np_clippy(g[k], w[k]),
            "stacked_clippy": lambda k: _np_clippy(g[k], w[k])}[name]
-    changed = 0
+    same = _SAME_WORK[name]()
+    theirs, _ = jax.jit(same.update)(g, same.init(w), w)
+    changed = set()
     for k in g:
         want = ref(k)
         assert out[k].shape == g[k].shape and out[k].dtype == g[k].dtype
         np.testing.assert_allclose(np.asarray(out[k]), want, rtol=2e-6, atol=1e-30)
-        changed += not np.allclose(want, np.asarray(g[k]))
-    assert changed >= 2  # some leaves were clipped, so the test can tell a no-op
+        np.testing.assert_allclose(np.asarray(out[k]), np.asarray(theirs[k]), rtol=2e-6,
+                                   atol=1e-30)
+        if not np.allclose(want, np.asarray(g[k])):
+            changed.add(len(shapes[int(k[1:])]))
+    assert changed == {0, 1, 2, 3}  # leaves of every rank clipped: not a no-op
 
 
 _CPU_HLO = pytest.mark.skipif(

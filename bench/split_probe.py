@@ -42,8 +42,10 @@ from optclip import norms as _n
 
 @contextlib.contextmanager
 def split(how: str):
-    """While tracing: per-unit results reach their arrays by ``how``: "gather", "slice", or
-    "default" (as shipped: the gather on XLA:CPU only)."""
+    """While tracing: per-unit results reach their arrays by ``how``: "gather" (as shipped on
+    XLA:CPU: from the vector written out by ``norms._written_out``, a ``lax.cond``),
+    "gather_plain" (the gather alone), "slice", or "default" (as shipped: the gather on
+    XLA:CPU only)."""
     real = _n.split_flat
 
     def forced(flat, lay):
@@ -51,6 +53,8 @@ def split(how: str):
             return real(flat, lay)
         if how == "gather":  # as shipped on XLA:CPU: the vector written out first
             return _n._split_gathered(_n._written_out(flat), lay)
+        if how == "gather_plain":
+            return _n._split_gathered(flat, lay)
         return _n._split_sliced(flat, lay)
 
     _n.split_flat = forced
@@ -89,7 +93,7 @@ def step_main(args) -> None:
         ms = []
         for name in ["adam", "clip_by_global_norm"] + args.clippers.split(","):
             for how in (("default",) if name in ("adam", "clip_by_global_norm")
-                        else ("slice", "gather")):
+                        else args.splits.split(",")):
                 tx = reg[name].chain()
                 s_s = jax.eval_shape(tx.init, p_s)
                 t0 = time.perf_counter()
@@ -116,12 +120,15 @@ def main() -> None:
     c = sub.add_parser("compile")
     c.add_argument("--tree", default="many1000")
     c.add_argument("--clipper", default="clip_by_leaf_norm")
-    c.add_argument("--split", default="default", choices=("default", "gather", "slice"))
+    c.add_argument("--split", default="default",
+                   choices=("default", "gather", "gather_plain", "slice"))
     s = sub.add_parser("step")
     s.add_argument("--trees", default="gpt2,resnet50")
     s.add_argument("--clippers", default="clip_by_leaf_norm,agc")
     s.add_argument("--reps", type=int, default=10)
     s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--splits", default="slice,gather",
+                   help="comma list of gather, gather_plain, slice for the per-unit clippers")
     args = ap.parse_args()
     (compile_main if args.cmd == "compile" else step_main)(args)
 

@@ -457,6 +457,10 @@ def test_hand_fused_compile_references_compute_their_clipper(name):
         if not np.allclose(want, np.asarray(g[k])):
             changed.add(len(shapes[int(k[1:])]))
     assert changed == {0, 1, 2, 3}  # leaves of every rank clipped: not a no-op
+    # an empty leaf passes through (optclip's clippers take one)
+    e = {"e": jnp.zeros((2, 0), jnp.float32), "f": jnp.zeros((0,), jnp.float32)}
+    out, _ = jax.jit(tx.update)(e, tx.init(e), e)
+    assert all(out[k].shape == e[k].shape for k in e)
 
 
 _CPU_HLO = pytest.mark.skipif(

@@ -106,9 +106,9 @@ def fused_leaf_norm(max_norm: float) -> optax.GradientTransformation:
     """A hand-fused per-leaf norm clip: per leaf one sum of squares, then one multiply by
     ``min(1, max_norm / |g|)``.
 
-    No stats, no NaN handling, no overflow safety: the least a per-leaf clipper compiles
-    (``clip_by_leaf_norm``; ``clip_by_block_rms`` and ``adagc`` do this work and more), a
-    reference for first calls (``python -m bench.compile_probe``).
+    No stats, no NaN handling, no overflow safety: a per-leaf clipper's work and nothing
+    else (``clip_by_leaf_norm``'s; ``clip_by_block_rms`` and ``adagc`` do this work and more),
+    a reference for first calls (``python -m bench.compile_probe``).
     """
 
     def one(g):
@@ -128,8 +128,8 @@ def fused_clippy(lambda_rel: float, lambda_abs: float) -> optax.GradientTransfor
     ``(lambda_rel |w| + lambda_abs) / |u|`` (inf where ``u`` is 0), then one multiply by
     ``min(1, that min)``.
 
-    No stats, no NaN handling: the least ``clippy`` compiles, a reference for first calls
-    (``python -m bench.compile_probe``).
+    No stats, no NaN handling: ``clippy``'s work and nothing else, a reference for first
+    calls (``python -m bench.compile_probe``).
     """
 
     def one(u, w):

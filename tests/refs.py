@@ -77,6 +77,18 @@ def agc_clip(g, w, clipping, eps, axes):
     return g * factor
 
 
+def clippy_sigma(u, w, lam_rel, lam_abs):
+    """Tang et al. 2023: a tensor's factor min(1, min_j (lam_rel |w_j| + lam_abs) / |u_j|)
+    over its non-zero updates (1 when there are none)."""
+    u = np.asarray(u, np.float64)
+    w = np.asarray(w, np.float64)
+    nz = u != 0
+    if not nz.any():
+        return 1.0
+    bound = lam_rel * np.abs(w) + lam_abs
+    return float(min(1.0, np.min(bound[nz] / np.abs(u[nz]))))
+
+
 class ZClipRef:
     """ZClip (Kumar et al. 2025) from the paper's algorithm and the authors' reference code.
 

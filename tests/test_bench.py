@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import refs
 
 import optclip
 from bench import gn_probe
@@ -394,25 +395,9 @@ def test_fused_value_floor_keeps_the_stats_it_is_a_floor_for():
             assert o.dtype == r.dtype and np.array_equal(np.asarray(o), np.asarray(r))
 
 
-def _np_agc(g, w, clipping=0.01, eps=1e-3):
-    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
-    ax = tuple(range(g.ndim - 1)) if g.ndim > 1 else None
-    gn = np.sqrt(np.sum(g * g, axis=ax, keepdims=True))
-    mx = clipping * np.maximum(np.sqrt(np.sum(w * w, axis=ax, keepdims=True)), eps)
-    return g * np.minimum(1.0, mx / np.where(gn > 0, gn, 1.0))
-
-
-def _np_clippy(u, w, lam_rel=0.1, lam_abs=1e-7):
-    u, w = np.asarray(u, np.float64), np.asarray(w, np.float64)
-    a = np.abs(u)
-    r = np.where(a > 0, (lam_rel * np.abs(w) + lam_abs) / np.where(a > 0, a, 1.0), np.inf)
-    return u * min(1.0, float(np.min(r))) if u.size else u
-
-
-def _np_leaf_norm(g, max_norm=1.0):
-    g = np.asarray(g, np.float64)
-    n = np.sqrt(np.sum(g * g))
-    return g * min(1.0, max_norm / n) if n > 0 else g
+def _flax_units(a):
+    """AGC's units for Flax layouts: all axes but the last; a vector or scalar is one unit."""
+    return tuple(range(a.ndim - 1)) if a.ndim > 1 else None
 
 
 _SAME_WORK = {"fused_leaf_norm": lambda: optclip.clip_by_leaf_norm(1.0),
@@ -440,11 +425,15 @@ def test_hand_fused_compile_references_compute_their_clipper(name):
     w["l3"] = jnp.zeros((3, 4), jnp.float32)
     tx = REG[name].alone()
     out, _ = jax.jit(tx.update)(g, tx.init(w), w)
-    ref = {"fused_leaf_norm": lambda k: _np_leaf_norm(g[k]),
-           "fused_agc": lambda k: _np_agc(g[k], w[k]),
-           "stacked_agc": lambda k: _np_agc(g[k], w[k]),
-           "fused_clippy": lambda k: _np_clippy(g[k], w[k]),
-           "stacked_clippy": lambda k: _np_clippy(g[k], w[k])}[name]
+    gn = {k: np.asarray(v, np.float64) for k, v in g.items()}
+    wn = {k: np.asarray(v, np.float64) for k, v in w.items()}
+    def ref(k):
+        if name == "fused_leaf_norm":
+            return refs.leaf_clip([gn[k]], 1.0)[0]
+        if name.endswith("agc"):
+            return refs.agc_clip(gn[k], wn[k], 0.01, 1e-3, _flax_units(gn[k]))
+        return gn[k] * refs.clippy_sigma(gn[k], wn[k], 0.1, 1e-7)
+
     same = _SAME_WORK[name]()
     theirs, _ = jax.jit(same.update)(g, same.init(w), w)
     changed = set()

@@ -15,20 +15,11 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from refs import clippy_sigma as np_sigma
 
 import optclip
 
 # --- NumPy references ---------------------------------------------------------------------------
-
-
-def np_sigma(u, w, lam_rel, lam_abs):
-    u = np.asarray(u, np.float64)
-    w = np.asarray(w, np.float64)
-    nz = u != 0
-    if not nz.any():
-        return 1.0
-    bound = lam_rel * np.abs(w) + lam_abs
-    return float(min(1.0, np.min(bound[nz] / np.abs(u[nz]))))
 
 
 def np_clippy(updates, params, lam_rel, lam_abs):

@@ -1,4 +1,5 @@
-"""Diagnostics behind README's "why" notes on XLA:CPU (compile time, the guards' copies).
+"""Diagnostics behind docs/benchmarks.md's "why" notes on XLA:CPU (compile time, the
+guards' copies).
 
     python -m bench.xla_probe kernels      distinct fused kernels and compile times
     python -m bench.xla_probe guard_copy   the guards' copy of the donated state, reduced
@@ -16,7 +17,7 @@ compile time and the number of fused computations (all, and distinct once names 
 aside); the compile time of slicing a 1,000-vector into 1,000 scalars; and, on GPT-2 and
 1,000 mixed leaves, ``clip_by_leaf_norm``'s update against a leaf-by-leaf variant (each
 leaf's norm, scale and clip computed on its own, the rescue's ``lax.cond`` returning one
-norm per leaf), the design that README says was tried.
+norm per leaf), the design that docs/benchmarks.md says was tried.
 
 ``select``: compile times (lower + compile) of 1,000 per-leaf clips ``x * min(1, 1/||x||)``
 on leaves of one shape and of 1,000 distinct shapes (identical kernels are compiled once);

@@ -173,9 +173,9 @@ def test_guard_step_copies_no_donated_state(guard):
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a claim about XLA:CPU")
 def test_readme_claim_guards_copy_because_update_reads_the_old_state():
-    # README's "why the guards copy on XLA:CPU": selecting the kept state after computing
-    # the update from the new one copies the donated state; computing it from the kept one
-    # does not. If XLA changes this, README's note must change.
+    # docs/benchmarks.md, "Why the guards cost 2x on XLA:CPU": selecting the kept state
+    # after computing the update from the new one copies the donated state; computing it
+    # from the kept one does not. If XLA changes this, that note must change.
     from bench import xla_probe
 
     temps = xla_probe.guard_copy()

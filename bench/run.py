@@ -307,6 +307,22 @@ def group_ratio(res: dict, num: str, den: str) -> float | None:
     return None
 
 
+def _commit() -> str | None:
+    """The checkout's commit, with ``+changes`` when optclip or bench differ from it (None
+    outside a git checkout)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "optclip", "bench",
+                                ":!bench/results"],
+                               cwd=root, text=True, capture_output=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def paired_ratio(res: dict, num: str, den: str) -> float | None:
     """The median over rounds of num's time / den's time in the same round.
 
@@ -700,7 +716,7 @@ def main(argv=None) -> dict:
                 "device": str(jax.devices()[0]), "platform": jax.devices()[0].platform,
                 "machine": platform.machine(), "cpus": os.cpu_count(),
                 "argv": list(sys.argv[1:] if argv is None else argv), "reps": reps,
-                "warmup": args.warmup, "clippers": names}
+                "warmup": args.warmup, "clippers": names, "commit": _commit()}
         print(f"jax {meta['jax']}, optax {meta['optax']}, device {meta['device']}, "
               f"{meta['machine']}, {meta['cpus']} CPUs; clippers: {', '.join(names)}", flush=True)
         _warm_up()

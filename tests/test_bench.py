@@ -706,3 +706,53 @@ def test_eager_probe_runs_and_later_eager_calls_compile_nothing():
     rows = [ln for ln in out.splitlines() if "first call" in ln]
     assert len(rows) == 13, out
     assert all(ln.endswith("(0 compiled)") for ln in rows), out
+
+
+def test_readme_bench_tables_are_the_committed_runs_output():
+    # README's CPU tables are `python -m bench.readme_tables` on the committed results.json:
+    # a figure edited by hand, or a new run committed without them, fails here.
+    from bench import readme_tables
+
+    root = Path(__file__).resolve().parent.parent
+    result = json.loads((root / "bench" / "results" / "results.json").read_text())
+    got = readme_tables.readme_block((root / "README.md").read_text())
+    assert got == readme_tables.tables(result)
+
+
+def test_readme_tables_bold_only_the_misses():
+    # a synthetic run: one ratio over its bound, one under, one without a bound; a first
+    # call the bench judged a miss
+    from bench import readme_tables
+
+    def entry(step_s, first_s, temp=0.001):
+        return {"step_s": step_s, "first_call_s": first_s, "temp_fraction": temp}
+
+    names = ["adam", "clip_by_global_norm", "fused_global_norm", "clip_by_block_rms",
+             "clip_by_leaf_norm", "optax.clip_by_global_norm"]
+    times = {"adam": 1.0, "clip_by_global_norm": 1.1, "fused_global_norm": 1.0,
+             "clip_by_block_rms": 1.2, "clip_by_leaf_norm": 1.1,
+             "optax.clip_by_global_norm": 2.0}
+    rounds = {n: [t, t * 1.5] for n, t in times.items()}
+    res = {"tree": "gpt2", "entries": {n: entry(times[n], 2.0 + i) for i, n in enumerate(names)},
+           "group_step_s": {"all": times}, "group_times_s": {"all": rounds},
+           "ratios": [{"num": "clip_by_global_norm", "den": "fused_global_norm", "bound": 1.03},
+                      {"num": "clip_by_block_rms", "den": "clip_by_global_norm", "bound": 1.05},
+                      {"num": "clip_by_leaf_norm", "den": "clip_by_global_norm", "bound": 1.05}]}
+    targets = [{"tree": "gpt2", "what": "first call: clip_by_leaf_norm / adam", "met": False},
+               {"tree": "gpt2", "what": "first call: clip_by_block_rms / x", "met": True}]
+    out = readme_tables.tables({"meta": {"jax": "j", "optax": "o", "argv": ["--quick"],
+                                         "commit": "abc1234"},
+                                "step": [res], "many": None, "targets": targets})
+    rows = {ln.split(" | ")[0]: ln for ln in out.splitlines()}
+    assert "| **1.10x** (1.10x) | <= 1.03 |" in rows["| `clip_by_global_norm` / a hand-fused "
+                                                  "clip (1 reduction, 1 scalar multiply)"]
+    # 1.2 / 1.1 = 1.09 misses 1.05; 1.1 / 1.1 meets it
+    assert "| **1.09x**, 1.00x (1.09x, 1.00x) |" in rows[
+        "| `clip_by_block_rms`, `clip_by_leaf_norm` / global-norm chain"]
+    assert "| 1.82x (1.82x) |  |" in rows["| `optax.clip_by_global_norm` / global-norm chain"]
+    assert "| n/a |" in rows["| `agc` / adam"]
+    # first calls: leaf norm 6 s against the chain's 3 s, a miss; block RMS met
+    assert "**+3.0 s**" in rows["| `clip_by_leaf_norm`, `adagc`, `clippy`: over the global-norm "
+                               "chain"]
+    assert out.endswith("(optclip at abc1234, jax j, optax o, ? CPU cores, ?: "
+                        "`python -m bench --quick`.)")

@@ -168,8 +168,7 @@ def compile_all(keys: list[str], params, grads) -> dict[str, Measured]:
         print(f"  compiled {key:<34} first call {lower_s + compile_s:7.2f} s"
               f"  temp {_fmt_bytes(tb):>10}", flush=True)
 
-    # memory floors and the global-norm clips alone (for the floor ratios of
-    # docs/benchmarks.md)
+    # memory floors and the global-norm clips alone (for the floor ratios in results.md)
     if GN in keys:
         add("floor_read", jax.jit(lambda g: sum(jnp.sum(x) for x in jax.tree.leaves(g))),
             (p_s,), lambda: (grads,), (), chain=False, described="read the tree once")

@@ -376,9 +376,9 @@ def test_fresh_chain_state_is_donatable(name):
 
 
 def test_fused_value_floor_keeps_the_stats_it_is_a_floor_for():
-    # bench.clippers.fused_value is the floor README cites for clip_by_value's step: it must
-    # compute what clip_by_value reports (the norm, the clamp flag, the norm after a clamp),
-    # and clamp as optax.clip does.
+    # bench.clippers.fused_value is the floor README and docs/benchmarks.md cite for
+    # clip_by_value's step: it must compute what clip_by_value reports (the norm, the clamp
+    # flag, the norm after a clamp), and clamp as optax.clip does.
     from bench.clippers import fused_value
 
     g = {"a": jnp.array([0.25, -0.02, 0.03]), "b": jnp.array([[0.001, -0.5]], jnp.bfloat16)}
@@ -408,8 +408,8 @@ _SAME_WORK = {"fused_leaf_norm": lambda: optclip.clip_by_leaf_norm(1.0),
 
 @pytest.mark.parametrize("name", list(_SAME_WORK))
 def test_hand_fused_compile_references_compute_their_clipper(name):
-    # README sets optclip's first calls against these references: each must do its
-    # clipper's work (per leaf, or on stacks of the leaves of one shape), checked against
+    # docs/benchmarks.md sets optclip's first calls against these references: each must do
+    # its clipper's work (per leaf, or on stacks of the leaves of one shape), checked against
     # NumPy written from the papers' formulas and against the optclip clipper itself. Every
     # shape (repeated shapes are stacked together; a 3-D leaf, whose AGC units are its last
     # axis; a scalar) has a leaf that clips; one weight is zero (AGC's eps, Clippy's

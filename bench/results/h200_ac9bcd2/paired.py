@@ -3,7 +3,8 @@
 Device call 1 (``full/``) ran before the bench printed paired ratios. It timed every chain
 in one group ('all'), so each entry's ``step_times_s`` is that group's list, round by round,
 and the bench's own ``paired_ratio`` applies to it. Call 2 (``gpt2_20/``) saved its groups'
-times. Besides the bench's ratios, a few that README's GPU table cites.
+times. Besides the bench's ratios, a few that the GPU table of docs/benchmarks.md
+(README's until ff32fcc) cites.
 Run: PYTHONPATH=. python bench/results/h200_ac9bcd2/paired.py
 """
 import json

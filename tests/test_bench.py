@@ -719,40 +719,86 @@ def test_readme_bench_tables_are_the_committed_runs_output():
     assert got == readme_tables.tables(result)
 
 
-def test_readme_tables_bold_only_the_misses():
-    # a synthetic run: one ratio over its bound, one under, one without a bound; a first
-    # call the bench judged a miss
+def test_readme_tables_cells_and_bold_misses():
+    # A synthetic run with known answers for every kind of cell: ratios with bounds (over
+    # and under), per-round ratios that differ from the ratio of medians, first calls as a
+    # ratio, as seconds over the global-norm chain and both, judged by the bench's targets
+    # (the "(chains)" row apart), temporaries, and the many-leaves table.
     from bench import readme_tables
+
+    gn = "clip_by_global_norm"
 
     def entry(step_s, first_s, temp=0.001):
         return {"step_s": step_s, "first_call_s": first_s, "temp_fraction": temp}
 
-    names = ["adam", "clip_by_global_norm", "fused_global_norm", "clip_by_block_rms",
-             "clip_by_leaf_norm", "optax.clip_by_global_norm"]
-    times = {"adam": 1.0, "clip_by_global_norm": 1.1, "fused_global_norm": 1.0,
-             "clip_by_block_rms": 1.2, "clip_by_leaf_norm": 1.1,
-             "optax.clip_by_global_norm": 2.0}
-    rounds = {n: [t, t * 1.5] for n, t in times.items()}
-    res = {"tree": "gpt2", "entries": {n: entry(times[n], 2.0 + i) for i, n in enumerate(names)},
-           "group_step_s": {"all": times}, "group_times_s": {"all": rounds},
-           "ratios": [{"num": "clip_by_global_norm", "den": "fused_global_norm", "bound": 1.03},
-                      {"num": "clip_by_block_rms", "den": "clip_by_global_norm", "bound": 1.05},
-                      {"num": "clip_by_leaf_norm", "den": "clip_by_global_norm", "bound": 1.05}]}
-    targets = [{"tree": "gpt2", "what": "first call: clip_by_leaf_norm / adam", "met": False},
-               {"tree": "gpt2", "what": "first call: clip_by_block_rms / x", "met": True}]
-    out = readme_tables.tables({"meta": {"jax": "j", "optax": "o", "argv": ["--quick"],
+    step = {"adam": 1.0, gn: 1.1, "fused_global_norm": 1.0, "clip_by_block_rms": 1.2,
+            "clip_by_leaf_norm": 1.1, "optax.clip_by_global_norm": 2.0, "agc": 1.5,
+            "optax.adaptive_grad_clip": 1.4}
+    first = {"adam": 2.0, gn: 3.0, "fused_global_norm": 2.5, "clip_by_block_rms": 3.5,
+             "clip_by_leaf_norm": 6.0, "optax.clip_by_global_norm": 2.4, "agc": 7.0,
+             "optax.adaptive_grad_clip": 4.0}
+    temps = {"clip_by_block_rms": 0.002, "clip_by_leaf_norm": 0.03, "agc": 0.004}
+    # two rounds: the second slower for the global-norm chain alone, so that the median of
+    # the rounds' ratios differs from the ratio of the medians
+    # (clip_by_leaf_norm's rounds not recorded: its row shows no per-round ratios)
+    rounds = {n: [t, t * (3.0 if n == gn else 1.0)] for n, t in step.items()
+              if n != "clip_by_leaf_norm"}
+    res = {"tree": "gpt2",
+           "entries": {n: entry(step[n], first[n], temps.get(n, 0.001)) for n in step},
+           "group_step_s": {"all": step}, "group_times_s": {"all": rounds},
+           "ratios": [{"num": gn, "den": "fused_global_norm", "bound": 1.03},
+                      {"num": "clip_by_block_rms", "den": gn, "bound": 1.05},
+                      {"num": "clip_by_leaf_norm", "den": gn, "bound": 1.05},
+                      {"num": "agc", "den": "adam", "bound": 1.35}]}
+    targets = [
+        {"tree": "gpt2", "what": "first call: clip_by_leaf_norm / adam", "met": False},
+        {"tree": "gpt2", "what": "first call: clip_by_block_rms / x", "met": True},
+        {"tree": "gpt2", "what": "first call: agc / optax.adaptive_grad_clip", "met": True},
+        {"tree": "gpt2", "what": "first call: agc / optax.adaptive_grad_clip (chains)",
+         "value": "1.75x", "met": False},
+        {"tree": "gpt2", "what": "temp bytes: clip_by_leaf_norm chain / tree", "met": False}]
+    many = {"trees": {"many1000": {"leaves": 1000}, "many5000": {"leaves": 5000}},
+            "results": {"many1000": {gn: {"first_call_s": 2.0}, "agc": {"first_call_s": 4.2},
+                                     "clippy": {"first_call_s": 3.9}},
+                        "many5000": {gn: {"first_call_s": 10.0},
+                                     "agc": {"timeout_s": 120.0},
+                                     "clippy": {"timeout_s": 120.0, "skipped": True}}}}
+    out = readme_tables.tables({"meta": {"jax": "j", "optax": "o", "platform": "cpu",
+                                         "argv": ["--many-trees", "", "--reps", "3"],
                                          "commit": "abc1234"},
-                                "step": [res], "many": None, "targets": targets})
-    rows = {ln.split(" | ")[0]: ln for ln in out.splitlines()}
-    assert "| **1.10x** (1.10x) | <= 1.03 |" in rows["| `clip_by_global_norm` / a hand-fused "
-                                                  "clip (1 reduction, 1 scalar multiply)"]
-    # 1.2 / 1.1 = 1.09 misses 1.05; 1.1 / 1.1 meets it
-    assert "| **1.09x**, 1.00x (1.09x, 1.00x) |" in rows[
-        "| `clip_by_block_rms`, `clip_by_leaf_norm` / global-norm chain"]
-    assert "| 1.82x (1.82x) |  |" in rows["| `optax.clip_by_global_norm` / global-norm chain"]
-    assert "| n/a |" in rows["| `agc` / adam"]
-    # first calls: leaf norm 6 s against the chain's 3 s, a miss; block RMS met
-    assert "**+3.0 s**" in rows["| `clip_by_leaf_norm`, `adagc`, `clippy`: over the global-norm "
-                               "chain"]
-    assert out.endswith("(optclip at abc1234, jax j, optax o, ? CPU cores, ?: "
-                        "`python -m bench --quick`.)")
+                                "step": [res], "many": many, "targets": targets})
+    step_t, temp_t, first_t, own_t, many_t, foot = out.split("\n\n")
+
+    def row(table, label):
+        (got,) = [ln for ln in table.splitlines() if ln.startswith(f"| {label}")]
+        return got
+
+    # 1.1 / 1.0 over 1.03; per round 1.1 and 3.3 / 1.0: median 2.2
+    assert row(step_t, "`clip_by_global_norm` / a hand-fused") == (
+        "| `clip_by_global_norm` / a hand-fused clip (1 reduction, 1 scalar multiply) | "
+        "**1.10x** (2.20x) | <= 1.03 |")
+    # 1.2 / 1.1 = 1.09 misses 1.05, 1.1 / 1.1 meets it; no per-round ratios for the cell, as
+    # one of its pairs has none
+    assert row(step_t, "`clip_by_block_rms`, `clip_by_leaf_norm`").endswith(
+        "| **1.09x**, 1.00x | <= 1.05 |")
+    assert row(step_t, "`optax.clip_by_global_norm`").endswith("| 1.82x (1.21x) |  |")
+    assert row(step_t, "`agc` / adam").endswith("| **1.50x** (1.50x) | <= 1.35 |")
+    assert row(step_t, "`clippy`").endswith("| n/a |  |")
+    # temporaries: a range, bold where the bench judged one of its chains a miss
+    assert row(temp_t, "global-norm family").endswith("| **0.10%-3.00%** |")
+    assert row(temp_t, "`agc`").endswith("| 0.40% |")
+    # first calls: a ratio; seconds over the chain (a miss bold); both, met by the general
+    # rule though the "(chains)" target missed
+    assert row(first_t, "`clip_by_global_norm`").endswith("| 1.25x |")
+    assert row(first_t, "`clip_by_leaf_norm`, `adagc`").endswith("| **+3.0 s**, n/a, n/a |")
+    assert row(first_t, "`clip_by_block_rms`").endswith("| n/a |")  # no Optax entry
+    assert row(first_t, "`agc`").endswith("| 1.75x (+4.0 s) |")
+    assert own_t == ("(`agc`'s own first-call target, <= 2x Optax's AGC chain: 1.75x on GPT-2 "
+                     "(missed).)")
+    # many leaves: over 2x bold, a cut-off and a skipped one
+    assert row(many_t, "`clip_by_global_norm`") == "| `clip_by_global_norm` | 2.00 s | 10.00 s |"
+    assert row(many_t, "`agc`") == "| `agc` | **2.10x** | cut off (120 s) |"
+    assert row(many_t, "`clippy`") == "| `clippy` | 1.95x | not tried |"
+    assert step_t.startswith("| chain + adam, step time, XLA:CPU | GPT-2 | target |")
+    assert foot == ("(optclip at abc1234, jax j, optax o, ? CPU cores, ?: "
+                    "`python -m bench --many-trees '' --reps 3`.)")

@@ -133,10 +133,10 @@ def _first_cell(res: dict, targets: list[dict], sep: str, cells: list[tuple]) ->
     fc = {k: v["first_call_s"] for k, v in ent.items() if "first_call_s" in v}
     out = []
     for kind, num, *den in cells:
-        if num not in fc or (den and den[0] not in fc) or GN not in fc:
+        if num not in fc or (den and den[0] not in fc) or (kind != "ratio" and GN not in fc):
             out.append("n/a")
             continue
-        over = _seconds(fc[num] - fc[GN])
+        over = _seconds(fc[num] - fc[GN]) if GN in fc else ""
         miss = _miss(targets, tree, f"first call: {num} /")
         if kind == "over":
             out.append(_bold(over, miss))

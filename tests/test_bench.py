@@ -802,3 +802,17 @@ def test_readme_tables_cells_and_bold_misses():
     assert step_t.startswith("| chain + adam, step time, XLA:CPU | GPT-2 | target |")
     assert foot == ("(optclip at abc1234, jax j, optax o, ? CPU cores, ?: "
                     "`python -m bench --many-trees '' --reps 3`.)")
+
+
+def test_readme_tables_first_call_ratio_needs_no_global_norm():
+    # a ratio to Optax's counterpart is shown when the global-norm chain's first call is
+    # missing; the seconds over that chain are not
+    from bench import readme_tables
+
+    ent = {"skip_nonfinite": {"first_call_s": 3.0}, "optax.apply_if_finite": {"first_call_s": 2.0},
+           "skip_on_spike": {"first_call_s": 4.0}}
+    res = {"tree": "gpt2", "entries": ent, "group_step_s": {"all": {}}, "ratios": []}
+    out = readme_tables.tables({"meta": {"jax": "j", "optax": "o"}, "step": [res],
+                                "many": None, "targets": []})
+    assert "| `skip_nonfinite` / `optax.apply_if_finite`; `skip_on_spike` over the global-norm " \
+           "chain | 1.50x; n/a |" in out

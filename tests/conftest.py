@@ -16,6 +16,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import hypothesis  # noqa: E402
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 hypothesis.settings.register_profile(
     "optclip", max_examples=30, deadline=None, derandomize=True, print_blob=True
@@ -33,3 +34,14 @@ if os.environ.get("OPTCLIP_TEST_NO_CACHE") != "1":
     jax.config.update("jax_compilation_cache_dir", _cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# With -n and no --dist, xdist schedules with "worksteal", not its default "load": a worker
+# that runs out of tests takes some of the other's, so the run does not end on one worker's
+# tail (10.9-11.0 min against 11.4-11.5 min with "load" on 2 cores:
+# bench/results/cpu_suite/scheduling.md). Here rather than in pyproject's addopts, where
+# `--dist` would be an unknown option under `-p no:xdist`.
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    if getattr(config.option, "numprocesses", None) and config.option.dist == "no":
+        config.option.dist = "worksteal"

@@ -38,8 +38,9 @@ if os.environ.get("OPTCLIP_TEST_NO_CACHE") != "1":
 
 # With -n and no --dist, xdist schedules with "worksteal", not its default "load": a worker
 # that runs out of tests takes some of the other's, so the run does not end on one worker's
-# tail (10.9-11.0 min against 11.4-11.5 min with "load" on 2 cores:
-# bench/results/cpu_suite/scheduling.md). Here rather than in pyproject's addopts, where
+# tail (17-20 s outside the tests against 40 s with "load" on 2 cores, about 20 s saved, less
+# than the machine's spread: bench/results/cpu_suite/scheduling.md). Needs xdist >= 3.2.1.
+# Here rather than in pyproject's addopts, where
 # `--dist` would be an unknown option under `-p no:xdist`.
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):

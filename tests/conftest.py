@@ -40,8 +40,8 @@ if os.environ.get("OPTCLIP_TEST_NO_CACHE") != "1":
 # that runs out of tests takes some of the other's, so the run does not end on one worker's
 # tail (17-20 s outside the tests against 40 s with "load" on 2 cores, about 20 s saved, less
 # than the machine's spread: bench/results/cpu_suite/scheduling.md). Needs xdist >= 3.2.1.
-# Here rather than in pyproject's addopts, where
-# `--dist` would be an unknown option under `-p no:xdist`.
+# Set here rather than in pyproject's addopts, where `--dist` would be an unknown option
+# under `-p no:xdist`.
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
     if getattr(config.option, "numprocesses", None) and config.option.dist == "no":

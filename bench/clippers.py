@@ -205,8 +205,9 @@ def stacked_agc(clipping: float, eps: float = 1e-3) -> optax.GradientTransformat
 
 def stacked_clippy(lambda_rel: float, lambda_abs: float) -> optax.GradientTransformation:
     """:func:`fused_clippy` computed on stacks of the leaves of one shape (:func:`_stacked`):
-    a reference for many small leaves, as :func:`stacked_agc`. (``clippy`` itself
-    concatenates its small tensors and takes their minima by one segment min.)"""
+    a reference for many small leaves, as :func:`stacked_agc`. (``clippy`` itself stacks
+    its small tensors raveled, as rows, those of a size no other has zero-padded, and takes
+    each row's min.)"""
 
     def per_stack(u, w):
         if u.size == 0:

@@ -66,60 +66,94 @@ def _ratios(u: jax.Array, w: jax.Array, lam_rel: jax.Array, lam_abs: jax.Array,
     return jnp.where(active, ratio, jnp.inf)
 
 
-def _leaf_sigmas(us: list[jax.Array], ws: list[jax.Array], lam_rel: jax.Array,
-                 lam_abs: jax.Array, acc: Any, axes: list[Any] | None
-                 ) -> tuple[list[jax.Array], jax.Array]:
-    """Each tensor's factor :func:`_sigma` of ``min_j`` :func:`_ratios` (the min taken
-    across the tensor's mesh axes too), as a list and as one vector.
+class _Pieces(NamedTuple):
+    """The float tensors laid out for their norms and their ratios' minima (:func:`_pieces`).
 
-    Large tensors are reduced one by one. The small ones (up to ``norms.SMALL_LEAF``
-    elements) are concatenated, raw, by dtype and mesh axes (inside ``shard_map`` a
-    replicated tensor concatenated with a sharded one would be typed as sharded); their
-    ratios are taken in one element-wise op, reduced per tensor by one segment min, and
-    their factors computed on that vector, which each tensor then takes its own from (a
-    gather on XLA:CPU, ``norms.split_flat``). XLA:CPU compiles every kernel, and a model's
-    hundreds of small biases and scales, each with its own ratios, min and factor, cost
-    seconds of compile time.
+    ``arrays[i]`` yields the units ``leaves[i]`` (tensor indices, in order): a large tensor
+    one unit, itself; a stack one unit per row, a tensor per row. ``unit_axes[i]`` is the
+    axis :func:`optclip.norms.norm_core` reduces (None: all; 1: each row), ``mesh[i]`` the
+    mesh axes of its tensors (None: no mesh given)."""
+
+    arrays: list[Any]
+    params: list[Any]
+    leaves: list[list[int]]
+    unit_axes: list[Any]
+    mesh: list[Any] | None
+
+
+def _pieces(us: list[jax.Array], ws: list[jax.Array], axes: list[Any] | None) -> _Pieces:
+    """Large tensors as they are; the small ones (up to ``norms.SMALL_LEAF`` elements)
+    raveled and stacked as rows, shared by the norms and the ratios.
+
+    Small tensors are grouped by dtype and mesh axes (inside ``shard_map`` a replicated
+    tensor stacked with a sharded one would be typed as sharded). In a group, tensors of
+    one size are stacked as they are; the others are zero-padded to a power-of-two width
+    and stacked by width (a zero update sets no bound and adds nothing to a norm). Each
+    stack is then reduced along its rows, once for the norms and once for the ratios.
+
+    XLA:CPU compiles every kernel, so that a model's hundreds of small biases and scales,
+    each with its own norm, ratios and min, cost seconds of compile time; and it writes a
+    stack out in full. One stack of the updates and one of the weights, built once for the
+    norms and the ratios, hold 2x the small tensors in temporaries (a stack of at most
+    ``norms.SMALL_UNITS`` elements is copied once more into the norms' padded rows); the
+    norms' own stack beside a concatenation of updates and weights for a segment min held
+    5x (``python -m bench --trees '' --clippers clippy``).
     """
-    n = len(us)
-    sig: list[Any] = [None] * n
-    parts, index = [], []
+    arrays, params, leaves, unit_axes, mesh = [], [], [], [], []
     groups: dict[tuple, list[int]] = {}
-
-    large = []
     for j, (u, w) in enumerate(zip(us, ws, strict=True)):
+        ax = None if axes is None else axes[j]
         if u.size > _n.SMALL_LEAF:
-            large.append(j)
+            arrays.append(u)
+            params.append(w)
+            leaves.append([j])
+            unit_axes.append(None)
+            mesh.append(ax)
         elif u.size:
-            ax = None if axes is None else axes[j]
-            groups.setdefault((u.dtype, jnp.asarray(w).dtype, ax), []).append(j)
-        else:
-            sig[j] = jnp.ones((), acc)
-            parts.append(sig[j][None])
-            index.append([j])
-    # the large tensors' minima cross devices together, one pmin per set of mesh axes
-    mins = _n.collect([jnp.min(_ratios(us[j], ws[j], lam_rel, lam_abs, acc)) for j in large],
-                      None if axes is None else [axes[j] for j in large], lax.pmin)
-    for j, m in zip(large, mins, strict=True):
-        sig[j] = _sigma(m)
-        parts.append(sig[j][None])
-        index.append([j])
+            groups.setdefault((u.dtype, w.dtype, ax), []).append(j)
     for (_, _, ax), js in groups.items():
-        r = _ratios(jnp.concatenate([jnp.ravel(us[j]) for j in js]),
-                    jnp.concatenate([jnp.ravel(ws[j]) for j in js]), lam_rel, lam_abs, acc)
-        seg = np.repeat(np.arange(len(js), dtype=np.int32), [us[j].size for j in js])
-        seg_min = jax.ops.segment_min(r, seg, num_segments=len(js), indices_are_sorted=True)
-        vec = _sigma(_n.collect([seg_min], [ax], lax.pmin)[0])
-        lay = _n.layout_of([jax.ShapeDtypeStruct((), acc)] * len(js), [None] * len(js))
-        for j, s in zip(js, _n.split_flat(vec, lay), strict=True):
-            sig[j] = s
-        parts.append(vec)
-        index.append(js)
+        rows: dict[tuple, list[int]] = {}
+        by_size: dict[int, list[int]] = {}
+        for j in js:
+            by_size.setdefault(us[j].size, []).append(j)
+        for size, ks in by_size.items():
+            key = ("size", size) if len(ks) > 1 else ("width", _n._bucket(size))
+            rows.setdefault(key, []).extend(ks)
+        for (_, width), ks in rows.items():
+            def row(x: jax.Array, width: int = width) -> jax.Array:
+                x = jnp.ravel(x)
+                return x if x.size == width else jnp.pad(x, (0, width - x.size))
+            arrays.append(jnp.stack([row(us[k]) for k in ks]))
+            params.append(jnp.stack([row(ws[k]) for k in ks]))
+            leaves.append(ks)
+            unit_axes.append(1)
+            mesh.append(ax)
+    return _Pieces(arrays, params, leaves, unit_axes, None if axes is None else mesh)
+
+
+def _in_leaf_order(parts: list[jax.Array], pieces: _Pieces, n: int, fill: Any) -> jax.Array:
+    """One value per tensor, in the tensors' order, from one vector per piece (``fill`` for
+    the empty tensors, which no piece holds)."""
+    index = [np.asarray(js) for js in pieces.leaves]
+    held = np.concatenate(index) if index else np.zeros((0,), np.int64)
+    missing = np.setdiff1d(np.arange(n), held)
+    if missing.size:
+        parts = parts + [jnp.full((missing.size,), fill, parts[0].dtype if parts else
+                                  jnp.float32)]
+        index.append(missing)
+    v = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
     order = np.concatenate(index)
-    sig_v = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-    if not np.array_equal(order, np.arange(n)):
-        sig_v = sig_v[np.argsort(order)]
-    return sig, sig_v
+    return v if np.array_equal(order, np.arange(n)) else v[np.argsort(order)]
+
+
+def _leaf_sigmas(pieces: _Pieces, lam_rel: jax.Array, lam_abs: jax.Array, acc: Any
+                 ) -> list[jax.Array]:
+    """Each piece's factors :func:`_sigma` of ``min_j`` :func:`_ratios`, one per tensor it
+    holds (the min taken across the tensor's mesh axes too)."""
+    mins = [jnp.min(_ratios(u, w, lam_rel, lam_abs, acc), axis=ax)[None] if ax is None
+            else jnp.min(_ratios(u, w, lam_rel, lam_abs, acc), axis=ax)
+            for u, w, ax in zip(pieces.arrays, pieces.params, pieces.unit_axes, strict=True)]
+    return [_sigma(m) for m in _n.collect(mins, pieces.mesh, lax.pmin)]
 
 
 def _sigma(ratio: jax.Array) -> jax.Array:
@@ -312,11 +346,19 @@ def clippy(
             return updates, ClippyState(count=increment(state.count), stats=stats)
 
         axes = _n.leaf_axes(updates, axis_name, partition_specs)
-        # the norms only feed the stats: taken as one flat vector, never split per leaf
-        norms_v, nonfinite = _n.norm_core(us, 2.0, axes_per_leaf=axes, flat=True)
+        pieces = _pieces(us, ws, axes)
+        # the norms only feed the stats: per unit of the pieces, never split per tensor
+        norms_p, nonfinite = _n.norm_core(pieces.arrays, 2.0, axes=pieces.unit_axes,
+                                          axes_per_leaf=pieces.mesh, flat=True)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clippy")
-        acc = norms_v.dtype
-        sigmas, sig_v = _leaf_sigmas(us, ws, lr, la, acc, axes)
+        acc = _n.acc_dtype(us)
+        sig_p = _leaf_sigmas(pieces, lr, la, acc)
+        sig_v = _in_leaf_order(sig_p, pieces, len(us), 1.0)
+        # zero-size tensors: norm 0, factor 1
+        norms_v = _in_leaf_order([norms_p.astype(acc)] if pieces.arrays else [], pieces,
+                                 len(us), 0.0)
+        sig_lay = _n.layout_of([jax.ShapeDtypeStruct((), acc)] * len(us), [None] * len(us))
+        sigmas = _n.split_flat(sig_v, sig_lay)
 
         out = list(flat)
         for j, i in enumerate(idx):

@@ -120,7 +120,7 @@ def test_derivative_at_zero_update_is_finite():
 
 
 def test_derivative_through_grouped_small_tensors_matches_finite_differences():
-    # several small tensors take their factors from one segment min: the derivative of each
+    # several small tensors take their factors from one stack's row minima: the derivative of each
     # factor reaches its own tensor's arg-min element only
     w = {"a": jnp.array([0.5, 1.0, 2.0]), "b": jnp.array([1.0, 0.3]),
          "c": jnp.array([3.0, 0.5, 0.2, 1.0])}
@@ -207,8 +207,9 @@ def test_nan_weight_makes_its_tensors_factor_nan(size):
 
 
 def test_small_tensors_grouped_match_the_reference_with_mixed_dtypes_and_nonfinite():
-    # Small tensors are concatenated by dtype and reduced by one segment min; large ones on
-    # their own. Each tensor keeps its own factor: a NaN weight, an inf update, a zero or an
+    # Small tensors are stacked as rows by dtype (those of one size as they are, the others
+    # zero-padded to a power-of-two width) and each stack reduced along its rows; large ones
+    # on their own. Each tensor keeps its own factor: a NaN weight, an inf update, a zero or an
     # empty tensor in the group changes no other tensor's factor.
     rng = np.random.default_rng(7)
     shapes = {"big": (300, 256), "k": (4, 3), "b": (3,), "s": (), "c": (2, 2, 3), "e": (0,),
@@ -239,6 +240,31 @@ def test_small_tensors_grouped_match_the_reference_with_mixed_dtypes_and_nonfini
     assert any(np_sigma(np.asarray(u[k]), np.asarray(w[k]), 0.1, 1e-4) < 1
                for k in ("k", "b", "c", "h1", "h2"))  # the small ones are clipped, some of them
     assert bool(state.stats.nonfinite)
+
+
+def test_stats_of_many_small_tensors_pair_each_norm_with_its_own_factor():
+    # The small tensors' norms and factors come out of their stacks (several sizes, each
+    # size in several places of the tree, one of a size alone, a zero-size one, and a large
+    # tensor between them) and are put back in the tree's order: a norm paired with
+    # another tensor's factor would change the norm after the clip, and so the scale.
+    rng = np.random.default_rng(11)
+    shapes = [(3,), (4, 2), (300, 256), (3,), (7,), (2, 4), (0,), (5, 3), (3,), (1, 15)]
+    u = {f"t{i}": jnp.asarray(rng.normal(size=s) * 10.0 ** rng.uniform(-3, 0), jnp.float32)
+         for i, s in enumerate(shapes)}
+    w = {f"t{i}": jnp.asarray(rng.normal(size=s) * 10.0 ** rng.uniform(-2, 1), jnp.float32)
+         for i, s in enumerate(shapes)}
+    tx = optclip.clippy(0.1, 1e-5)
+    out, state = jax.jit(tx.update)(u, tx.init(w), w)
+    want = np_clippy(u, w, 0.1, 1e-5)
+    sigmas = [want[k][1] for k in u]
+    assert len({round(float(x), 6) for x in sigmas}) >= 6  # the factors differ
+    before = math.sqrt(sum(float(np.sum(np.asarray(u[k], np.float64) ** 2)) for k in u))
+    after = math.sqrt(sum(float(np.sum(want[k][0] ** 2)) for k in u))
+    np.testing.assert_allclose(float(state.stats.grad_norm), before, rtol=1e-6)
+    np.testing.assert_allclose(float(state.stats.scale), after / before, rtol=1e-5)
+    for k in u:
+        np.testing.assert_allclose(np.asarray(out[k], np.float64), want[k][0], rtol=2e-6,
+                                   err_msg=k)
 
 
 # --- stats, schedules, run-time thresholds ------------------------------------------------------

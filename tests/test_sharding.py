@@ -435,7 +435,7 @@ def _many_reference(name):
 
 
 @pytest.mark.parametrize("how", ["shard_map", "pmap", "named"])
-@pytest.mark.parametrize("name", ["leaf_norm", "block_rms", "agc", "adagc"])
+@pytest.mark.parametrize("name", ["leaf_norm", "block_rms", "agc", "adagc", "clippy"])
 def test_many_small_leaves_sharded_equal_unsharded(name, how):
     # 20 small leaves in two groups of 10 (more than norms._SELECT_MIN): each leaf's norm and
     # scale reach it by a masked sum over a block of rows, not by a slice

@@ -88,7 +88,8 @@ def _pieces(us: list[jax.Array], ws: list[jax.Array], axes: list[Any] | None) ->
     Small tensors are grouped by dtype and mesh axes (inside ``shard_map`` a replicated
     tensor stacked with a sharded one would be typed as sharded). In a group, tensors of
     one size are stacked as they are; the others are zero-padded to a power-of-two width
-    and stacked by width (a zero update sets no bound and adds nothing to a norm). Each
+    and stacked by width (a zero update sets no bound and adds nothing to a norm), but for
+    one alone in its width, which is a row as it is. Each
     stack is then reduced along its rows, once for the norms and once for the ratios.
 
     XLA:CPU compiles every kernel, so that a model's hundreds of small biases and scales,
@@ -120,6 +121,8 @@ def _pieces(us: list[jax.Array], ws: list[jax.Array], axes: list[Any] | None) ->
             key = ("size", size) if len(ks) > 1 else ("width", _n._bucket(size))
             rows.setdefault(key, []).extend(ks)
         for (_, width), ks in rows.items():
+            if len(ks) == 1:  # alone in its width: a row of its own size, no padded copy
+                width = us[ks[0]].size
             def row(x: jax.Array, width: int = width) -> jax.Array:
                 x = jnp.ravel(x)
                 return x if x.size == width else jnp.pad(x, (0, width - x.size))

@@ -572,10 +572,13 @@ def test_shard_map_equals_unsharded():
             "r": jnp.asarray([1.0, 0.1, 2.0], jnp.float32)}
     # the smallest bound of "k" lies on one device only: without the pmin the shards differ
     w["k"] = w["k"].at[7, 0].set(1e-3)
+    # and "k2", whose shards (8 elements) share a padded stack with "k"'s (6)
+    u["k2"] = jnp.asarray(np.random.default_rng(8).normal(size=(8, 4)) * 0.3, jnp.float32)
+    w["k2"] = jnp.asarray(np.random.default_rng(9).normal(size=(8, 4)), jnp.float32)
     tx = optclip.clippy(0.1, 0.0)
     want, ws = tx.update(u, tx.init(w), w)
     mesh = Mesh(np.array(jax.devices()[:4]), ("x",))
-    specs = {"k": P("x"), "r": P()}
+    specs = {"k": P("x"), "k2": P("x"), "r": P()}
     for kw in ({"partition_specs": specs}, {}):
         txs = optclip.clippy(0.1, 0.0, **kw)
         f = jax.jit(jax.shard_map(lambda u, s, w: txs.update(u, s, w), mesh=mesh,  # noqa: B023
@@ -585,6 +588,7 @@ def test_shard_map_equals_unsharded():
         same = np.allclose(np.asarray(got["k"]), np.asarray(want["k"]), rtol=1e-6)
         if kw:
             assert same
+            np.testing.assert_allclose(got["k2"], want["k2"], rtol=1e-6)
             np.testing.assert_allclose(got["r"], want["r"], rtol=1e-6)
             np.testing.assert_allclose(float(gs.stats.grad_norm), float(ws.stats.grad_norm),
                                        rtol=1e-6)

@@ -437,8 +437,9 @@ def _many_reference(name):
 @pytest.mark.parametrize("how", ["shard_map", "pmap", "named"])
 @pytest.mark.parametrize("name", ["leaf_norm", "block_rms", "agc", "adagc", "clippy"])
 def test_many_small_leaves_sharded_equal_unsharded(name, how):
-    # 20 small leaves in two groups of 10 (more than norms._SELECT_MIN): each leaf's norm and
-    # scale reach it by a masked sum over a block of rows, not by a slice
+    # 20 small leaves in two groups of 10 of one shape, stacked and reduced together: each
+    # leaf's norm and scale reach it from its group's results (norms.split_flat: a gather on
+    # XLA:CPU), not by a slice
     want = _many_reference(name)
     u_bad = want[1][0]
     assert np.isnan(u_bad["w03"]).any() or np.isinf(u_bad["w03"]).any()

@@ -89,16 +89,16 @@ def _pieces(us: list[jax.Array], ws: list[jax.Array], axes: list[Any] | None) ->
     tensor stacked with a sharded one would be typed as sharded). In a group, tensors of
     one size are stacked as they are; the others are zero-padded to a power-of-two width
     and stacked by width (a zero update sets no bound and adds nothing to a norm), but for
-    one alone in its width, which is a row as it is. Each
-    stack is then reduced along its rows, once for the norms and once for the ratios.
+    one alone in its width, which is a row as it is. Each stack is then reduced along its
+    rows, once for the norms and once for the ratios.
 
     XLA:CPU compiles every kernel, so that a model's hundreds of small biases and scales,
     each with its own norm, ratios and min, cost seconds of compile time; and it writes a
     stack out in full. One stack of the updates and one of the weights, built once for the
-    norms and the ratios, hold 2x the small tensors in temporaries (a stack of at most
-    ``norms.SMALL_UNITS`` elements is copied once more into the norms' padded rows); the
-    norms' own stack beside a concatenation of updates and weights for a segment min held
-    5x (``python -m bench --trees '' --clippers clippy``).
+    norms and the ratios, hold 2x the small tensors in temporaries (more where rows are
+    padded; a stack of at most ``norms.SMALL_UNITS`` elements is copied once more into the
+    norms' padded rows); the norms' own stack beside a concatenation of updates and weights
+    for a segment min held 5x (``python -m bench --trees '' --clippers clippy``).
     """
     arrays, params, leaves, unit_axes, mesh = [], [], [], [], []
     groups: dict[tuple, list[int]] = {}
@@ -153,8 +153,7 @@ def _leaf_sigmas(pieces: _Pieces, lam_rel: jax.Array, lam_abs: jax.Array, acc: A
                  ) -> list[jax.Array]:
     """Each piece's factors :func:`_sigma` of ``min_j`` :func:`_ratios`, one per tensor it
     holds (the min taken across the tensor's mesh axes too)."""
-    mins = [jnp.min(_ratios(u, w, lam_rel, lam_abs, acc), axis=ax)[None] if ax is None
-            else jnp.min(_ratios(u, w, lam_rel, lam_abs, acc), axis=ax)
+    mins = [jnp.ravel(jnp.min(_ratios(u, w, lam_rel, lam_abs, acc), axis=ax))
             for u, w, ax in zip(pieces.arrays, pieces.params, pieces.unit_axes, strict=True)]
     return [_sigma(m) for m in _n.collect(mins, pieces.mesh, lax.pmin)]
 

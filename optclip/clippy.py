@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
@@ -134,28 +133,16 @@ def _pieces(us: list[jax.Array], ws: list[jax.Array], axes: list[Any] | None) ->
     return _Pieces(arrays, params, leaves, unit_axes, None if axes is None else mesh)
 
 
-def _in_leaf_order(parts: list[jax.Array], pieces: _Pieces, n: int, fill: Any) -> jax.Array:
-    """One value per tensor, in the tensors' order, from one vector per piece (``fill`` for
-    the empty tensors, which no piece holds)."""
-    index = [np.asarray(js) for js in pieces.leaves]
-    held = np.concatenate(index) if index else np.zeros((0,), np.int64)
-    missing = np.setdiff1d(np.arange(n), held)
-    if missing.size:
-        parts = parts + [jnp.full((missing.size,), fill, parts[0].dtype if parts else
-                                  jnp.float32)]
-        index.append(missing)
-    v = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-    order = np.concatenate(index)
-    return v if np.array_equal(order, np.arange(n)) else v[np.argsort(order)]
-
-
 def _leaf_sigmas(pieces: _Pieces, lam_rel: jax.Array, lam_abs: jax.Array, acc: Any
-                 ) -> list[jax.Array]:
-    """Each piece's factors :func:`_sigma` of ``min_j`` :func:`_ratios`, one per tensor it
-    holds (the min taken across the tensor's mesh axes too)."""
+                 ) -> jax.Array:
+    """The factors :func:`_sigma` of ``min_j`` :func:`_ratios`, one per tensor, in the
+    pieces' order (the min taken across the tensor's mesh axes too)."""
+    if not pieces.arrays:
+        return jnp.zeros((0,), acc)
     mins = [jnp.ravel(jnp.min(_ratios(u, w, lam_rel, lam_abs, acc), axis=ax))
             for u, w, ax in zip(pieces.arrays, pieces.params, pieces.unit_axes, strict=True)]
-    return [_sigma(m) for m in _n.collect(mins, pieces.mesh, lax.pmin)]
+    sig = [_sigma(m) for m in _n.collect(mins, pieces.mesh, lax.pmin)]
+    return sig[0] if len(sig) == 1 else jnp.concatenate(sig)
 
 
 def _sigma(ratio: jax.Array) -> jax.Array:
@@ -354,13 +341,15 @@ def clippy(
                                           axes_per_leaf=pieces.mesh, flat=True)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clippy")
         acc = _n.acc_dtype(us)
-        sig_p = _leaf_sigmas(pieces, lr, la, acc)
-        sig_v = _in_leaf_order(sig_p, pieces, len(us), 1.0)
-        # zero-size tensors: norm 0, factor 1
-        norms_v = _in_leaf_order([norms_p.astype(acc)] if pieces.arrays else [], pieces,
-                                 len(us), 0.0)
-        sig_lay = _n.layout_of([jax.ShapeDtypeStruct((), acc)] * len(us), [None] * len(us))
-        sigmas = _n.split_flat(sig_v, sig_lay)
+        # norms and factors, both in the pieces' order, which the stats need no other than;
+        # zero-size tensors are in no piece (norm 0, factor 1: nothing to the stats)
+        norms_v = norms_p.astype(acc)
+        sig_v = _leaf_sigmas(pieces, lr, la, acc)
+        order = [j for js in pieces.leaves for j in js]
+        sig_lay = _n.layout_of([jax.ShapeDtypeStruct((), acc)] * len(order), [None] * len(order))
+        sigmas: list[Any] = [jnp.ones((), acc)] * len(us)
+        for j, s in zip(order, _n.split_flat(sig_v, sig_lay), strict=True):
+            sigmas[j] = s
 
         out = list(flat)
         for j, i in enumerate(idx):

@@ -166,6 +166,12 @@ def variants():
                                              adam()), False),
         "fused_noclip": (lambda: optax.chain(clippers.fused_clip_by_global_norm(1e30), adam()),
                          False),
+        # update-space clipping after adam, and its hand-fused reference
+        "clippy": (lambda: optax.chain(adam(), optclip.clippy(0.1, 1e-7)), False),
+        "clippy_fused": (lambda: optax.chain(adam(), clippers.fused_clippy(0.1, 1e-7)), False),
+        # the guards, and Optax's
+        "skip_nonfinite": (lambda: optclip.skip_nonfinite(adam()), False),
+        "apply_if_finite": (lambda: optax.apply_if_finite(adam(), 10**9), False),
     }
 
 

@@ -18,11 +18,10 @@ judges it.
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from pathlib import Path
 
-from bench.run import MANY_COMPILE_RATIO, group_ratio, paired_ratio
+from bench.run import MANY_COMPILE_RATIO, command_line, group_ratio, paired_ratio
 
 TREES = (("gpt2", "GPT-2"), ("resnet50", "ResNet-50"))
 GN = "clip_by_global_norm"
@@ -217,10 +216,9 @@ def tables(result: dict) -> str:
         for n in MANY_ROWS:
             lines.append(f"| `{n}` | " + " | ".join(_many_cell(res[t], n) for t in mtrees)
                          + " |")
-    argv = shlex.join(meta.get("argv", []))
     at = f"optclip at {meta['commit']}, " if meta.get("commit") else ""
     lines += ["", f"({at}jax {meta['jax']}, optax {meta['optax']}, {meta.get('cpus', '?')} "
-              f"CPU cores, {meta.get('device', '?')}: `python -m bench {argv}`.)"]
+              f"CPU cores, {meta.get('device', '?')}: `{command_line(meta)}`.)"]
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ import os
 import platform
 import queue
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -322,6 +323,15 @@ def _commit() -> str | None:
     return head + ("+changes" if dirty else "")
 
 
+def command_line(meta: dict) -> str:
+    """The run's command, with the ``GLIBC_TUNABLES`` it ran under: on XLA:CPU they decide
+    whether a step's temporaries are page-faulted afresh at every step, which the guards'
+    and ``clippy``'s step times follow (``bench/results/cpu_malloc/``)."""
+    env = meta.get("glibc_tunables")
+    return (f"GLIBC_TUNABLES={shlex.quote(env)} " if env else "") + shlex.join(
+        ["python", "-m", "bench", *meta.get("argv", [])])
+
+
 def paired_ratio(res: dict, num: str, den: str) -> float | None:
     """The median over rounds of num's time / den's time in the same round.
 
@@ -570,7 +580,7 @@ def growth_exponent(many: dict, name: str) -> float | None:
 def markdown(step: list[dict], many: dict | None, rows: list[dict], meta: dict) -> str:
     reg = entries()
     L = [f"Device: {meta['device']}; jax {meta['jax']}, optax {meta['optax']}. "
-         f"Command: `python -m bench {' '.join(meta['argv'])}`", ""]
+         f"Command: `{command_line(meta)}`", ""]
     for res in step:
         ent = res["entries"]
         L += [f"### {res['tree']}: {res['leaves']} leaves, {res['params'] / 1e6:.1f}M params "
@@ -715,7 +725,8 @@ def main(argv=None) -> dict:
                 "device": str(jax.devices()[0]), "platform": jax.devices()[0].platform,
                 "machine": platform.machine(), "cpus": os.cpu_count(),
                 "argv": list(sys.argv[1:] if argv is None else argv), "reps": reps,
-                "warmup": args.warmup, "clippers": names, "commit": _commit()}
+                "warmup": args.warmup, "clippers": names, "commit": _commit(),
+                "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
         print(f"jax {meta['jax']}, optax {meta['optax']}, device {meta['device']}, "
               f"{meta['machine']}, {meta['cpus']} CPUs; clippers: {', '.join(names)}", flush=True)
         _warm_up()

@@ -74,11 +74,16 @@ def test_bench_quick_runs_and_reports(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    # a glibc setting that changes no figure here; the run records it beside its command
+    env["GLIBC_TUNABLES"] = "glibc.malloc.trim_threshold=1099511627776"
     r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=600, cwd=root, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "results.json").read_text())
     md = (tmp_path / "results.md").read_text()
+    assert result["meta"]["glibc_tunables"] == env["GLIBC_TUNABLES"]
+    assert ("Command: `GLIBC_TUNABLES=glibc.malloc.trim_threshold=1099511627776 python -m "
+            f"bench --quick --out {tmp_path}`") in md
     assert "### Targets" in md and "| met |" in md and "### Many leaves" in md
     assert result["targets"]
     assert "first call" in (tmp_path / "bench.log").read_text()
@@ -101,6 +106,19 @@ def test_bench_quick_runs_and_reports(tmp_path):
     whats = {r["what"] for r in result["targets"]}
     assert "first call: agc / optax.adaptive_grad_clip (chains)" in whats
     assert all(r["met"] in (True, False, None) for r in result["targets"])
+
+
+def test_the_command_line_names_the_glibc_tunables_the_run_had():
+    # on XLA:CPU they decide whether temporaries are page-faulted at every step
+    # (bench/results/cpu_malloc/): a run's figures must say which it had
+    from bench.run import command_line
+
+    tuned = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0"
+    assert command_line({"argv": ["--many-trees", "", "--reps", "7"]}) == (
+        "python -m bench --many-trees '' --reps 7")
+    assert command_line({"argv": ["--quick"], "glibc_tunables": tuned}) == (
+        f"GLIBC_TUNABLES={tuned} python -m bench --quick")
+    assert command_line({"argv": [], "glibc_tunables": None}) == "python -m bench"
 
 
 def test_paired_ratio_is_the_median_of_each_rounds_ratio():

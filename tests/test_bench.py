@@ -4,6 +4,7 @@ full-size temporary; fresh states are donatable. Checked on the compiled HLO of 
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -74,7 +75,8 @@ def test_bench_quick_runs_and_reports(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-    # a glibc setting that changes no figure here; the run records it beside its command
+    # the run records the glibc tunables it had beside its command, whatever they do to its
+    # figures (this one alone maps more blocks afresh: bench/results/cpu_malloc/README.md)
     env["GLIBC_TUNABLES"] = "glibc.malloc.trim_threshold=1099511627776"
     r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=600, cwd=root, env=env)
@@ -83,7 +85,7 @@ def test_bench_quick_runs_and_reports(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert result["meta"]["glibc_tunables"] == env["GLIBC_TUNABLES"]
     assert ("Command: `GLIBC_TUNABLES=glibc.malloc.trim_threshold=1099511627776 python -m "
-            f"bench --quick --out {tmp_path}`") in md
+            f"bench --quick --out {shlex.quote(str(tmp_path))}`") in md
     assert "### Targets" in md and "| met |" in md and "### Many leaves" in md
     assert result["targets"]
     assert "first call" in (tmp_path / "bench.log").read_text()

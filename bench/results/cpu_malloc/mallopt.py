@@ -1,0 +1,44 @@
+"""The same three settings as the GLIBC_TUNABLES of README.md here, made from inside the
+process by glibc's ``mallopt``, either before JAX is imported (``before``) or after
+(``after``); then 10 calls of page_faults.py's masked min (a 128 MB temporary), each one's
+minor page faults.
+
+    PYTHONPATH=. python bench/results/cpu_malloc/mallopt.py before
+"""
+
+import ctypes
+import resource
+import sys
+
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc's malloc.h
+
+
+def settings() -> None:
+    libc = ctypes.CDLL("libc.so.6")
+    for key, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**40)):
+        assert libc.mallopt(key, ctypes.c_int(value) if value < 2**31 else
+                            ctypes.c_int(2**31 - 1)) == 1
+
+
+when = sys.argv[1]
+if when == "before":
+    settings()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+if when == "after":
+    settings()
+x = jnp.asarray(np.random.default_rng(0).standard_normal((32 * 1024 * 1024,), np.float32))
+w = x * 0.5 + 1
+nz = lambda x: x != 0  # noqa: E731
+f = jax.jit(lambda x, w: jnp.min(jnp.where(
+    nz(x), (0.1 * jnp.abs(w) + 1e-7) / jnp.where(nz(x), jnp.abs(x), 1.0), jnp.inf)))
+jax.block_until_ready(f(x, w))
+faults = []
+for _ in range(10):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    jax.block_until_ready(f(x, w))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(f"mallopt {when} importing jax: minor faults per call {faults}")

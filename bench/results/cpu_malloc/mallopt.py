@@ -25,16 +25,12 @@ if when == "before":
     settings()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from block import arrays, masked_min  # noqa: E402
 
 if when == "after":
     settings()
-x = jnp.asarray(np.random.default_rng(0).standard_normal((32 * 1024 * 1024,), np.float32))
-w = x * 0.5 + 1
-nz = lambda x: x != 0  # noqa: E731
-f = jax.jit(lambda x, w: jnp.min(jnp.where(
-    nz(x), (0.1 * jnp.abs(w) + 1e-7) / jnp.where(nz(x), jnp.abs(x), 1.0), jnp.inf)))
+x, w = arrays()
+f = jax.jit(masked_min)
 jax.block_until_ready(f(x, w))
 faults = []
 for _ in range(10):

@@ -21,11 +21,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from block import arrays, bound, masked_min
 
-N = 32 * 1024 * 1024  # 128 MB of float32
-x = jnp.asarray(np.random.default_rng(0).standard_normal((N,), np.float32))
-w = x * 0.5 + 1
+x, w = arrays()
 
 
 def faults() -> int:
@@ -46,16 +44,7 @@ def bench(name: str, f, *args, reps: int = 9) -> None:
           f"{per_call:7.0f} ({per_call * 4 / 1024:4.0f} MB of 4 KB pages)", flush=True)
 
 
-def bound(w):
-    return 0.1 * jnp.abs(w) + 1e-7
-
-
-def masked(x, w):
-    nz = x != 0
-    return jnp.where(nz, bound(w) / jnp.where(nz, jnp.abs(x), 1.0), jnp.inf)
-
-
 bench("sum", lambda x: jnp.sum(x), x)
 bench("copy x*2", lambda x: x * 2, x)
 bench("min b/|u|", lambda x, w: jnp.min(bound(w) / jnp.abs(x)), x, w)
-bench("min select", lambda x, w: jnp.min(masked(x, w)), x, w)
+bench("min select", masked_min, x, w)

@@ -2,6 +2,8 @@
 operand holds a select, which XLA:CPU writes out first, a 128 MB temporary
 (``python -m bench.xla_probe reduce_fusion``)."""
 
+import resource
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,3 +27,13 @@ def masked(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def masked_min(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.min(masked(x, w))
+
+
+def faults_per_call(f, *args, calls: int = 10) -> list[int]:
+    """The minor page faults of each of ``calls`` calls of ``f(*args)``."""
+    faults = []
+    for _ in range(calls):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        jax.block_until_ready(f(*args))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return faults

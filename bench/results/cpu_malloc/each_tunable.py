@@ -7,10 +7,9 @@ with all three (each_tunable.sh does all five).
 """
 
 import os
-import resource
 
 import jax
-from block import arrays, masked_min
+from block import arrays, faults_per_call, masked_min
 
 x, w = arrays()
 f = jax.jit(masked_min)
@@ -18,9 +17,4 @@ print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
 for n, label in ((x.size, "128 MB"), (x.size // 16, "8 MB")):
     a, b = x[:n], w[:n]
     jax.block_until_ready(f(a, b))
-    faults = []
-    for _ in range(10):
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        jax.block_until_ready(f(a, b))
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-    print(f"  {label}: minor faults per call {faults}")
+    print(f"  {label}: minor faults per call {faults_per_call(f, a, b)}")

@@ -8,7 +8,6 @@ each one's minor page faults.
 """
 
 import ctypes
-import resource
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc's malloc.h
@@ -25,16 +24,11 @@ if when == "before":
     settings()
 
 import jax  # noqa: E402
-from block import arrays, masked_min  # noqa: E402
+from block import arrays, faults_per_call, masked_min  # noqa: E402
 
 if when == "after":
     settings()
 x, w = arrays()
 f = jax.jit(masked_min)
 jax.block_until_ready(f(x, w))
-faults = []
-for _ in range(10):
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    jax.block_until_ready(f(x, w))
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-print(f"mallopt {when} importing jax: minor faults per call {faults}")
+print(f"mallopt {when} importing jax: minor faults per call {faults_per_call(f, x, w)}")

@@ -123,13 +123,16 @@ def fused_leaf_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def fused_clippy(lambda_rel: float, lambda_abs: float) -> optax.GradientTransformation:
+def fused_clippy(lambda_rel: float, lambda_abs: float,
+                 norm: bool = False) -> optax.GradientTransformation:
     """A hand-fused Clippy (Tang et al. 2023): per leaf one min reduction of
     ``(lambda_rel |w| + lambda_abs) / |u|`` (inf where ``u`` is 0), then one multiply by
     ``min(1, that min)``.
 
     No stats, no NaN handling: ``clippy``'s work and nothing else, a reference for first
-    calls (``python -m bench.compile_probe``).
+    calls (``python -m bench.compile_probe``). With ``norm`` it also takes the one stat that
+    reads the updates again, their global L2 norm (one sum of squares a leaf, kept in its
+    state), still with no overflow safety: the floor for ``clippy``'s step with its stats.
     """
 
     def one(u, w):
@@ -141,9 +144,14 @@ def fused_clippy(lambda_rel: float, lambda_abs: float) -> optax.GradientTransfor
         return u * jnp.minimum(1.0, jnp.min(r)).astype(u.dtype)
 
     def update_fn(updates, state, params=None):
-        return jax.tree.map(one, updates, params), state
+        out = jax.tree.map(one, updates, params)
+        if not norm:
+            return out, state
+        sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(updates))
+        return out, jnp.sqrt(sq)
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return optax.GradientTransformation(
+        lambda params: jnp.zeros((), jnp.float32) if norm else optax.EmptyState(), update_fn)
 
 
 # one row of a 2-D array per index (as ``m.at[idx].get()``)

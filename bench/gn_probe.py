@@ -24,7 +24,10 @@ Optax's (``optax_agc``); ``leaf`` (``clip_by_leaf_norm``), ``value`` (``clip_by_
 flag (``value_fused``, ``clippers.fused_value``); ``clip_by_value(0.01)``, which clamps a third
 of the bench's gradients (``value_clamping``), and the hand-fused one that also takes the norm
 after the clamp (``value_fused_after``); zclip, uncapped and capped at the chain's
-threshold (``zclip_capped``: it then scales every step as the chain does). Prints each compiled
+threshold (``zclip_capped``: it then scales every step as the chain does); ``clippy`` after adam,
+its hand-fused reference (``clippy_fused``) and the same with the global norm of the update,
+the one stat that reads it again (``clippy_fused_norm``); ``skip_nonfinite`` and Optax's
+``apply_if_finite``. Prints each compiled
 step's conditionals, fused kernels and temp bytes.
 
     python -m bench.gn_probe [--trees gpt2,resnet50] [--reps 25] [--steps 20] [--only a,b]
@@ -169,6 +172,9 @@ def variants():
         # update-space clipping after adam, and its hand-fused reference
         "clippy": (lambda: optax.chain(adam(), optclip.clippy(0.1, 1e-7)), False),
         "clippy_fused": (lambda: optax.chain(adam(), clippers.fused_clippy(0.1, 1e-7)), False),
+        # the same with the global norm of the update, the stat that reads it again
+        "clippy_fused_norm": (lambda: optax.chain(
+            adam(), clippers.fused_clippy(0.1, 1e-7, norm=True)), False),
         # the guards, and Optax's
         "skip_nonfinite": (lambda: optclip.skip_nonfinite(adam()), False),
         "apply_if_finite": (lambda: optax.apply_if_finite(adam(), 10**9), False),

@@ -26,7 +26,8 @@ of the bench's gradients (``value_clamping``), and the hand-fused one that also 
 after the clamp (``value_fused_after``); zclip, uncapped and capped at the chain's
 threshold (``zclip_capped``: it then scales every step as the chain does); ``clippy`` after adam,
 its hand-fused reference (``clippy_fused``) and the same with the global norm of the update,
-the one stat that reads it again (``clippy_fused_norm``); ``skip_nonfinite`` and Optax's
+the one stat that reads it again (``clippy_fused_norm``; ``clippy_fused_onepass`` takes it in
+the same pass as the ratios' min); ``skip_nonfinite`` and Optax's
 ``apply_if_finite``. Prints each compiled
 step's conditionals, fused kernels and temp bytes.
 
@@ -175,6 +176,9 @@ def variants():
         # the same with the global norm of the update, the stat that reads it again
         "clippy_fused_norm": (lambda: optax.chain(
             adam(), clippers.fused_clippy(0.1, 1e-7, norm=True)), False),
+        # and with the min and the sum of squares taken in one pass (a variadic reduce)
+        "clippy_fused_onepass": (lambda: optax.chain(
+            adam(), clippers.fused_clippy(0.1, 1e-7, norm="one_pass")), False),
         # the guards, and Optax's
         "skip_nonfinite": (lambda: optclip.skip_nonfinite(adam()), False),
         "apply_if_finite": (lambda: optax.apply_if_finite(adam(), 10**9), False),

@@ -3,17 +3,24 @@ noise, to set a chain beside its hand-fused reference.
 
 Each top-level kernel of the step (a fusion, a custom call, a copy, a concatenation...)
 reads its operands and writes its result; a value passed from one kernel to another goes
-through memory, so this is the traffic XLA's program asks for, before caches. A loop fusion
-with no reduction in it (element-wise work, slices, gathers, broadcasts) reads at most one
-element of each operand per element it writes, so it is counted as reading no more than
-that: a gather of a leaf's factors out of a long vector reads that leaf's factors, not the
-vector. Tuples, bitcasts and parameters move nothing.
+through memory, so this is the traffic XLA's program asks for, before caches. Two bounds:
+a fusion reads of an operand that it only slices or gathers from what those slices and
+gathers take (a gather of a leaf's factors out of a long vector reads that leaf's factors,
+not the vector); and a loop fusion with no reduction in it (element-wise work, slices,
+gathers, broadcasts) reads, for each use of an operand inside it, at most one element per
+element it writes. Tuples, bitcasts and parameters move nothing. A ``while`` loop is
+counted as its body and condition times the trip count XLA knows for it
+(``known_trip_count``), or once where it knows none (in the steps measured here there is
+one loop, in ``clip_by_value``'s non-finite branch, and its count is known).
 
 A conditional runs one branch. Its branches are counted apart, and the step's *ordinary*
-traffic takes, at each conditional, the branch an ordinary step takes: the cheapest
-(optclip's overflow rescues, Optax's ``apply_if_finite`` skip, and a clamp flag's
-non-finite branch run on rare steps only), except that with ``guard=True`` the
-conditional that holds the most traffic (a guard's step) takes its dearest branch.
+traffic takes, at each conditional, its cheapest branch: the branch an ordinary step takes
+where the dearer one runs on rare steps only (optclip's overflow rescues, a clamp flag's
+non-finite branch, Optax's ``apply_if_finite`` skip), except that with ``guard=True`` the
+conditional that holds the most traffic (a guard's step) takes its dearest branch. It is
+not always the step a user runs: ``clip_by_value`` takes the norm after its clamp in a
+conditional whose dearer branch runs on every step that clamps (about 1 tree more), so its
+ordinary count is that of a step that clamps nothing.
 
     python -m bench.traffic [--trees resnet50,gpt2] [--only agc,agc_fused,...]
 
@@ -122,6 +129,39 @@ def _calls_text(comps, name: str) -> str:
     return text
 
 
+def _parameter_uses(instrs) -> dict[int, int]:
+    """Per parameter number of a fused computation, how many of its instructions use it."""
+    number = {n: int(re.match(r"(\d+)", rest).group(1))
+              for n, _, op, rest in instrs if op == "parameter"}
+    uses: dict[int, int] = collections.Counter()
+    for _, _, op, rest in instrs:
+        if op != "parameter":
+            for o in _operands(rest):
+                if o in number:
+                    uses[number[o]] += 1
+    return uses
+
+
+def _sliced_reads(instrs) -> dict[int, int]:
+    """Per parameter number of a fused computation that it only slices, gathers from or
+    dynamically slices: the bytes those take of it."""
+    number = {n: int(re.match(r"(\d+)", rest).group(1))
+              for n, _, op, rest in instrs if op == "parameter"}
+    taken: dict[int, int] = {}
+    other: set[int] = set()
+    for _, shape, op, rest in instrs:
+        if op == "parameter":
+            continue
+        for pos, o in enumerate(_operands(rest)):
+            if o not in number:
+                continue
+            if op in ("slice", "dynamic-slice", "gather") and pos == 0:
+                taken[number[o]] = taken.get(number[o], 0) + nbytes(shape)
+            else:
+                other.add(number[o])
+    return {k: v for k, v in taken.items() if k not in other}
+
+
 def cost(comps, name: str = "ENTRY") -> Cost:
     """The traffic of computation ``name`` of ``parse``'s result."""
     shapes = {n: s for n, s, _, _ in comps[name]}
@@ -129,18 +169,34 @@ def cost(comps, name: str = "ENTRY") -> Cost:
     for n, shape, op, rest in comps[name]:
         if op in _FREE:
             continue
+        if op == "while":
+            body = re.search(r"body=%([\w.\-]+)", rest).group(1)
+            cond = re.search(r"condition=%([\w.\-]+)", rest).group(1)
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+            loop = ((cost(comps, body).ordinary() + cost(comps, cond).ordinary())
+                    * (int(trips.group(1)) if trips else 1))
+            k = out.kernels[("while", "known trips" if trips else "one pass (trips unknown)", "")]
+            k[0] += 1
+            k[1] += loop
+            out.bytes += loop
+            continue
         if op == "conditional":
             out.conds.append((n, [cost(comps, b) for b in _branches(rest)]))
             continue
         ops = _operands(rest)
         written = arrays(shape)
         read = [nbytes(shapes.get(o, "")) for o in ops]
+        if op == "fusion":
+            called = re.search(r"calls=%([\w.\-]+)", rest).group(1)
+            sliced = _sliced_reads(comps[called])
+            read = [min(r, sliced.get(i, r)) for i, r in enumerate(read)]
         if op == "fusion" and "kind=kLoop" in rest:
-            body = _calls_text(comps, re.search(r"calls=%([\w.\-]+)", rest).group(1))
-            if not any(k in body for k in _NOT_ELEMENTWISE):
+            if not any(k in _calls_text(comps, called) for k in _NOT_ELEMENTWISE):
                 most = max((e for e, _ in written), default=0)
-                read = [min(r, most * max((b for _, b in arrays(shapes.get(o, ""))), default=0))
-                        for r, o in zip(read, ops, strict=True)]
+                uses = _parameter_uses(comps[called])
+                read = [min(r, uses.get(i, 1) * most
+                            * max((b for _, b in arrays(shapes.get(o, ""))), default=0))
+                        for i, (r, o) in enumerate(zip(read, ops, strict=True))]
         kind = m.group(1) if (m := re.search(r"kind=(\w+)", rest)) else op
         where = m.group(1) if (m := re.search(r'op_name="([^"]*)"', rest)) else ""
         k = out.kernels[(op, kind, re.sub(r"\d+", "#", where)[:80])]

@@ -25,6 +25,13 @@ HloModule m
   ROOT %g = f32[10]{0} gather(%neg, %p1), offset_dims={}
 }
 
+%fused_halves (r0: f32[1000]) -> f32[500] {
+  %r0 = f32[1000]{0} parameter(0)
+  %lo = f32[500]{0} slice(%r0), slice={[0:500]}
+  %hi = f32[500]{0} slice(%r0), slice={[500:1000]}
+  ROOT %h = f32[500]{0} add(%lo, %hi)
+}
+
 %fused_sum (q0: f32[1000]) -> f32[] {
   %q0 = f32[1000]{0} parameter(0)
   %z = f32[] constant(0)
@@ -55,6 +62,7 @@ ENTRY %main (x: f32[1000], i: s32[10,1], k: s32[]) -> f32[10] {
   %s = f32[] fusion(%x), kind=kInput, calls=%fused_sum
   %t = (f32[1000]{0}) tuple(%x)
   %c = f32[] conditional(%k, %t, %t), branch_computations={%cheap, %dear}
+  %h = f32[500]{0} fusion(%x), kind=kLoop, calls=%fused_halves
   ROOT %g = f32[10]{0} fusion(%x, %i), kind=kLoop, calls=%fused_gather
 }
 """
@@ -62,9 +70,10 @@ ENTRY %main (x: f32[1000], i: s32[10,1], k: s32[]) -> f32[10] {
 
 def test_traffic_counts_reads_writes_gathers_and_branches_by_hand():
     c = traffic.cost(traffic.parse(_HLO))
-    # the sum: reads x (4,000), writes a scalar (4); the gather: reads 10 of x's elements
-    # (40) and 10 of the indices' (40, not all 80), writes 40; the tuple moves nothing
-    assert c.bytes == 4000 + 4 + 40 + 40 + 40
+    # the sum: reads x (4,000), writes a scalar (4); the halves: read both halves of x
+    # (4,000: two uses of 500 elements each), write 2,000; the gather: reads 10 of x's
+    # elements (40, not 4,000) and its 10 indices (40), writes 40; the tuple moves nothing
+    assert c.bytes == 4000 + 4 + 4000 + 2000 + 40 + 40 + 40
     [(name, branches)] = c.conds
     assert name == "c" and [b.bytes for b in branches] == [0, 4004]
     assert c.ordinary() == c.bytes  # the cheap branch
@@ -75,8 +84,15 @@ def test_traffic_counts_reads_writes_gathers_and_branches_by_hand():
 # concatenation below; a tree is the tree's float32 bytes)
 PAIRS = [("gn", "fused", 0.01), ("value", "value_fused", 0.01), ("agc", "agc_fused", 0.01),
          ("leaf", "fused_leaf", 0.01),
-         # clippy's reference with the one stat that reads the update again, its norm
-         ("clippy", "clippy_fused_norm", 0.01)]
+         # clippy's reference with the one stat that reads the update again, its norm, taken
+         # as clippy takes it: a sum of squares beside the ratios' min
+         ("clippy", "clippy_fused_norm", 0.01),
+         pytest.param("clippy", "clippy_fused_onepass", 0.01, marks=pytest.mark.xfail(
+             strict=True, reason="clippy takes its norm stat and its ratios' min in two "
+             "reductions of the update after adam, and XLA:CPU then writes that update out: "
+             "19 trees a step and 300% temp; one variadic reduction a leaf giving both (along "
+             "its last axis, then over the rows) moves 14 and holds 100% "
+             "(bench/results/cpu_traffic/)"))]
 _VARIANTS = {**gn_probe.variants(),
              "fused_leaf": (lambda: optax.chain(clippers.fused_leaf_norm(1.0),
                                                 clippers.adam()), False)}
@@ -123,16 +139,20 @@ def test_guard_moves_no_more_than_optax_apply_if_finite():
     assert 12 < optax_s and mine <= optax_s + _small_share(tree) + 0.01, (mine, optax_s)
 
 
-@pytest.mark.skipif(not ON_CPU, reason="XLA:CPU's fusion decisions")
-def test_a_second_reduction_of_the_update_after_adam_writes_it_out():
-    # Why clippy's reference is the hand-fused Clippy with its norm: beside the ratios' min,
-    # the sum of squares of the update (the stat) makes XLA:CPU write the update out and
-    # read it back, 3 trees where the sum alone would read 1
-    # (bench/results/cpu_traffic/clippy_fusion.log). If XLA learns to fuse both, this fails,
-    # and clippy's reference should go back to the one without the norm.
+@pytest.mark.skipif(not ON_CPU, reason="checked against XLA:CPU's HLO")
+@pytest.mark.parametrize("name", ["adam", "fused", "value_fused", "agc_fused"])
+def test_traffic_agrees_with_xla_cost_analysis_where_nothing_is_gathered(name):
+    # An independent count: XLA's own HloCostAnalysis ("bytes accessed"), which reads whole
+    # operands; on steps with no conditional and no gather the two must agree.
     tree = abstract_tree(TREES["small"]())
-    with_norm, without = (_ordinary_trees(n, tree) for n in ("clippy_fused_norm", "clippy_fused"))
-    assert with_norm >= without + 2.9
+    make, _ = _VARIANTS[name]
+    tx = make()
+    compiled = train_step(tx).lower(tree, jax.eval_shape(tx.init, tree), tree).compile()
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    mine = traffic.step_cost(compiled)
+    assert not mine.conds
+    assert mine.ordinary() == pytest.approx(analysis["bytes accessed"], rel=1e-3)
 
 
 @pytest.mark.skipif(not ON_CPU, reason="XLA:CPU's fusion decisions")

@@ -9,7 +9,11 @@ Forms: the updates of ``optax.clip(0.1)`` (element-wise only), ``clip_by_global_
 and, not run by default, ``reduce_each``, the sum of every leaf added up (one reduction per
 leaf), and ``select_each``, that sum's finiteness and every leaf or zeros by it (a guard's
 work without its state), naive forms that do not concatenate the small leaves as the
-clippers do (``--forms reduce_each,select_each``; not in ``growth.log``).
+clippers do (``--forms reduce_each,select_each``; not in ``growth.log``); ``cond_each``, the
+same sum's finiteness choosing, by a ``lax.cond``, every leaf or zeros (a guard's work as the
+guards take it, without their state), and ``apply_if_finite``, Optax's guard around
+``optax.identity()`` (``--forms clip_by_global_norm,skip_nonfinite,cond_each,apply_if_finite``,
+``growth_cond.log``).
 
 Run: PYTHONPATH=. python bench/results/cpu_growth/growth.py [--reps 3] [--forms a,b]
 """
@@ -45,11 +49,18 @@ def one(form: str, n: int) -> float:
             ok = jnp.isfinite(total(g))
             return jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), g)
         args = (tree,)
+    elif form == "cond_each":
+        def fn(g):
+            ok = jnp.isfinite(total(g))
+            return jax.lax.cond(ok, lambda t: t, lambda t: jax.tree.map(jnp.zeros_like, t), g)
+        args = (tree,)
     else:
         tx = {"optax.clip": lambda: optax.clip(0.1),
               "clip_by_global_norm": lambda: optclip.clip_by_global_norm(1.0),
               "skip_nonfinite": lambda: optclip.skip_nonfinite(optax.identity()),
-              "clippy": lambda: optclip.clippy(0.1, 1e-7)}[form]()
+              "clippy": lambda: optclip.clippy(0.1, 1e-7),
+              "apply_if_finite": lambda: optax.apply_if_finite(optax.identity(), 10**9),
+              }[form]()
         fn, args = tx.update, (tree, tx.init(tree), tree)
     t0 = time.perf_counter()
     jax.jit(fn).lower(*args).compile()

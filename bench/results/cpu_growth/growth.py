@@ -13,7 +13,8 @@ clippers do (``--forms reduce_each,select_each``; not in ``growth.log``); ``cond
 same sum's finiteness choosing, by a ``lax.cond``, every leaf or zeros (a guard's work as the
 guards take it, without their state), and ``apply_if_finite``, Optax's guard around
 ``optax.identity()`` (``--forms clip_by_global_norm,skip_nonfinite,cond_each,apply_if_finite``,
-``growth_cond.log``).
+``growth_cond.log``: stopped in its second round, the last two forms taking minutes on 5,000
+leaves).
 
 Run: PYTHONPATH=. python bench/results/cpu_growth/growth.py [--reps 3] [--forms a,b]
 """

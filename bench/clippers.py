@@ -147,9 +147,9 @@ def fused_clippy(lambda_rel: float, lambda_abs: float,
         if u.size == 0:  # no coordinate sets a bound
             return u, jnp.zeros((), jnp.float32)
         if norm == "one_pass":
-            # along the last axis, each row in order (XLA:CPU sums a variadic reduction in
-            # order: over all 2**25 elements of one array its float32 sum was 7% low; over
-            # the leading axes, a column at a time, it was slow), then over the rows
+            # along the last axis, then over the rows (XLA:CPU's variadic reduction loses
+            # precision over long runs: over all 2**25 elements of one array its float32
+            # sum was off by 7.2%, bench/results/cpu_traffic/one_pass.log)
             m, sq = jax.lax.reduce(
                 (ratios(u, w), jnp.square(u.astype(jnp.float32))),
                 (jnp.array(jnp.inf, jnp.float32), jnp.array(0, jnp.float32)),

@@ -129,10 +129,15 @@ def _calls_text(comps, name: str) -> str:
     return text
 
 
+def _parameter_numbers(instrs) -> dict[str, int]:
+    """A fused computation's parameters: name to parameter number."""
+    return {n: int(re.match(r"(\d+)", rest).group(1))
+            for n, _, op, rest in instrs if op == "parameter"}
+
+
 def _parameter_uses(instrs) -> dict[int, int]:
     """Per parameter number of a fused computation, how many of its instructions use it."""
-    number = {n: int(re.match(r"(\d+)", rest).group(1))
-              for n, _, op, rest in instrs if op == "parameter"}
+    number = _parameter_numbers(instrs)
     uses: dict[int, int] = collections.Counter()
     for _, _, op, rest in instrs:
         if op != "parameter":
@@ -145,8 +150,7 @@ def _parameter_uses(instrs) -> dict[int, int]:
 def _sliced_reads(instrs) -> dict[int, int]:
     """Per parameter number of a fused computation that it only slices, gathers from or
     dynamically slices: the bytes those take of it."""
-    number = {n: int(re.match(r"(\d+)", rest).group(1))
-              for n, _, op, rest in instrs if op == "parameter"}
+    number = _parameter_numbers(instrs)
     taken: dict[int, int] = {}
     other: set[int] = set()
     for _, shape, op, rest in instrs:

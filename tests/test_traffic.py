@@ -3,6 +3,7 @@ ordinary step moves no more bytes than its hand-fused reference (the references 
 step-time targets are measured against), on XLA:CPU's compiled HLO of a small tree."""
 
 import contextlib
+import functools
 
 import jax
 import optax
@@ -11,6 +12,7 @@ import pytest
 from bench import clippers, gn_probe, traffic
 from bench.run import train_step
 from bench.trees import TREES, abstract_tree, tree_bytes
+from optclip.norms import SMALL_LEAF
 
 ON_CPU = jax.default_backend() == "cpu"
 
@@ -99,20 +101,30 @@ _VARIANTS = {**gn_probe.variants(),
                                                 clippers.adam()), False)}
 
 
+SMALL = abstract_tree(TREES["small"]())
+
+
 def _small_share(tree):
-    """The share of the tree's bytes in leaves of at most 65,536 elements, which optclip's
-    norms concatenate once (norms.SMALL_LEAF): read and written, twice that in trees."""
-    small = sum(x.size * 4 for x in jax.tree.leaves(tree) if x.size <= 65536)
+    """The share of the tree's bytes in leaves of at most ``norms.SMALL_LEAF`` elements,
+    which optclip's norms concatenate once: read and written, twice that in trees."""
+    small = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)
+                if x.size <= SMALL_LEAF)
     return 2 * small / tree_bytes(tree)
 
 
-def _ordinary_trees(name, tree, guard=False):
+@functools.cache
+def _compiled(name):
+    """The donated train step of ``name`` (a ``gn_probe`` variant) on the small tree,
+    compiled once for every test here that counts it."""
     make, mode = _VARIANTS[name]
     tx = make()
-    s = jax.eval_shape(tx.init, tree)
+    s = jax.eval_shape(tx.init, SMALL)
     with gn_probe.MODES[mode]() if mode else contextlib.nullcontext():
-        compiled = train_step(tx).lower(tree, s, tree).compile()
-    return traffic.step_cost(compiled).ordinary(guard) / tree_bytes(tree)
+        return train_step(tx).lower(SMALL, s, SMALL).compile()
+
+
+def _ordinary_trees(name, guard=False):
+    return traffic.step_cost(_compiled(name)).ordinary(guard) / tree_bytes(SMALL)
 
 
 @pytest.mark.skipif(not ON_CPU, reason="XLA:CPU's fusion decisions (the figures in "
@@ -120,24 +132,22 @@ def _ordinary_trees(name, tree, guard=False):
 def test_adam_moves_ten_trees_on_xla_cpu():
     # each moment read with the gradient and written (3 + 3), the weights read with both
     # new moments and written (4): the count every chain below adds to
-    assert _ordinary_trees("adam", abstract_tree(TREES["small"]())) == pytest.approx(10, abs=1e-3)
+    assert _ordinary_trees("adam") == pytest.approx(10, abs=1e-3)
 
 
 @pytest.mark.skipif(not ON_CPU, reason="XLA:CPU's fusion decisions")
 @pytest.mark.parametrize("name,ref,slack", PAIRS)
 def test_ordinary_step_moves_no_more_than_the_hand_fused_reference(name, ref, slack):
-    tree = abstract_tree(TREES["small"]())
-    mine, floor = _ordinary_trees(name, tree), _ordinary_trees(ref, tree)
+    mine, floor = _ordinary_trees(name), _ordinary_trees(ref)
     assert floor > 10.5  # the reference reads the gradients at least once more than adam
-    assert mine <= floor + _small_share(tree) + slack, f"{name} {mine:.3f}, {ref} {floor:.3f}"
+    assert mine <= floor + _small_share(SMALL) + slack, f"{name} {mine:.3f}, {ref} {floor:.3f}"
 
 
 @pytest.mark.skipif(not ON_CPU, reason="XLA:CPU's fusion decisions")
 def test_guard_moves_no_more_than_optax_apply_if_finite():
-    tree = abstract_tree(TREES["small"]())
-    mine = _ordinary_trees("skip_nonfinite", tree, guard=True)
-    optax_s = _ordinary_trees("apply_if_finite", tree, guard=True)
-    assert 12 < optax_s and mine <= optax_s + _small_share(tree) + 0.01, (mine, optax_s)
+    mine = _ordinary_trees("skip_nonfinite", guard=True)
+    optax_s = _ordinary_trees("apply_if_finite", guard=True)
+    assert 12 < optax_s and mine <= optax_s + _small_share(SMALL) + 0.01, (mine, optax_s)
 
 
 @pytest.mark.skipif(not ON_CPU, reason="checked against XLA:CPU's HLO")
@@ -145,10 +155,7 @@ def test_guard_moves_no_more_than_optax_apply_if_finite():
 def test_traffic_agrees_with_xla_cost_analysis_where_nothing_is_gathered(name):
     # An independent count: XLA's own HloCostAnalysis ("bytes accessed"), which reads whole
     # operands; on steps with no conditional and no gather the two must agree.
-    tree = abstract_tree(TREES["small"]())
-    make, _ = _VARIANTS[name]
-    tx = make()
-    compiled = train_step(tx).lower(tree, jax.eval_shape(tx.init, tree), tree).compile()
+    compiled = _compiled(name)
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     mine = traffic.step_cost(compiled)
@@ -161,5 +168,4 @@ def test_traffic_sees_a_rescue_computed_on_every_step():
     # The check above can fail: the global-norm chain with its overflow rescue's lax.cond
     # replaced by both branches and a select (bench.gn_probe's gn_select) reads the
     # gradients twice more, for the rescue's max and its scaled sum.
-    tree = abstract_tree(TREES["small"]())
-    assert _ordinary_trees("gn_select", tree) >= _ordinary_trees("gn", tree) + 1.9
+    assert _ordinary_trees("gn_select") >= _ordinary_trees("gn") + 1.9

@@ -3,7 +3,6 @@ ordinary step moves no more bytes than its hand-fused reference (the references 
 step-time targets are measured against), on XLA:CPU's compiled HLO of a small tree."""
 
 import contextlib
-import functools
 
 import jax
 import optax
@@ -112,10 +111,8 @@ def _small_share(tree):
     return 2 * small / tree_bytes(tree)
 
 
-@functools.cache
 def _compiled(name):
-    """The donated train step of ``name`` (a ``gn_probe`` variant) on the small tree,
-    compiled once for every test here that counts it."""
+    """The donated train step of ``name`` (a ``gn_probe`` variant) on the small tree."""
     make, mode = _VARIANTS[name]
     tx = make()
     s = jax.eval_shape(tx.init, SMALL)

@@ -70,8 +70,8 @@ class _Pieces(NamedTuple):
 
     ``arrays[i]`` yields the units ``leaves[i]`` (tensor indices, in order): a large tensor
     one unit, itself; a stack one unit per row, a tensor per row. ``unit_axes[i]`` is the
-    axis :func:`optclip.norms.norm_core` reduces (None: all; 1: each row), ``mesh[i]`` the
-    mesh axes of its tensors (None: no mesh given)."""
+    axis a unit spans (None: all; 1: each row), ``mesh[i]`` the mesh axes of its tensors
+    (None: no mesh given)."""
 
     arrays: list[Any]
     params: list[Any]
@@ -89,15 +89,14 @@ def _pieces(us: list[jax.Array], ws: list[jax.Array], axes: list[Any] | None) ->
     one size are stacked as they are; the others are zero-padded to a power-of-two width
     and stacked by width (a zero update sets no bound and adds nothing to a norm), but for
     one alone in its width, which is a row as it is. Each stack is then reduced along its
-    rows, once for the norms and once for the ratios.
+    rows, in one pass for the norms and the ratios (:func:`_one_pass`).
 
     XLA:CPU compiles every kernel, so that a model's hundreds of small biases and scales,
     each with its own norm, ratios and min, cost seconds of compile time; and it writes a
     stack out in full. One stack of the updates and one of the weights, built once for the
     norms and the ratios, hold 2x the small tensors in temporaries (more where rows are
-    padded; a stack of at most ``norms.SMALL_UNITS`` elements is copied once more into the
-    norms' padded rows); the norms' own stack beside a concatenation of updates and weights
-    for a segment min held 5x (``python -m bench --trees '' --clippers clippy``).
+    padded); the norms' own stack beside a concatenation of updates and weights for a
+    segment min held 5x (``python -m bench --trees '' --clippers clippy``).
     """
     arrays, params, leaves, unit_axes, mesh = [], [], [], [], []
     groups: dict[tuple, list[int]] = {}
@@ -133,16 +132,74 @@ def _pieces(us: list[jax.Array], ws: list[jax.Array], axes: list[Any] | None) ->
     return _Pieces(arrays, params, leaves, unit_axes, None if axes is None else mesh)
 
 
-def _leaf_sigmas(pieces: _Pieces, lam_rel: jax.Array, lam_abs: jax.Array, acc: Any
-                 ) -> jax.Array:
-    """The factors :func:`_sigma` of ``min_j`` :func:`_ratios`, one per tensor, in the
-    pieces' order (the min taken across the tensor's mesh axes too)."""
+# The longest run that one variadic reduction sums in order: XLA:CPU emits it as a loop that
+# adds each element to the running float32 sum in turn. The sum of squares of 2**25 normal
+# floats, as one run, was off by 7.5%; as rows of 65,536 by 7.1e-6, of 16,384 by 1.1e-6, of
+# 4,096 by 9.9e-8, where a plain sum was off by 3.9e-8
+# (``bench/results/cpu_clippy_onepass/row_width.log``). Rows of at most this many elements
+# keep it about as accurate as a plain sum; the rows' results are then reduced by plain
+# reductions. Rows shorter than ``_ROW_MIN`` (a last axis with no divisor between the two)
+# would write out too many rows' results: such a tensor takes plain reductions.
+_ROW = 1 << 12
+_ROW_MIN = 1 << 8
+
+
+def _one_pass(u: jax.Array, w: jax.Array, ax: Any, lam_rel: jax.Array, lam_abs: jax.Array,
+              acc: Any) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Per unit of a piece (flat vectors; ``ax`` as in :class:`_Pieces`): the min of
+    :func:`_ratios` and the sums of :func:`optclip.norms.blue_terms` of ``u``, from one
+    pass over ``u`` and ``w``.
+
+    One variadic ``lax.reduce`` gives all four along rows of at most ``_ROW`` elements (the
+    trailing reduced dims, or the last one split), then plain reductions over the rows'
+    results. A min and a separate sum of squares with an overflow rescue behind a
+    ``lax.cond`` made XLA write the update out twice more, and hold it twice more in
+    temporaries (``python -m bench.traffic --only clippy``).
+    """
+    ops = (_ratios(u, w, lam_rel, lam_abs, acc),) + _n.blue_terms(u, acc)
+    nd = u.ndim
+    red = tuple(range(nd)) if ax is None else _n._reduced_dims(ax, nd)  # trailing dims
+    first, width = [], 1
+    for d in reversed(red):
+        if width * u.shape[d] > _ROW:
+            break
+        first.append(d)
+        width *= u.shape[d]
+    rest = tuple(d for d in red if d not in first)
+    if not first:  # the last axis alone is longer than a row: split it
+        n = u.shape[-1]
+        row = next(k for k in range(_ROW, 0, -1) if n % k == 0)
+        if row < _ROW_MIN:
+            return (jnp.ravel(jnp.min(ops[0], axis=red)),
+                    tuple(jnp.ravel(jnp.sum(t, axis=red)) for t in ops[1:]))
+        ops = tuple(t.reshape(u.shape[:-1] + (n // row, row)) for t in ops)
+        first = [nd]  # and the last axis's outer part, in ``rest`` already
+    zero = jnp.zeros((), acc)
+    m, *sums = lax.reduce(
+        ops, (jnp.array(jnp.inf, acc), zero, zero, zero),
+        lambda a, b: (jnp.minimum(a[0], b[0]), a[1] + b[1], a[2] + b[2], a[3] + b[3]),
+        tuple(first))
+    if rest:
+        m, sums = jnp.min(m, axis=rest), [jnp.sum(t, axis=rest) for t in sums]
+    return jnp.ravel(m), tuple(jnp.ravel(t) for t in sums)
+
+
+def _factors_and_norms(pieces: _Pieces, lam_rel: jax.Array, lam_abs: jax.Array, acc: Any
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per unit of the pieces, in their order (flat vectors): the factor :func:`_sigma` of
+    ``min_j`` :func:`_ratios` and the L2 norm, each combined across the unit's mesh axes
+    (``pmin``; ``psum`` of Blue's sums), and whether any element was NaN or inf."""
     if not pieces.arrays:
-        return jnp.zeros((0,), acc)
-    mins = [jnp.ravel(jnp.min(_ratios(u, w, lam_rel, lam_abs, acc), axis=ax))
-            for u, w, ax in zip(pieces.arrays, pieces.params, pieces.unit_axes, strict=True)]
-    sig = [_sigma(m) for m in _n.collect(mins, pieces.mesh, lax.pmin)]
-    return sig[0] if len(sig) == 1 else jnp.concatenate(sig)
+        return jnp.zeros((0,), acc), jnp.zeros((0,), acc), jnp.zeros((), bool)
+    pairs = [_one_pass(u, w, ax, lam_rel, lam_abs, acc)
+             for u, w, ax in zip(pieces.arrays, pieces.params, pieces.unit_axes, strict=True)]
+    mins = _n.collect([m for m, _ in pairs], pieces.mesh, lax.pmin)
+    sums = _n.collect([s for _, s in pairs], pieces.mesh, lax.psum)
+    cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)  # noqa: E731
+    sml, med, big = (cat([s[k] for s in sums]) for k in range(3))
+    # finite inputs give finite sums (Blue's terms are bounded): only NaN or inf makes them not
+    nonfinite = jnp.any(~jnp.isfinite(sml + med + big))
+    return cat([_sigma(m) for m in mins]), _n.blue_norm(sml, med, big), nonfinite
 
 
 def _sigma(ratio: jax.Array) -> jax.Array:
@@ -336,15 +393,13 @@ def clippy(
 
         axes = _n.leaf_axes(updates, axis_name, partition_specs)
         pieces = _pieces(us, ws, axes)
-        # the norms only feed the stats: per unit of the pieces, never split per tensor
-        norms_p, nonfinite = _n.norm_core(pieces.arrays, 2.0, axes=pieces.unit_axes,
-                                          axes_per_leaf=pieces.mesh, flat=True)
-        maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clippy")
         acc = _n.acc_dtype(us)
-        # norms and factors, both in the pieces' order, which the stats need no other than;
-        # zero-size tensors are in no piece (norm 0, factor 1: nothing to the stats)
-        norms_v = norms_p.astype(acc)
-        sig_v = _leaf_sigmas(pieces, lr, la, acc)
+        # factors and norms per unit of the pieces, from one pass. The norms only feed the
+        # stats: never split per tensor. Both are in the pieces' order, which the stats need
+        # no other than; zero-size tensors are in no piece (norm 0, factor 1: nothing to the
+        # stats).
+        sig_v, norms_v, nonfinite = _factors_and_norms(pieces, lr, la, acc)
+        maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clippy")
         order = [j for js in pieces.leaves for j in js]
         sig_lay = _n.layout_of([jax.ShapeDtypeStruct((), acc)] * len(order), [None] * len(order))
         sigmas: list[Any] = [jnp.ones((), acc)] * len(us)

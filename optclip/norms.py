@@ -9,6 +9,11 @@ norm; for per-unit norms, one for the max (also taken when a unit is all zeros,
 whose sum of 0 looks like an underflow) and one for the rescaled sum (taken only
 when a unit that is not all zeros needs it).
 
+A caller that reduces the same arrays for something else in the same pass takes
+their L2 norm without a second pass or a cond instead: :func:`blue_terms` splits
+``|x|**2`` into three scaled sums (Blue 1978) that one variadic reduction can take
+beside its own result, and :func:`blue_norm` combines them (:func:`optclip.clippy`).
+
 Conventions shared by every function in this module:
 
 * ``None`` leaves are not leaves in JAX and are skipped.
@@ -903,6 +908,58 @@ def norm_core(
     again = any_across(jnp.any(need_u & ~(ms == 0)), flag_axes)
     norms, flag = lax.cond(again, lambda: rescaled(ms), fast)
     return finish(norms), flag
+
+
+def _blue_consts(acc: Any) -> tuple[float, float, float, float]:
+    """Blue's thresholds and scales for ``acc``: ``(t_small, t_big, s_small, s_big)``,
+    powers of two. A magnitude below ``t_small`` is squared scaled up by ``s_small``, one
+    above ``t_big`` scaled down by ``s_big``, the others as they are: every term is then a
+    normal number (subnormal inputs included) and at most ``2 ** (maxexp - 40)``, so that
+    no sum of fewer than ``2 ** 39`` terms overflows, and the largest terms are exact to
+    the last bit."""
+    info = jnp.finfo(acc)
+    lo, hi = int(info.minexp), int(info.maxexp)  # the normal range [2**lo, 2**hi)
+    head = (hi - 40) // 2  # terms up to 2 ** (2 * head) <= 2 ** (hi - 40)
+    return (2.0 ** -((-lo) // 2), 2.0 ** head, 2.0 ** (head + (-lo) // 2),
+            2.0 ** -(hi - head))
+
+
+def blue_terms(x: jax.Array, acc: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``|x|**2`` element-wise as three accumulations of one pass (Blue, *A Portable Fortran
+    Program to Find the Euclidean Norm of a Vector*, ACM TOMS 4(1), 1978; LAPACK's
+    ``nrm2`` since 3.10): small magnitudes scaled up, large ones scaled down, the others as
+    they are; each element is in exactly one of the three, the others hold 0.
+
+    Summed (by plain sums, across devices too), :func:`blue_norm` gives the L2 norm with no
+    overflow and no underflow, and with no second pass and no ``lax.cond``: a form that a
+    variadic reduction can take beside another result. A NaN lands in the middle term and
+    an inf in the large one, so that the norm is NaN or inf."""
+    t_sml, t_big, s_sml, s_big = _blue_consts(acc)
+    a = jnp.abs(x).astype(acc) if jnp.iscomplexobj(x) else jnp.abs(x.astype(acc))
+    zero = jnp.zeros((), acc)
+    small, big = a < t_sml, a > t_big
+    mid = jnp.where(small | big, zero, a)
+    lo = jnp.where(small, a * jnp.asarray(s_sml, acc), zero)
+    hi = jnp.where(big, a * jnp.asarray(s_big, acc), zero)
+    return lo * lo, mid * mid, hi * hi
+
+
+def blue_norm(sml: jax.Array, med: jax.Array, big: jax.Array) -> jax.Array:
+    """The L2 norm from the sums of :func:`blue_terms` (element-wise over such sums)."""
+    acc = med.dtype
+    _, _, s_sml, s_big = _blue_consts(acc)
+    c = lambda v: jnp.asarray(v, acc)  # noqa: E731
+    # any large term: the middle ones, scaled down, count beside them (the small ones cannot)
+    from_big = jnp.sqrt(big + (med * c(s_big)) * c(s_big)) * c(1 / s_big)
+    # no large term: the middle and the small ones, combined as roots (a sum of squares
+    # would flush the small ones as subnormals where they still count)
+    y_med, y_sml = jnp.sqrt(med), jnp.sqrt(sml) * c(1 / s_sml)
+    y_max, y_min = jnp.maximum(y_med, y_sml), jnp.minimum(y_med, y_sml)
+    safe = jnp.where(y_max > 0, y_max, c(1))
+    from_rest = y_max * jnp.sqrt(1 + jnp.square(y_min / safe))
+    # NaN in any sum (a NaN element; inf - inf) stays NaN; an inf one makes the norm inf
+    out = jnp.where(big > 0, from_big, jnp.where(med > 0, from_rest, y_sml))
+    return jnp.where(jnp.isnan(sml + med + big), c(jnp.nan), out)
 
 
 def _max0(x: jax.Array, axis: Any = None, keepdims: bool = False) -> jax.Array:

@@ -624,3 +624,93 @@ def test_shard_map_nan_weight_on_one_device_makes_the_whole_tensor_nan():
                       devices=jax.devices()[:4])(
         u["k"].reshape(4, 2, 512), w["k"].reshape(4, 2, 512))
     assert np.isnan(np.asarray(got)).all()
+
+
+# --- one pass over rows: the factors and the norm stat on large tensors, every layout -----------
+
+# Each large tensor (over norms.SMALL_LEAF elements) takes its ratios' min and its norm from one
+# variadic reduction over rows of at most 4,096 elements: "merge" over its two trailing dims,
+# "last" over its last one, "split" and "flat" over their last axis split in rows, "prime" (no
+# divisor of its length makes a row) by plain reductions; "alone", a small tensor with no other
+# of its size, is a row of 16,384 elements, split too; "s0", "s1" and "s2" are small ones, stacked.
+ROWS = {"merge": (40, 16, 256), "last": (48, 2048), "split": (8, 16384), "flat": (1 << 17,),
+        "prime": (65537,), "alone": (2, 8192), "s0": (4, 9), "s1": (4, 9), "s2": (8,)}
+ROWS_SPECS = {"merge": P("x"), "last": P("x"), "split": P("x"), "flat": P("x"),
+              "prime": P(), "alone": P(None, "x"), "s0": P(), "s1": P(), "s2": P()}
+
+
+def _rows_tree(scale, nonfinite=False):
+    rng = np.random.default_rng(11)
+    u = {k: (rng.normal(size=s) * scale).astype(np.float32) for k, s in ROWS.items()}
+    # weights 5x the updates: most ratios above 1, a few below (sigma < 1 in every tensor)
+    w = {k: (rng.normal(size=s) * 5 * scale).astype(np.float32) for k, s in ROWS.items()}
+    u["s1"][:] = 0.0  # no bound: sigma 1
+    if nonfinite:
+        u["split"][3, 5], u["flat"][7], u["prime"][0] = np.nan, np.inf, -np.inf
+    return u, w
+
+
+def _rows_reference(u, w, lam_rel):
+    """Per tensor (clipped update, sigma), the norm before, the scale, from float64 NumPy; a
+    NaN or inf element sets no bound (as a zero one) and passes as it is."""
+    out, sq_before, sq_after = {}, 0.0, 0.0
+    for k in u:
+        x = np.asarray(u[k], np.float64)
+        s = np_sigma(np.where(np.isfinite(x), x, 0.0), w[k], lam_rel, 0.0)
+        out[k] = (np.where(np.isfinite(x), x * s, x), s)
+        sq_before += np.sum(x * x)
+        sq_after += np.sum((x * s) ** 2)
+    return out, math.sqrt(sq_before), math.sqrt(sq_after / sq_before)
+
+
+def _rows_layout(how, mesh):
+    """(tx, step(u, state, w) -> (out, state)) for one layout; thresholds as a float, an
+    array and a schedule."""
+    if how == "plain":
+        tx = optclip.clippy(0.1, 0.0)
+        return tx, jax.jit(tx.update)
+    if how == "named":
+        tx = optclip.clippy(jnp.asarray(0.1), jnp.zeros(()))
+        sh = {k: NamedSharding(mesh, s) for k, s in ROWS_SPECS.items()}
+        f = jax.jit(tx.update)
+        return tx, lambda u, s, w: f(jax.device_put(u, sh), s, jax.device_put(w, sh))
+    if how == "shard_map":
+        tx = optclip.clippy(optax.constant_schedule(0.1), 0.0, partition_specs=ROWS_SPECS)
+        return tx, jax.jit(jax.shard_map(tx.update, mesh=mesh,
+                                         in_specs=(ROWS_SPECS, P(), ROWS_SPECS),
+                                         out_specs=(ROWS_SPECS, P())))
+    # pmap: every tensor's elements split 8 ways (the prime one and the small ones, whose
+    # lengths 8 does not divide, are left out of this layout)
+    tx = optclip.clippy(jnp.asarray(0.1), 0.0, axis_name="i")
+    keep = [k for k in ROWS if k not in ("prime", "s0", "s1")]
+    pm = jax.pmap(tx.update, axis_name="i", in_axes=(0, None, 0), out_axes=(0, None))
+
+    def step(u, s, w):
+        cut = lambda t: {k: jnp.reshape(t[k], (8, -1)) for k in keep}  # noqa: E731
+        out, s = pm(cut(u), s, cut(w))
+        return {k: np.reshape(np.asarray(out[k]), ROWS[k]) for k in keep}, s
+    return tx, step
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
+@pytest.mark.parametrize("how", ["plain", "named", "shard_map", "pmap"])
+def test_one_pass_factors_and_norm_match_numpy_at_every_scale_and_layout(how):
+    # Scales whose squares overflow (1e25) or flush to 0 (1e-25) in float32: the norm is
+    # still the true one, from Blue's three sums (no second pass, no lax.cond).
+    mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
+    tx, step = _rows_layout(how, mesh)
+    for scale, bad in ((1e-3, False), (1e25, False), (1e-25, False), (1e-3, True)):
+        u, w = _rows_tree(scale, bad)
+        if how == "pmap":
+            u = {k: u[k] for k in ROWS if k not in ("prime", "s0", "s1")}
+            w = {k: w[k] for k in u}
+        want, norm, ratio = _rows_reference(u, w, 0.1)
+        out, state = step(u, tx.init(w), w)
+        s = optclip.stats(state, host=True)
+        for k in u:
+            np.testing.assert_allclose(np.asarray(out[k], np.float64), want[k][0], rtol=1e-6,
+                                       atol=0, err_msg=f"{k} at {scale}")
+        assert s["nonfinite"] is bad and s["clipped"] is True
+        if not bad:
+            np.testing.assert_allclose(s["grad_norm"], norm, rtol=2e-6, err_msg=str(scale))
+            np.testing.assert_allclose(s["scale"], ratio, rtol=2e-6, err_msg=str(scale))

@@ -13,6 +13,7 @@ from refs import np_leaves, pnorm
 from strategies import arrays, ords, trees
 
 import optclip
+from optclip import norms as _n
 
 global_norm_jit = jax.jit(optclip.global_norm, static_argnames="ord")
 
@@ -77,6 +78,46 @@ def test_float64_accumulates_in_float64():
         n = optclip.global_norm([x, jnp.ones(1, jnp.float32)])
         assert n.dtype == jnp.float64
         assert float(n) == math.sqrt(2.0 + 1e-20)
+
+
+_F32_CASES = [[1.0, 2.0], [1e-30] * 5, [1e30] * 5, [1e30, 1e-30, 1.0], [3e38, 1.0],
+              [1e-19, 2e-19, 1e-25], [2.0 ** -63, 2.0 ** 44, 2.0 ** 45], [0.0, 0.0],
+              list(np.random.default_rng(3).choice([-1, 1], 400)
+                   * 10.0 ** np.random.default_rng(4).uniform(-37, 37, 400))]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "complex64"])
+@pytest.mark.parametrize("case", range(len(_F32_CASES)))
+def test_blue_norm_of_one_pass_sums_is_the_true_norm(dtype, case):
+    # norms.blue_terms and blue_norm (Blue 1978): plain sums of three scaled squares give the
+    # true L2 norm whether |x|**2 would overflow, flush to 0 as a subnormal, or neither,
+    # against float64 (long double for float64) NumPy. Subnormal inputs are left out: XLA:CPU
+    # flushes them to 0, in every norm here.
+    vals = np.asarray(_F32_CASES[case], np.float64)
+    if dtype == "float64":
+        vals = vals * 1e250 if case in (2, 4) else vals * 1e-250 if case == 1 else vals
+    if dtype == "complex64":
+        vals = vals * (0.6 + 0.8j)  # |v| as before
+    with jax.enable_x64(dtype == "float64"):
+        x = jnp.asarray(vals, dtype)
+        acc = jnp.float64 if dtype == "float64" else jnp.float32
+        got = _n.blue_norm(*(jnp.sum(t) for t in _n.blue_terms(x, acc)))
+        assert got.dtype == acc
+        ref = np.abs(np.asarray(x)).astype(np.longdouble)
+        want = float(np.sqrt(np.sum(ref * ref)))
+        if want > float(jnp.finfo(acc).max):
+            assert float(got) == math.inf  # the true norm is not a float32: inf, as it is
+        else:
+            np.testing.assert_allclose(float(got), want, rtol=1e-6 if acc == jnp.float32
+                                       else 1e-14)
+
+
+def test_blue_norm_is_nan_or_inf_for_nonfinite_elements():
+    for bad, want in ((np.nan, math.nan), (np.inf, math.inf), (-np.inf, math.inf)):
+        for rest in ([1.0, 2.0], [1e-30], [1e30], []):
+            x = jnp.asarray([bad] + rest, jnp.float32)
+            got = float(_n.blue_norm(*(jnp.sum(t) for t in _n.blue_terms(x, jnp.float32))))
+            assert (math.isnan(got) if math.isnan(want) else got == want), (bad, rest, got)
 
 
 def test_nonfinite_is_visible():
@@ -218,8 +259,6 @@ def test_gradient_of_ord_3_through_the_rescue(x):
 def _many_leaf_layout():
     """A layout of 131 arrays, interleaved: 70 with one unit each, 40 with 3 units, 12 with 8
     (in two shapes), 6 empty, and 3 with 5 units."""
-    from optclip import norms as _n
-
     kinds = ([((4,), None)] * 70 + [((6, 3), 0)] * 40 + [((2, 8), 0)] * 8
              + [((1, 1, 8), (0, 1))] * 4 + [((0, 2), 1)] * 6 + [((7, 5), 0)] * 3)
     order = np.random.default_rng(2).permutation(len(kinds))
@@ -231,8 +270,6 @@ def test_split_by_gather_equals_slices_bit_for_bit():
     # Per-unit results reach their arrays by a gather on XLA:CPU (a slice per array compiled
     # as a kernel of its own). Every value must arrive exactly, and another array's NaN or
     # inf must not leak into this one's.
-    from optclip import norms as _n
-
     lay = _many_leaf_layout()
     rng = np.random.default_rng(0)
     flat = rng.standard_normal(lay.total).astype(np.float32) * np.float32(1e3)

@@ -8,6 +8,8 @@ learning rate already applied.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -49,8 +51,8 @@ class ClippyState(NamedTuple):
 
 def _ratios(u: jax.Array, w: jax.Array, lam_rel: jax.Array, lam_abs: jax.Array,
             acc: Any) -> jax.Array:
-    """Element-wise ``(lam_rel |w_j| + lam_abs) / |u_j|``: inf where ``u_j`` is 0 or not
-    finite (no bound), -1 where the bound is NaN (a NaN weight) and ``u_j`` counts.
+    """Element-wise ``(lam_rel |w_j| + lam_abs) / |u_j|``: inf where ``u_j`` is 0, subnormal
+    or not finite (no bound), -1 where the bound is NaN (a NaN weight) and ``u_j`` counts.
 
     The NaN is marked by a negative value, which no bound has, rather than left to the min:
     XLA:CPU's min reduction (YNNPACK, jax 0.10) neither propagates a NaN nor skips it, but
@@ -59,7 +61,9 @@ def _ratios(u: jax.Array, w: jax.Array, lam_rel: jax.Array, lam_abs: jax.Array,
     """
     d = jnp.abs(u).astype(acc)
     bound = mul0(jnp.abs(w).astype(acc), lam_rel.astype(acc)) + lam_abs.astype(acc)
-    active = jnp.isfinite(d) & (d > 0)
+    # A subnormal |u_j| counts as 0 (no bound), as XLA flushes it in the division: bound / d
+    # would be 0 / 0 there, a NaN factor where the update is finite.
+    active = jnp.isfinite(d) & (d >= jnp.finfo(acc).tiny)
     # The untaken branch divides by 1, so value and derivative are finite at u_j = 0.
     ratio = jnp.where(jnp.isnan(bound), -jnp.ones((), acc), bound / jnp.where(active, d, 1))
     return jnp.where(active, ratio, jnp.inf)
@@ -133,15 +137,40 @@ def _pieces(us: list[jax.Array], ws: list[jax.Array], axes: list[Any] | None) ->
 
 
 # The longest run that one variadic reduction sums in order: XLA:CPU emits it as a loop that
-# adds each element to the running float32 sum in turn. The sum of squares of 2**25 normal
-# floats, as one run, was off by 7.5%; as rows of 65,536 by 7.1e-6, of 16,384 by 1.1e-6, of
-# 4,096 by 9.9e-8, where a plain sum was off by 3.9e-8
-# (``bench/results/cpu_clippy_onepass/row_width.log``). Rows of at most this many elements
-# keep it about as accurate as a plain sum; the rows' results are then reduced by plain
-# reductions. Rows shorter than ``_ROW_MIN`` (a last axis with no divisor between the two)
-# would write out too many rows' results: such a tensor takes plain reductions.
+# adds each element to the running float32 sum in turn, so its error grows with the run where
+# rounding errors do not cancel. The sum of squares of 2**25 normal floats, as one run, was
+# off by 7.5%; as rows of 65,536 by 7.1e-6, of 16,384 by 1.1e-6, of 4,096 by 9.9e-8, where
+# a plain sum was off by 3.9e-8 (``bench/results/cpu_clippy_onepass/row_width.log``); over
+# updates of one magnitude (Adam's first steps), rows of 1,024 to 4,096 were off by up to
+# about 2e-5, where a plain sum was exact to 1e-8. Only the stats' norm takes this sum. The
+# rows' results are then reduced by plain reductions. A tensor reduced whole whose trailing
+# dims make rows shorter than ``_ROW_MIN`` is raveled first; one whose length has no divisor
+# between the two takes plain reductions (and XLA:CPU writes its update out once more).
 _ROW = 1 << 12
 _ROW_MIN = 1 << 8
+# A split last axis keeps this many (or its largest power of two) equal parts in front of the
+# rows, so that a last axis sharded across up to that many devices (a power of two) under
+# jit's NamedSharding splits along its shards: a split that cut across them made XLA gather
+# the whole tensor onto every device.
+_SPLIT_PARTS = 16
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _variadic(ops: tuple[jax.Array, ...], dims: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """The min of ``ops[0]`` and the sums of the others over ``dims``, in one reduction."""
+    inits = (jnp.array(jnp.inf, ops[0].dtype),) + tuple(jnp.zeros((), t.dtype) for t in ops[1:])
+    return tuple(lax.reduce(
+        ops, inits, lambda a, b: (jnp.minimum(a[0], b[0]),) + tuple(
+            x + y for x, y in zip(a[1:], b[1:], strict=True)), dims))
+
+
+@_variadic.defjvp
+def _variadic_jvp(dims, primals, tangents):
+    # JAX's own rule for a variadic reduction fails on symbolic-zero tangents (only the
+    # weights or a threshold differentiated: Blue's terms have none); here they arrive as
+    # arrays.
+    (ops,), (dops,) = primals, tangents
+    return jax.jvp(lambda *o: _variadic.fun(o, dims), ops, dops)
 
 
 def _one_pass(u: jax.Array, w: jax.Array, ax: Any, lam_rel: jax.Array, lam_abs: jax.Array,
@@ -157,31 +186,42 @@ def _one_pass(u: jax.Array, w: jax.Array, ax: Any, lam_rel: jax.Array, lam_abs: 
     temporaries (``python -m bench.traffic --only clippy``).
     """
     ops = (_ratios(u, w, lam_rel, lam_abs, acc),) + _n.blue_terms(u, acc)
-    nd = u.ndim
-    red = tuple(range(nd)) if ax is None else _n._reduced_dims(ax, nd)  # trailing dims
-    first, width = [], 1
-    for d in reversed(red):
-        if width * u.shape[d] > _ROW:
-            break
-        first.append(d)
-        width *= u.shape[d]
+    red = tuple(range(u.ndim)) if ax is None else _n._reduced_dims(ax, u.ndim)  # trailing
+    first, width = _row_dims(u.shape, red)
+    if ax is None and u.ndim > 1 and first and width < _ROW_MIN:
+        # short trailing rows (a (n, 8) table) would write out too many rows' results
+        ops = tuple(jnp.ravel(t) for t in ops)
+        red = (0,)
+        first, width = _row_dims(ops[0].shape, red)
+    shape = ops[0].shape
+    nd = len(shape)
     rest = tuple(d for d in red if d not in first)
     if not first:  # the last axis alone is longer than a row: split it
-        n = u.shape[-1]
-        row = next(k for k in range(_ROW, 0, -1) if n % k == 0)
-        if row < _ROW_MIN:
+        n = shape[-1]
+        parts = math.gcd(n, _SPLIT_PARTS)
+        row = next((k for k in range(_ROW, _ROW_MIN - 1, -1)
+                    if n % k == 0 and (n // k) % parts == 0), None)
+        if row is None:
             return (jnp.ravel(jnp.min(ops[0], axis=red)),
                     tuple(jnp.ravel(jnp.sum(t, axis=red)) for t in ops[1:]))
-        ops = tuple(t.reshape(u.shape[:-1] + (n // row, row)) for t in ops)
+        ops = tuple(t.reshape(shape[:-1] + (n // row, row)) for t in ops)
         first = [nd]  # and the last axis's outer part, in ``rest`` already
-    zero = jnp.zeros((), acc)
-    m, *sums = lax.reduce(
-        ops, (jnp.array(jnp.inf, acc), zero, zero, zero),
-        lambda a, b: (jnp.minimum(a[0], b[0]), a[1] + b[1], a[2] + b[2], a[3] + b[3]),
-        tuple(first))
+    m, *sums = _variadic(ops, tuple(first))
     if rest:
         m, sums = jnp.min(m, axis=rest), [jnp.sum(t, axis=rest) for t in sums]
     return jnp.ravel(m), tuple(jnp.ravel(t) for t in sums)
+
+
+def _row_dims(shape: tuple[int, ...], red: tuple[int, ...]) -> tuple[list[int], int]:
+    """The trailing dims of ``red`` whose product stays within ``_ROW``, and that product
+    (none, and 1, when the last dim alone is longer)."""
+    first, width = [], 1
+    for d in reversed(red):
+        if width * shape[d] > _ROW:
+            break
+        first.append(d)
+        width *= shape[d]
+    return first, width
 
 
 def _factors_and_norms(pieces: _Pieces, lam_rel: jax.Array, lam_abs: jax.Array, acc: Any

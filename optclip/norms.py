@@ -950,10 +950,12 @@ def blue_norm(sml: jax.Array, med: jax.Array, big: jax.Array) -> jax.Array:
     _, _, s_sml, s_big = _blue_consts(acc)
     c = lambda v: jnp.asarray(v, acc)  # noqa: E731
     # any large term: the middle ones, scaled down, count beside them (the small ones cannot)
-    from_big = jnp.sqrt(big + (med * c(s_big)) * c(s_big)) * c(1 / s_big)
+    # (roots with a finite derivative at 0: an unselected root of 0 would make the stats'
+    # gradient NaN)
+    from_big = safe_root(big + (med * c(s_big)) * c(s_big), 2.0) * c(1 / s_big)
     # no large term: the middle and the small ones, combined as roots (a sum of squares
     # would flush the small ones as subnormals where they still count)
-    y_med, y_sml = jnp.sqrt(med), jnp.sqrt(sml) * c(1 / s_sml)
+    y_med, y_sml = safe_root(med, 2.0), safe_root(sml, 2.0) * c(1 / s_sml)
     y_max, y_min = jnp.maximum(y_med, y_sml), jnp.minimum(y_med, y_sml)
     safe = jnp.where(y_max > 0, y_max, c(1))
     from_rest = y_max * jnp.sqrt(1 + jnp.square(y_min / safe))

@@ -959,7 +959,7 @@ def blue_norm(sml: jax.Array, med: jax.Array, big: jax.Array) -> jax.Array:
     y_max, y_min = jnp.maximum(y_med, y_sml), jnp.minimum(y_med, y_sml)
     safe = jnp.where(y_max > 0, y_max, c(1))
     from_rest = y_max * jnp.sqrt(1 + jnp.square(y_min / safe))
-    # NaN in any sum (a NaN element; inf - inf) stays NaN; an inf one makes the norm inf
+    # NaN in any sum (a NaN element) stays NaN; an inf one (an inf element) makes it inf
     out = jnp.where(big > 0, from_big, jnp.where(med > 0, from_rest, y_sml))
     return jnp.where(jnp.isnan(sml + med + big), c(jnp.nan), out)
 

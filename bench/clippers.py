@@ -49,7 +49,8 @@ def fused_clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def fused_value(max_value: float, norm_after: bool = False) -> optax.GradientTransformation:
+def fused_value(max_value: float, norm_after: bool = False,
+                stats: str = "both") -> optax.GradientTransformation:
     """A hand-fused clip by value that keeps the stats a clamp needs: the L2 norm of the
     updates and whether any element was clamped (their largest magnitude above the bound),
     and with ``norm_after`` the L2 norm of the clamped updates too.
@@ -61,15 +62,38 @@ def fused_value(max_value: float, norm_after: bool = False) -> optax.GradientTra
     form, not a floor, for a step that clamps or for a first call. No overflow safety and no
     NaN handling (``jnp.clip``, as ``optax.clip``, lets a NaN through and clamps an inf; a NaN
     makes the max NaN and the flag False): a diagnostic for ``python -m bench.gn_probe``.
+
+    ``stats`` (diagnostics of what one stat costs, ``bench/results/cpu_value_onepass/``):
+    ``"both"``, the two reductions above; ``"norm"`` or ``"max"``, only the one (the other
+    stat is 0 or False); ``"one_pass"``, both from one variadic ``lax.reduce`` per leaf along
+    rows of up to 4,096 elements (as ``optclip.clippy`` takes its min and its sums), then a
+    sum and a max of the rows'.
     """
+    if stats not in ("both", "norm", "max", "one_pass"):
+        raise ValueError(f"stats must be 'both', 'norm', 'max' or 'one_pass'; got {stats!r}.")
+
+    def one_pass(x):
+        x = jnp.ravel(x)
+        row = next((k for k in range(4096, 255, -1) if x.size % k == 0), x.size)
+        x = x.reshape(x.size // row, row)
+        sq, big = jax.lax.reduce((jnp.square(x), jnp.abs(x)), (jnp.float32(0), jnp.float32(0)),
+                                 lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])), (1,))
+        return jnp.sum(sq), jnp.max(big)
 
     def update_fn(updates, state, params=None):
         del params
         leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(updates)]
-        sq = sum(jnp.sum(jnp.square(x)) for x in leaves)
-        big = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) for x in leaves])
+        zero = jnp.zeros((), jnp.float32)
+        if stats == "one_pass":
+            pairs = [one_pass(x) for x in leaves]
+            sq = sum(t[0] for t in pairs)
+            big = functools.reduce(jnp.maximum, [t[1] for t in pairs])
+        else:
+            sq = (sum(jnp.sum(jnp.square(x)) for x in leaves) if stats != "max" else zero)
+            big = (functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) for x in leaves])
+                   if stats != "norm" else zero)
         after = (jnp.sqrt(sum(jnp.sum(jnp.square(jnp.minimum(jnp.abs(x), max_value)))
-                              for x in leaves)) if norm_after else jnp.zeros((), jnp.float32))
+                              for x in leaves)) if norm_after else zero)
         clipped = jax.tree.map(lambda x: jnp.clip(x, -max_value, max_value), updates)
         return clipped, (jnp.sqrt(sq), big > max_value, after)
 

@@ -21,7 +21,9 @@ the barrier that ships now. Both were removed.)
 a hand-fused unit-wise AGC (``agc_fused``, ``clippers.fused_agc``: what an AGC costs) and
 Optax's (``optax_agc``); ``leaf`` (``clip_by_leaf_norm``), ``value`` (``clip_by_value(0.1)``),
 ``optax_clip`` (``optax.clip(0.1)``), and a hand-fused clip by value with its norm and clamp
-flag (``value_fused``, ``clippers.fused_value``); ``clip_by_value(0.01)``, which clamps a third
+flag (``value_fused``, ``clippers.fused_value``), with only its norm or only its flag
+(``value_norm``, ``value_max``: one reduction each), and with the two from one variadic
+reduction (``value_onepass``); ``clip_by_value(0.01)``, which clamps a third
 of the bench's gradients (``value_clamping``), and the hand-fused one that also takes the norm
 after the clamp (``value_fused_after``); zclip, uncapped and capped at the chain's
 threshold (``zclip_capped``: it then scales every step as the chain does); ``clippy`` after adam,
@@ -158,6 +160,14 @@ def variants():
         "optax_clip": (lambda: optax.chain(optax.clip(0.1), adam()), False),
         # what a clip by value with its norm and clamp flag costs (clippers.fused_value)
         "value_fused": (lambda: optax.chain(clippers.fused_value(0.1), adam()), False),
+        # what each of its two stats costs alone (one extra read), and the two from one
+        # variadic reduction over rows
+        "value_norm": (lambda: optax.chain(clippers.fused_value(0.1, stats="norm"), adam()),
+                       False),
+        "value_max": (lambda: optax.chain(clippers.fused_value(0.1, stats="max"), adam()),
+                      False),
+        "value_onepass": (lambda: optax.chain(clippers.fused_value(0.1, stats="one_pass"),
+                                              adam()), False),
         # clamping a third of the elements (the bench's clip_by_value_clamping), and its floor,
         # which also takes the norm after the clamp
         "value_clamping": (lambda: optax.chain(optclip.clip_by_value(0.01), adam()), False),

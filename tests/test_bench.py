@@ -403,15 +403,21 @@ def test_fused_value_floor_keeps_the_stats_it_is_a_floor_for():
     # flag, the norm after a clamp), and clamp as optax.clip does.
     from bench.clippers import fused_value
 
-    g = {"a": jnp.array([0.25, -0.02, 0.03]), "b": jnp.array([[0.001, -0.5]], jnp.bfloat16)}
+    # "c": 8,192 elements, two rows of 4,096 for stats="one_pass"
+    g = {"a": jnp.array([0.25, -0.02, 0.03]), "b": jnp.array([[0.001, -0.5]], jnp.bfloat16),
+         "c": jnp.linspace(-0.05, 0.05, 8192).reshape(2, 4096)}
     x = np.concatenate([np.asarray(v, np.float64).ravel() for v in jax.tree.leaves(g)])
-    # 0.3: only -0.5 lies outside (the flag takes magnitudes); 0.1: both
+    # 0.3: only -0.5 lies outside (the flag takes magnitudes); 0.1: both. Its diagnostics
+    # take one stat alone (the other 0 or False), or the two from one variadic reduction.
     for bound, clamps in ((0.1, True), (0.3, True), (1.0, False)):
-        tx = fused_value(bound, norm_after=True)
-        out, (norm, clipped, after) = jax.jit(tx.update)(g, tx.init(g))
-        assert float(norm) == pytest.approx(np.linalg.norm(x), rel=1e-6)
-        assert bool(clipped) is clamps
-        assert float(after) == pytest.approx(np.linalg.norm(np.clip(x, -bound, bound)), rel=1e-6)
+        for stats in ("both", "norm", "max", "one_pass"):
+            tx = fused_value(bound, norm_after=stats == "both", stats=stats)
+            out, (norm, clipped, after) = jax.jit(tx.update)(g, tx.init(g))
+            want = np.linalg.norm(x) if stats != "max" else 0.0
+            assert float(norm) == pytest.approx(want, rel=1e-6)
+            assert bool(clipped) is (clamps and stats != "norm")
+            want = np.linalg.norm(np.clip(x, -bound, bound)) if stats == "both" else 0.0
+            assert float(after) == pytest.approx(want, rel=1e-6)
         ref, _ = optax.clip(bound).update(g, None)
         for o, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
             assert o.dtype == r.dtype and np.array_equal(np.asarray(o), np.asarray(r))

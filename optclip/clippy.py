@@ -49,6 +49,34 @@ class ClippyState(NamedTuple):
     optclip_name = "clippy"
 
 
+@jax.custom_jvp
+def _quotient(a: jax.Array, lam_rel: jax.Array, lam_abs: jax.Array, d: jax.Array) -> jax.Array:
+    """``(lam_rel a + lam_abs) / d`` (``d > 0``; ``inf * 0 = 0``), whose derivatives are
+    clamped to the dtype's range.
+
+    The true derivative with respect to ``d``, ``-bound / d**2``, overflows where ``|u_j|``
+    is tiny (1e-25 against a bound of 0.1), and those with respect to ``a`` and ``d`` are
+    inf where a threshold is. Such a ratio is large, and the min does not select it:
+    ``jax.grad`` multiplies its derivatives by a zero cotangent, and ``0 * inf`` made the
+    update's gradient NaN. Clamped, they are 0 there; where the min does select such a
+    ratio, the true derivative is beyond the dtype anyway.
+    """
+    return (mul0(a, lam_rel) + lam_abs) / d
+
+
+@_quotient.defjvp
+def _quotient_jvp(primals, tangents):
+    (a, lr, la, d), (t_a, t_lr, t_la, t_d) = primals, tangents
+    q = _quotient.fun(a, lr, la, d)
+    big = jnp.asarray(jnp.finfo(q.dtype).max, q.dtype)
+    zero = jnp.zeros((), q.dtype)
+    fin = lambda x: jnp.minimum(x, big)  # noqa: E731  (all >= 0, or NaN)
+    masked = (a == 0) | (lr == 0)  # mul0's 0: a product that is 0 whatever the other
+    c_a = jnp.where(masked, zero, fin(lr / d))
+    c_lr = jnp.where(masked, zero, fin(a / d))
+    return q, (t_a * c_a + t_lr * c_lr + t_la * fin(1 / d) - t_d * fin(q / d))
+
+
 def _ratios(u: jax.Array, w: jax.Array, lam_rel: jax.Array, lam_abs: jax.Array,
             acc: Any) -> jax.Array:
     """Element-wise ``(lam_rel |w_j| + lam_abs) / |u_j|``: inf where ``u_j`` is 0, subnormal
@@ -60,12 +88,15 @@ def _ratios(u: jax.Array, w: jax.Array, lam_rel: jax.Array, lam_abs: jax.Array,
     crosses devices in the ``pmin`` that a NaN might not survive.
     """
     d = jnp.abs(u).astype(acc)
-    bound = mul0(jnp.abs(w).astype(acc), lam_rel.astype(acc)) + lam_abs.astype(acc)
     # A subnormal |u_j| counts as 0 (no bound), as XLA flushes it in the division: bound / d
     # would be 0 / 0 there, a NaN factor where the update is finite.
     active = jnp.isfinite(d) & (d >= jnp.finfo(acc).tiny)
     # The untaken branch divides by 1, so value and derivative are finite at u_j = 0.
-    ratio = jnp.where(jnp.isnan(bound), -jnp.ones((), acc), bound / jnp.where(active, d, 1))
+    a, lr = jnp.abs(w).astype(acc), lam_rel.astype(acc)
+    # the bound is NaN where the weight is and lam_rel is not 0 (mul0); the thresholds are not
+    # NaN (an invalid one is 0 here)
+    ratio = jnp.where(jnp.isnan(a) & (lr != 0), -jnp.ones((), acc),
+                      _quotient(a, lr, lam_abs.astype(acc), jnp.where(active, d, 1)))
     return jnp.where(active, ratio, jnp.inf)
 
 

@@ -750,6 +750,42 @@ def test_derivatives_with_respect_to_weights_and_threshold_match_finite_differen
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g))
 
 
+@pytest.mark.parametrize("n", [3, 70000])
+@pytest.mark.parametrize("lam", [(0.1, 1e-7), (np.inf, 1e-7), (0.1, np.inf), (np.inf, 0.0)])
+def test_gradient_is_finite_for_tiny_updates_and_infinite_thresholds(lam, n):
+    # A ratio the min does not select had an infinite derivative where |u_j| is tiny but
+    # normal (0.1 / 1e-25**2) or a threshold is inf, and jax.grad multiplied it by a zero
+    # cotangent: the updates' gradient was NaN. Reference, from the formula: f = sigma *
+    # sum(u) with sigma = min(1, min_j b_j / |u_j|), b_j = lambda_rel |w_j| + lambda_abs (inf
+    # times a zero weight 0), so df/du_j = sigma + [j = j*] sum(u) dsigma/du_j*.
+    lr, la = lam
+    rng = np.random.default_rng(n)
+    u = rng.uniform(0.2, 1.0, size=n) * rng.choice([-1.0, 1.0], size=n)
+    w = rng.uniform(1.0, 3.0, size=n)
+    u[1], w[2] = 1e-25, 0.0  # a tiny update; a zero weight, the arg-min where lambda_rel is inf
+    tx = optclip.clippy(lr, la)
+
+    def f(u):
+        return jnp.sum(tx.update({"a": u}, tx.init({"a": w}), {"a": jnp.asarray(w)})[0]["a"])
+
+    g = np.asarray(jax.jit(jax.grad(f))(jnp.asarray(u, jnp.float32)), np.float64)
+    uu = np.asarray(jnp.asarray(u, jnp.float32), np.float64)
+    b = np.where(w == 0, 0.0, lr * np.where(w == 0, 1.0, w)) + la
+    r = np.where(np.abs(uu) > 0, b / np.abs(uu), np.inf)
+    sigma = min(1.0, r.min())
+    want = np.full(n, sigma)
+    if r.min() < 1:
+        j = int(np.argmin(r))
+        want[j] += uu.sum() * -r[j] / uu[j]  # d(b_j / |u_j|)/du_j = -b_j / (|u_j| u_j)
+    assert np.isfinite(g).all()
+    np.testing.assert_allclose(g, want, rtol=2e-5, atol=1e-12)
+    # and with respect to the weights (inf * w was differentiated as inf * 0 = NaN)
+    gw = jax.jit(jax.grad(lambda w: jnp.sum(tx.update({"a": jnp.asarray(u, jnp.float32)},
+                                                      tx.init({"a": w}), {"a": w})[0]["a"])))(
+        jnp.asarray(w, jnp.float32))
+    assert np.isfinite(np.asarray(gw)).all()
+
+
 @pytest.mark.parametrize("n", [33, 70000])
 def test_a_subnormal_update_sets_no_bound(n):
     # XLA flushes a subnormal |u_j| in the division: 0 / 0, a NaN factor (for a large tensor

@@ -175,9 +175,12 @@ def _pieces(us: list[jax.Array], ws: list[jax.Array], axes: list[Any] | None) ->
 # updates of one magnitude (+-1e-3, as Adam's first steps are), rows of 256 to 4,096 were off
 # by 2.9e-6 to 4.9e-6 (16,384: 7.3e-5), where a plain sum was off by 1.6e-8. Only the stats'
 # norm takes this sum. The rows' results are then reduced by plain reductions. A tensor
-# reduced whole whose trailing dims make rows shorter than ``_ROW_MIN`` is raveled first; one
-# whose length has no divisor between the two (that also keeps ``_SPLIT_PARTS``) takes plain
-# reductions (and XLA:CPU writes its update out once more).
+# reduced whole whose trailing dims make rows shorter than ``_ROW_MIN`` takes part of the dim
+# before them into each row; one whose split dim has no divisor that keeps rows between the
+# two (and ``_SPLIT_PARTS``) takes plain reductions (and XLA:CPU writes its update out once
+# more). A row that spans a sharded dim leaves partial results that XLA gathers across the
+# devices (a variadic reduction cannot be all-reduced): rows' results times the devices,
+# 1/row of the tensor each.
 _ROW = 1 << 12
 _ROW_MIN = 1 << 8
 # A split last axis keeps this many (or its largest power of two) equal parts in front of the
@@ -217,31 +220,68 @@ def _one_pass(u: jax.Array, w: jax.Array, ax: Any, lam_rel: jax.Array, lam_abs: 
     ``lax.cond`` made XLA write the update out twice more, and hold it twice more in
     temporaries (``python -m bench.traffic --only clippy``).
     """
-    ops = (_ratios(u, w, lam_rel, lam_abs, acc),) + _n.blue_terms(u, acc)
+    # Blue's terms carry no derivative: the norms' comes from :func:`_norms_of`
+    ops = (_ratios(u, w, lam_rel, lam_abs, acc),) + _n.blue_terms(lax.stop_gradient(u), acc)
     red = tuple(range(u.ndim)) if ax is None else _n._reduced_dims(ax, u.ndim)  # trailing
     first, width = _row_dims(u.shape, red)
-    if ax is None and u.ndim > 1 and first and width < _ROW_MIN:
-        # short trailing rows (a (n, 8) table) would write out too many rows' results
-        ops = tuple(jnp.ravel(t) for t in ops)
-        red = (0,)
-        first, width = _row_dims(ops[0].shape, red)
-    shape = ops[0].shape
+    shape = u.shape
+    plain = (jnp.ravel(jnp.min(ops[0], axis=red)),
+             tuple(jnp.ravel(jnp.sum(t, axis=red)) for t in ops[1:]))
+    if ax is None and first and min(first) > 0 and width < _ROW_MIN:
+        # Short trailing rows (a (n, 8) table) would write out too many rows' results: each
+        # row takes k of the dim before them too, split off it as an inner part. Raveling
+        # instead merged the trailing dims into it, and under jit's NamedSharding XLA then
+        # gathered a tensor sharded along them onto every device.
+        j = min(first) - 1
+        k = _split(shape[j], _ROW // width, -(-_ROW_MIN // width))
+        if k is None:
+            return plain
+        shape = shape[:j] + (shape[j] // k, k) + shape[j + 1:]
+        ops = tuple(t.reshape(shape) for t in ops)
+        red = tuple(range(len(shape)))
+        first = [d + 1 for d in first] + [j + 1]
     nd = len(shape)
     rest = tuple(d for d in red if d not in first)
     if not first:  # the last axis alone is longer than a row: split it
         n = shape[-1]
-        parts = math.gcd(n, _SPLIT_PARTS)
-        row = next((k for k in range(_ROW, _ROW_MIN - 1, -1)
-                    if n % k == 0 and (n // k) % parts == 0), None)
+        row = _split(n, _ROW, _ROW_MIN)
         if row is None:
-            return (jnp.ravel(jnp.min(ops[0], axis=red)),
-                    tuple(jnp.ravel(jnp.sum(t, axis=red)) for t in ops[1:]))
+            return plain
         ops = tuple(t.reshape(shape[:-1] + (n // row, row)) for t in ops)
         first = [nd]  # and the last axis's outer part, in ``rest`` already
     m, *sums = _variadic(ops, tuple(first))
     if rest:
         m, sums = jnp.min(m, axis=rest), [jnp.sum(t, axis=rest) for t in sums]
     return jnp.ravel(m), tuple(jnp.ravel(t) for t in sums)
+
+
+def _split(n: int, most: int, least: int) -> int | None:
+    """The largest inner part ``k`` of a dim of length ``n`` (``n = (n // k) * k``) within
+    ``[least, most]`` whose outer part keeps ``gcd(n, _SPLIT_PARTS)`` equal parts, so that
+    a dim sharded across that many devices splits along its shards; None when there is
+    none."""
+    parts = math.gcd(n, _SPLIT_PARTS)
+    return next((k for k in range(min(most, n), least - 1, -1)
+                 if n % k == 0 and (n // k) % parts == 0), None)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _pmin(xs: list[jax.Array], axes: Any) -> list[jax.Array]:
+    """``lax.pmin``, differentiable (JAX has no rule for it): each min's derivative is that
+    of the element it takes, averaged over the devices that hold it (ties)."""
+    return lax.pmin(xs, axes)
+
+
+@_pmin.defjvp
+def _pmin_jvp(axes, primals, tangents):
+    (xs,), (ts,) = primals, tangents
+    ms = lax.pmin(xs, axes)
+    outs = []
+    for x, m, t in zip(xs, ms, ts, strict=True):
+        held = x == m
+        n = lax.psum(held.astype(x.dtype), axes)
+        outs.append(lax.psum(jnp.where(held, t, jnp.zeros((), t.dtype)), axes) / n)
+    return ms, outs
 
 
 def _row_dims(shape: tuple[int, ...], red: tuple[int, ...]) -> tuple[list[int], int]:
@@ -265,13 +305,52 @@ def _factors_and_norms(pieces: _Pieces, lam_rel: jax.Array, lam_abs: jax.Array, 
         return jnp.zeros((0,), acc), jnp.zeros((0,), acc), jnp.zeros((), bool)
     pairs = [_one_pass(u, w, ax, lam_rel, lam_abs, acc)
              for u, w, ax in zip(pieces.arrays, pieces.params, pieces.unit_axes, strict=True)]
-    mins = _n.collect([m for m, _ in pairs], pieces.mesh, lax.pmin)
+    mins = _n.collect([m for m, _ in pairs], pieces.mesh, _pmin)
     sums = _n.collect([s for _, s in pairs], pieces.mesh, lax.psum)
     cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)  # noqa: E731
     sml, med, big = (cat([s[k] for s in sums]) for k in range(3))
     # finite inputs give finite sums (Blue's terms are bounded): only NaN or inf makes them not
     nonfinite = jnp.any(~jnp.isfinite(sml + med + big))
-    return cat([_sigma(m) for m in mins]), _n.blue_norm(sml, med, big), nonfinite
+    norms = _norms_of(lax.stop_gradient(_n.blue_norm(sml, med, big)), tuple(pieces.arrays),
+                      tuple(pieces.unit_axes), None if pieces.mesh is None else tuple(pieces.mesh))
+    return cat([_sigma(m) for m in mins]), norms, nonfinite
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _norms_of(norms: jax.Array, arrays: tuple[jax.Array, ...], unit_axes: tuple, mesh: Any
+              ) -> jax.Array:
+    """``norms``, the L2 norms of the units of the pieces ``arrays`` (in order; ``unit_axes``
+    and ``mesh`` as in :class:`_Pieces`), given the derivative of those norms with respect
+    to ``arrays``: ``sum_j Re(conj(u_j / norm) du_j)`` over each unit, 0 where its norm is 0
+    or not finite.
+
+    Differentiated through Blue's scaled sums, the norm of tiny updates (1e-20) had a NaN
+    derivative, or one that underflowed to 0: the scales (2**107 and its square) overflow
+    or underflow the cotangents that pass through them. Here ``u_j / norm`` is at most 1.
+    """
+    del arrays, unit_axes, mesh
+    return norms
+
+
+@_norms_of.defjvp
+def _norms_of_jvp(unit_axes, mesh, primals, tangents):
+    norms, arrays = primals
+    _, t_arrays = tangents
+    ok = (norms > 0) & jnp.isfinite(norms)
+    safe = jnp.where(ok, norms, jnp.ones((), norms.dtype))
+    dots, o = [], 0
+    for u, t, ax in zip(arrays, t_arrays, unit_axes, strict=True):
+        k = 1 if ax is None else u.shape[0]
+        nv = safe[o:o + k] if ax is not None else safe[o]
+        if ax is not None:
+            nv = nv.reshape((k,) + (1,) * (u.ndim - 1))
+        o += k
+        x = u.astype(norms.dtype) if not jnp.iscomplexobj(u) else u
+        d = jnp.real(jnp.conj(x / nv) * t.astype(x.dtype))
+        dots.append(jnp.ravel(jnp.sum(d, axis=None if ax is None else tuple(range(1, u.ndim)))))
+    dots = _n.collect(dots, None if mesh is None else list(mesh), lax.psum)
+    cat = dots[0] if len(dots) == 1 else jnp.concatenate(dots)
+    return norms, jnp.where(ok, cat.astype(norms.dtype), jnp.zeros((), norms.dtype))
 
 
 def _sigma(ratio: jax.Array) -> jax.Array:

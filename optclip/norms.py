@@ -945,7 +945,13 @@ def blue_terms(x: jax.Array, acc: Any) -> tuple[jax.Array, jax.Array, jax.Array]
 
 
 def blue_norm(sml: jax.Array, med: jax.Array, big: jax.Array) -> jax.Array:
-    """The L2 norm from the sums of :func:`blue_terms` (element-wise over such sums)."""
+    """The L2 norm from the sums of :func:`blue_terms` (element-wise over such sums).
+
+    Its derivative is finite, but differentiated through :func:`blue_terms` the scales'
+    factors (up to ``2**214`` for float32) underflow or overflow the cotangents of tiny or
+    huge inputs (below about 1e-19, a derivative of 0): attach the norm's derivative by
+    other means where it matters, as ``optclip.clippy`` does for its stats.
+    """
     acc = med.dtype
     _, _, s_sml, s_big = _blue_consts(acc)
     c = lambda v: jnp.asarray(v, acc)  # noqa: E731
@@ -957,7 +963,9 @@ def blue_norm(sml: jax.Array, med: jax.Array, big: jax.Array) -> jax.Array:
     # would flush the small ones as subnormals where they still count)
     y_med, y_sml = safe_root(med, 2.0), safe_root(sml, 2.0) * c(1 / s_sml)
     y_max, y_min = jnp.maximum(y_med, y_sml), jnp.minimum(y_med, y_sml)
-    safe = jnp.where(y_max > 0, y_max, c(1))
+    # (1 where the branch is not taken: a tiny y_max there made its derivative inf, and the
+    # zero cotangent times inf NaN)
+    safe = jnp.where((med > 0) & (y_max > 0), y_max, c(1))
     from_rest = y_max * jnp.sqrt(1 + jnp.square(y_min / safe))
     # NaN in any sum (a NaN element) stays NaN; an inf one (an inf element) makes it inf
     out = jnp.where(big > 0, from_big, jnp.where(med > 0, from_rest, y_sml))

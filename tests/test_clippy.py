@@ -6,6 +6,7 @@ with the edge cases of TensorFlow Recommenders' ClippyAdagrad: a zero u_j sets n
 """
 
 import math
+import re
 
 import flax.serialization
 import jax
@@ -633,10 +634,14 @@ def test_shard_map_nan_weight_on_one_device_makes_the_whole_tensor_nan():
 # "last" over its last one, "split" and "flat" over their last axis split in rows, "prime" (no
 # divisor of its length makes a row) by plain reductions; "alone", a small tensor with no other
 # of its size, is a row of 16,384 elements, split too; "s0", "s1" and "s2" are small ones, stacked.
+# "short": rows of 24 (3 a device in shard_map), each taking k of the 8,192 before them;
+# "short_prime": rows of 5, the 16,411 before them prime (no k): plain reductions
 ROWS = {"merge": (40, 16, 256), "last": (48, 2048), "split": (8, 16384), "flat": (1 << 17,),
-        "prime": (65537,), "alone": (2, 8192), "s0": (4, 9), "s1": (4, 9), "s2": (8,)}
+        "prime": (65537,), "alone": (2, 8192), "short": (8192, 24), "short_prime": (16411, 5),
+        "s0": (4, 9), "s1": (4, 9), "s2": (8,)}
 ROWS_SPECS = {"merge": P("x"), "last": P("x"), "split": P("x"), "flat": P("x"),
-              "prime": P(), "alone": P(None, "x"), "s0": P(), "s1": P(), "s2": P()}
+              "prime": P(), "alone": P(None, "x"), "short": P(None, "x"), "short_prime": P(),
+              "s0": P(), "s1": P(), "s2": P()}
 
 
 def _rows_tree(scale, nonfinite=False):
@@ -682,7 +687,7 @@ def _rows_layout(how, mesh):
     # pmap: every tensor's elements split 8 ways (the prime one and the small ones, whose
     # lengths 8 does not divide, are left out of this layout)
     tx = optclip.clippy(jnp.asarray(0.1), 0.0, axis_name="i")
-    keep = [k for k in ROWS if k not in ("prime", "s0", "s1")]
+    keep = [k for k in ROWS if k not in ("prime", "short_prime", "s0", "s1")]
     pm = jax.pmap(tx.update, axis_name="i", in_axes=(0, None, 0), out_axes=(0, None))
 
     def step(u, s, w):
@@ -702,7 +707,7 @@ def test_one_pass_factors_and_norm_match_numpy_at_every_scale_and_layout(how):
     for scale, bad in ((1e-3, False), (1e25, False), (1e-25, False), (1e-3, True)):
         u, w = _rows_tree(scale, bad)
         if how == "pmap":
-            u = {k: u[k] for k in ROWS if k not in ("prime", "s0", "s1")}
+            u = {k: u[k] for k in ROWS if k not in ("prime", "short_prime", "s0", "s1")}
             w = {k: w[k] for k in u}
         want, norm, ratio = _rows_reference(u, w, 0.1)
         out, state = step(u, tx.init(w), w)
@@ -748,6 +753,51 @@ def test_derivatives_with_respect_to_weights_and_threshold_match_finite_differen
     g = jax.grad(lambda u: optclip.stats(
         optclip.clippy(0.1, 0.0).update(u, optclip.clippy().init(w), w)[1])["grad_norm"])(u)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g))
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
+@pytest.mark.parametrize("how", ["plain", "shard_map"])
+def test_stats_norm_gradient_at_every_scale(how):
+    # Differentiated through Blue's scaled sums, d grad_norm / du was NaN for updates near
+    # 1e-25 and 0 near 3e-20 (the scales under- and overflowed the cotangents); its
+    # derivative is attached directly now: u / ||u||, across devices too. A large tensor
+    # (reduced whole, sharded in shard_map) and two small ones (stacked as rows).
+    mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
+    specs = {"big": P("x"), "s": P(), "t": P()}
+    rng = np.random.default_rng(5)
+    base = {"big": rng.normal(size=70000), "s": rng.normal(size=(3, 4)), "t": rng.normal(size=5)}
+    # weights that clip the 1e-3 updates below (ratios 0.5-2, distinct)
+    w = {k: jnp.asarray(np.abs(v) * rng.uniform(0.005, 0.02, size=v.shape), jnp.float32)
+         for k, v in base.items()}
+    tx = optclip.clippy(0.1, 0.0, **({"partition_specs": specs} if how == "shard_map" else {}))
+    upd = tx.update if how == "plain" else jax.shard_map(
+        tx.update, mesh=mesh, in_specs=(specs, P(), specs), out_specs=(specs, P()))
+    grad = jax.jit(jax.grad(lambda u: upd(u, tx.init(w), w)[1].stats.grad_norm))
+    for scale in (1e-3, 3e-20, 1e-25, 1e25):
+        u = {k: jnp.asarray(v * scale, jnp.float32) for k, v in base.items()}
+        x = {k: np.asarray(v, np.float64) for k, v in u.items()}
+        norm = math.sqrt(sum(np.sum(v * v) for v in x.values()))
+        g = grad(u)
+        for k in u:
+            np.testing.assert_allclose(np.asarray(g[k], np.float64), x[k] / norm, rtol=2e-5,
+                                       atol=1e-9, err_msg=f"{k} at {scale}")
+    if how == "shard_map":
+        # and the updates' gradient across devices (JAX has no rule for the factors' pmin: a
+        # NotImplementedError before) equals the unsharded one
+        u = {k: jnp.asarray(v * 1e-3, jnp.float32) for k, v in base.items()}
+        r = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in base.items()}
+
+        def loss(f):
+            return lambda u: sum(jnp.sum(o * r[k]) for k, o in f(u, tx.init(w), w)[0].items())
+
+        plain = optclip.clippy(0.1, 0.0)
+        got, want = jax.jit(jax.grad(loss(upd)))(u), jax.jit(jax.grad(loss(plain.update)))(u)
+        for k in u:
+            np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-5,
+                                       atol=1e-7, err_msg=k)
+        # each tensor clips: its arg-min element's gradient differs from its factor
+        s = optclip.stats(plain.update(u, plain.init(w), w)[1], host=True)
+        assert s["clipped"] and s["scale"] < 1
 
 
 @pytest.mark.parametrize("n", [3, 70000])
@@ -815,3 +865,12 @@ def test_short_rows_and_sharded_long_rows_hold_no_copy():
                              sharding=NamedSharding(mesh, P(None, "x")))
     c = jax.jit(tx.update).lower({"a": x}, tx.init({"a": x}), {"a": x}).compile()
     assert "all-gather" not in c.as_text()
+    # a short last axis sharded 8 ways: raveling it (eee9749) made XLA gather the whole
+    # tensor onto every device, 16x the arguments in temporaries. Each row takes 128 of the
+    # 4,096 before it now: only the rows' partial results cross devices (32 x 8 of them).
+    x = jax.ShapeDtypeStruct((4096, 32), jnp.float32, sharding=NamedSharding(mesh, P(None, "x")))
+    c = jax.jit(tx.update).lower({"a": x}, tx.init({"a": x}), {"a": x}).compile()
+    gathered = [math.prod(int(d) for d in re.findall(r"\d+", shp)) for shp in re.findall(
+        r"= f32\[([\d,]*)\][^ ]* all-gather\(", c.as_text())]
+    assert all(n < 0.01 * 4096 * 32 for n in gathered), gathered
+    assert c.memory_analysis().temp_size_in_bytes < 0.05 * 4096 * 32 * 4

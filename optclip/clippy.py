@@ -527,8 +527,10 @@ def clippy(
                 )
             ws.append(jnp.asarray(w))
 
-        lam_rel = resolve(lambda_rel, state.count, name="lambda_rel")
-        lam_abs = resolve(lambda_abs, state.count, name="lambda_abs")
+        # in the ratios' dtype: float64 leaves compare against float64 thresholds
+        wide = _n.acc_dtype(us) if us else jnp.float32
+        lam_rel = resolve(lambda_rel, state.count, wide, name="lambda_rel")
+        lam_abs = resolve(lambda_abs, state.count, wide, name="lambda_abs")
         # `~(x >= 0)` is True for negative values and for NaN. Either one invalid makes the
         # whole bound 0: every non-zero update gets sigma = 0, never a negative factor.
         invalid = ~(lam_rel >= 0) | ~(lam_abs >= 0)

@@ -874,3 +874,15 @@ def test_short_rows_and_sharded_long_rows_hold_no_copy():
         r"= f32\[([\d,]*)\][^ ]* all-gather\(", c.as_text())]
     assert all(n < 0.01 * 4096 * 32 for n in gathered), gathered
     assert c.memory_analysis().temp_size_in_bytes < 0.05 * 4096 * 32 * 4
+
+
+def test_float64_leaves_take_float64_thresholds():
+    # the thresholds were float32 for every leaf: 0.1 became 0.10000000149, a relative error
+    # of 1.5e-8 in float64's factor (its docstring promises float64 for float64 leaves)
+    with jax.enable_x64(True):
+        u, w = {"a": jnp.array([1.0, 0.5], jnp.float64)}, {"a": jnp.ones(2, jnp.float64)}
+        for lam in (0.1, lambda count: 0.1 + 0.0 * count):
+            tx = optclip.clippy(lam, 0.0)
+            out, _ = jax.jit(tx.update)(u, tx.init(w), w)
+            assert out["a"].dtype == jnp.float64
+            np.testing.assert_array_equal(np.asarray(out["a"]), [0.1, 0.05])

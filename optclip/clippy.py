@@ -91,10 +91,10 @@ def _ratios(u: jax.Array, w: jax.Array, lam_rel: jax.Array, lam_abs: jax.Array,
     # A subnormal |u_j| counts as 0 (no bound), as XLA flushes it in the division: bound / d
     # would be 0 / 0 there, a NaN factor where the update is finite.
     active = jnp.isfinite(d) & (d >= jnp.finfo(acc).tiny)
-    # The untaken branch divides by 1, so value and derivative are finite at u_j = 0.
     a, lr = jnp.abs(w).astype(acc), lam_rel.astype(acc)
-    # the bound is NaN where the weight is and lam_rel is not 0 (mul0); the thresholds are not
-    # NaN (an invalid one is 0 here)
+    # The bound is NaN where the weight is and lam_rel is not 0 (mul0); the thresholds are not
+    # NaN (an invalid one is 0 here). The untaken branch divides by 1, so value and derivative
+    # are finite at u_j = 0.
     ratio = jnp.where(jnp.isnan(a) & (lr != 0), -jnp.ones((), acc),
                       _quotient(a, lr, lam_abs.astype(acc), jnp.where(active, d, 1)))
     return jnp.where(active, ratio, jnp.inf)
@@ -225,8 +225,11 @@ def _one_pass(u: jax.Array, w: jax.Array, ax: Any, lam_rel: jax.Array, lam_abs: 
     red = tuple(range(u.ndim)) if ax is None else _n._reduced_dims(ax, u.ndim)  # trailing
     first, width = _row_dims(u.shape, red)
     shape = u.shape
-    plain = (jnp.ravel(jnp.min(ops[0], axis=red)),
-             tuple(jnp.ravel(jnp.sum(t, axis=red)) for t in ops[1:]))
+
+    def plain():  # no row split: plain reductions over the whole of each unit
+        return (jnp.ravel(jnp.min(ops[0], axis=red)),
+                tuple(jnp.ravel(jnp.sum(t, axis=red)) for t in ops[1:]))
+
     if ax is None and first and min(first) > 0 and width < _ROW_MIN:
         # Short trailing rows (a (n, 8) table) would write out too many rows' results: each
         # row takes k of the dim before them too, split off it as an inner part. Raveling
@@ -235,7 +238,7 @@ def _one_pass(u: jax.Array, w: jax.Array, ax: Any, lam_rel: jax.Array, lam_abs: 
         j = min(first) - 1
         k = _split(shape[j], _ROW // width, -(-_ROW_MIN // width))
         if k is None:
-            return plain
+            return plain()
         shape = shape[:j] + (shape[j] // k, k) + shape[j + 1:]
         ops = tuple(t.reshape(shape) for t in ops)
         red = tuple(range(len(shape)))
@@ -246,7 +249,7 @@ def _one_pass(u: jax.Array, w: jax.Array, ax: Any, lam_rel: jax.Array, lam_abs: 
         n = shape[-1]
         row = _split(n, _ROW, _ROW_MIN)
         if row is None:
-            return plain
+            return plain()
         ops = tuple(t.reshape(shape[:-1] + (n // row, row)) for t in ops)
         first = [nd]  # and the last axis's outer part, in ``rest`` already
     m, *sums = _variadic(ops, tuple(first))

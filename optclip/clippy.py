@@ -74,7 +74,10 @@ def _quotient_jvp(primals, tangents):
     masked = (a == 0) | (lr == 0)  # mul0's 0: a product that is 0 whatever the other
     c_a = jnp.where(masked, zero, fin(lr / d))
     c_lr = jnp.where(masked, zero, fin(a / d))
-    return q, (t_a * c_a + t_lr * c_lr + t_la * fin(1 / d) - t_d * fin(q / d))
+    t = t_a * c_a + t_lr * c_lr + t_la * fin(1 / d) - t_d * fin(q / d)
+    # an infinite ratio (an infinite bound) is a constant: tied, as every ratio is under an
+    # infinite threshold, clamped tangents summed by the min's rule overflowed (forward mode)
+    return q, jnp.where(jnp.isinf(q), zero, t)
 
 
 def _ratios(u: jax.Array, w: jax.Array, lam_rel: jax.Array, lam_abs: jax.Array,
@@ -340,16 +343,20 @@ def _norms_of_jvp(unit_axes, mesh, primals, tangents):
     norms, arrays = primals
     _, t_arrays = tangents
     ok = (norms > 0) & jnp.isfinite(norms)
-    safe = jnp.where(ok, norms, jnp.ones((), norms.dtype))
+    # each norm brought into [2, 4) by a power of two, its elements with it (exact): XLA
+    # divides by a scalar as a product with its reciprocal, which a norm above 2**126 made
+    # subnormal, flushed to 0 (a zero derivative)
+    down, _ = _n._pow2_scale(jnp.where(ok, norms, jnp.ones((), norms.dtype)))
+    safe = jnp.where(ok, norms * down, jnp.ones((), norms.dtype))
     dots, o = [], 0
     for u, t, ax in zip(arrays, t_arrays, unit_axes, strict=True):
         k = 1 if ax is None else u.shape[0]
-        nv = safe[o:o + k] if ax is not None else safe[o]
+        nv, dv = (safe[o:o + k], down[o:o + k]) if ax is not None else (safe[o], down[o])
         if ax is not None:
-            nv = nv.reshape((k,) + (1,) * (u.ndim - 1))
+            nv, dv = (v.reshape((k,) + (1,) * (u.ndim - 1)) for v in (nv, dv))
         o += k
         x = u.astype(norms.dtype) if not jnp.iscomplexobj(u) else u
-        d = jnp.real(jnp.conj(x / nv) * t.astype(x.dtype))
+        d = jnp.real(jnp.conj(x * dv.astype(x.dtype) / nv) * t.astype(x.dtype))
         dots.append(jnp.ravel(jnp.sum(d, axis=None if ax is None else tuple(range(1, u.ndim)))))
     dots = _n.collect(dots, None if mesh is None else list(mesh), lax.psum)
     cat = dots[0] if len(dots) == 1 else jnp.concatenate(dots)

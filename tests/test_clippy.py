@@ -773,7 +773,8 @@ def test_stats_norm_gradient_at_every_scale(how):
     upd = tx.update if how == "plain" else jax.shard_map(
         tx.update, mesh=mesh, in_specs=(specs, P(), specs), out_specs=(specs, P()))
     grad = jax.jit(jax.grad(lambda u: upd(u, tx.init(w), w)[1].stats.grad_norm))
-    for scale in (1e-3, 3e-20, 1e-25, 1e25):
+    # 5e35: norms near 1.3e38, above 2**126 (a reciprocal XLA flushed made the gradient 0)
+    for scale in (1e-3, 3e-20, 1e-25, 1e25, 5e35):
         u = {k: jnp.asarray(v * scale, jnp.float32) for k, v in base.items()}
         x = {k: np.asarray(v, np.float64) for k, v in u.items()}
         norm = math.sqrt(sum(np.sum(v * v) for v in x.values()))
@@ -829,6 +830,18 @@ def test_gradient_is_finite_for_tiny_updates_and_infinite_thresholds(lam, n):
         want[j] += uu.sum() * -r[j] / uu[j]  # d(b_j / |u_j|)/du_j = -b_j / (|u_j| u_j)
     assert np.isfinite(g).all()
     np.testing.assert_allclose(g, want, rtol=2e-5, atol=1e-12)
+    # forward mode too: under an infinite threshold every ratio is inf, and their clamped
+    # tangents, tied, overflowed in the min over a large tensor's rows (NaN)
+    _, jv = jax.jit(lambda u: jax.jvp(f, (u,), (jnp.ones_like(u),)))(jnp.asarray(u, jnp.float32))
+    np.testing.assert_allclose(float(jv), want.sum(), rtol=1e-4)
+    if np.isinf(lr) or np.isinf(la):
+        # no zero weight: every bound is inf, and sigma 1. Op by op (as under jit XLA may
+        # simplify the tangents' overflow away), each output's tangent is its input's. The
+        # updates of one sign, so that the tied tangents do not cancel.
+        w1 = jnp.asarray(np.where(w == 0, 1.0, w), jnp.float32)
+        _, jv = jax.jvp(lambda u: tx.update({"a": u}, tx.init({"a": w1}), {"a": w1})[0]["a"],
+                        (jnp.asarray(np.abs(u), jnp.float32),), (jnp.ones(n, jnp.float32),))
+        np.testing.assert_array_equal(np.asarray(jv), 1.0)
     # and with respect to the weights (inf * w was differentiated as inf * 0 = NaN)
     gw = jax.jit(jax.grad(lambda w: jnp.sum(tx.update({"a": jnp.asarray(u, jnp.float32)},
                                                       tx.init({"a": w}), {"a": w})[0]["a"])))(

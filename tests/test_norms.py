@@ -230,6 +230,89 @@ def test_rescue_in_the_lowest_normal_binade(ord):
     np.testing.assert_allclose(got, np.linalg.norm(x.astype(np.float64), ord=ord), rtol=1e-6)
 
 
+# f32 vectors that take the overflow rescue in each way: an overflowed sum, a sum of 0 (every
+# term flushed), a positive sum below the underflow bound, on a small and on a large (reduced
+# alone) array; and ones that need none. (391d8cc took the rescue's scales from the plain
+# sums, with one fixed scale for every overflowed sum: its values held, its derivatives did
+# not, and it was reverted.)
+_CASES32 = {
+    "one near the max": np.r_[3.3e38, np.ones(9)],
+    "many large": np.full(4096, 1e20),
+    "huge beside tiny": np.r_[1e30, -2e30, np.full(30, 1e-30)],
+    "squares flushed": np.full(50, -1e-20),
+    "near the smallest normal": np.full(10, 2e-38),
+    "below the bound": np.full(24, 1e-17),
+    "large, below the bound": np.full(70_001, 3e-17),
+    "large, squares flushed": np.full(70_001, 1e-21),
+    "large, many large": np.full(70_001, 3e17),
+    "just past the overflow": np.full(7, 1e19),
+    "zeros": np.zeros(12),
+    "ordinary": np.linspace(-2, 3, 40),
+}
+
+
+def _ref(x, p):
+    a = np.abs(np.asarray(x, np.float64))
+    s = a.max()
+    return 0.0 if s == 0 else s * math.fsum((a / s) ** p) ** (1 / p)
+
+
+_gn = jax.jit(optclip.global_norm, static_argnames="ord")
+_ln = jax.jit(optclip.leaf_norms, static_argnames="ord")
+
+
+@pytest.mark.parametrize("p", [1.0, 1.5, 2.0])
+@pytest.mark.parametrize("case", list(_CASES32))
+def test_rescue_at_every_scale_matches_float64(case, p):
+    x = np.asarray(_CASES32[case], np.float32)
+    want = _ref(x, p)
+    np.testing.assert_allclose(float(_gn([jnp.asarray(x)], ord=p)), want, rtol=2e-6)
+    # per leaf, beside a leaf that needs no rescue and one of zeros; and unit-wise columns
+    tree = {"x": jnp.asarray(x), "ones": jnp.ones((6, 4)), "zeros": jnp.zeros((6, 4))}
+    got = _ln(tree, ord=p)
+    np.testing.assert_allclose(float(got["x"]), want, rtol=2e-6)
+    np.testing.assert_allclose(float(got["ones"]), 24 ** (1 / p), rtol=2e-6)
+    assert float(got["zeros"]) == 0
+    if p == 2:
+        cols = jnp.stack([jnp.asarray(x), jnp.ones_like(x), jnp.zeros_like(x)], axis=1)
+        u = np.asarray(optclip.unitwise_norm(cols))
+        np.testing.assert_allclose(u[0], [want, math.sqrt(x.size), 0.0], rtol=2e-6)
+
+
+@pytest.mark.parametrize("p", [1.0, 1.5, 2.0])
+@pytest.mark.parametrize("case", ["many large", "squares flushed", "below the bound",
+                                  "just past the overflow"])
+def test_gradient_through_the_rescue_is_the_formulas(case, p):
+    # Reverse mode with a cotangent of 700, and forward mode. With 391d8cc's fixed scale
+    # 2**-96 for an overflowed sum the first overflowed to inf (up / sqrt(s), near 2**127,
+    # times the cotangent) and the second came out 0 or wrong (x * t * 2**-192 flushed);
+    # found in review (helper-41). And with its first try at a sum of 0's scale, 2**96, the
+    # gradient came out 0 (through up**2 = 2**-192).
+    x = np.asarray(_CASES32[case], np.float32)
+    a = np.asarray(x, np.float64)
+    n = _ref(a, p)
+    want = np.sign(a) * (np.abs(a) / n) ** (p - 1)  # d||x||_p / dx
+    t = np.linspace(1, 2, x.size)
+    for f in (lambda v: optclip.global_norm(v, ord=p),
+              lambda v: optclip.leaf_norms({"a": v, "b": jnp.ones(3)}, p)["a"]):
+        g = jax.grad(lambda v, f=f: 700.0 * f(v))(jnp.asarray(x))
+        np.testing.assert_allclose(np.asarray(g), 700 * want, rtol=2e-5, atol=1e-30)
+        _, tan = jax.jvp(f, (jnp.asarray(x),), (jnp.asarray(t, jnp.float32),))
+        np.testing.assert_allclose(float(tan), np.dot(want, t), rtol=2e-5)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0])
+@pytest.mark.parametrize("scale", [1e300, 1e-170, 1e-155, 1e-300])
+def test_float64_rescue_matches(scale, p):
+    with jax.enable_x64(True):
+        x = np.linspace(1, 2, 33) * scale
+        want = _ref(x, p)
+        got = optclip.leaf_norms({"x": jnp.asarray(x), "z": jnp.zeros(3, jnp.float64)}, p)
+        np.testing.assert_allclose(float(got["x"]), want, rtol=1e-12)
+        np.testing.assert_allclose(float(optclip.global_norm(jnp.asarray(x), p)), want,
+                                   rtol=1e-12)
+
+
 @pytest.mark.parametrize("p", [3, 200.0])
 def test_ord_above_2_near_the_float32_max(p):
     # For p > 2 the rescue divided by the largest magnitude; XLA took x / max as x * (1 / max),

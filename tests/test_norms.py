@@ -286,8 +286,8 @@ def test_gradient_through_the_rescue_is_the_formulas(case, p):
     # Reverse mode with a cotangent of 700, and forward mode. With 391d8cc's fixed scale
     # 2**-96 for an overflowed sum the first overflowed to inf (up / sqrt(s), near 2**127,
     # times the cotangent) and the second came out 0 or wrong (x * t * 2**-192 flushed);
-    # found in review (helper-41). And with its first try at a sum of 0's scale, 2**96, the
-    # gradient came out 0 (through up**2 = 2**-192).
+    # found in review (helper-41). A scale of 2**96 for a sum of 0, tried before 391d8cc
+    # and not committed, made the gradient 0 (through up**2 = 2**-192).
     x = np.asarray(_CASES32[case], np.float32)
     a = np.asarray(x, np.float64)
     n = _ref(a, p)

@@ -538,7 +538,7 @@ def clippy(
             ws.append(jnp.asarray(w))
 
         # in the ratios' dtype: float64 leaves compare against float64 thresholds
-        wide = _n.acc_dtype(us) if us else jnp.float32
+        wide = _n.acc_dtype(us)  # float32 for none
         lam_rel = resolve(lambda_rel, state.count, wide, name="lambda_rel")
         lam_abs = resolve(lambda_abs, state.count, wide, name="lambda_abs")
         # `~(x >= 0)` is True for negative values and for NaN. Either one invalid makes the

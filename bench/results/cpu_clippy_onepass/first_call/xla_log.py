@@ -3,7 +3,7 @@
     TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=cpu_compiler=2,hlo_pass_pipeline=1 PYTHONPATH=. \\
         python bench/results/cpu_clippy_onepass/first_call/xla_log.py clippy resnet50 2> LOG
     grep -E "Running HLO passes on|Compiling: jit|Compile LLVM module|using JIT time" LOG
-    grep -c "LLVM verifier" LOG   # the kernels
+    grep -c "LLVM verifier" LOG   # LLVM verifier runs (not a count of kernels)
 """
 import sys
 import time

@@ -139,10 +139,50 @@ def _scaled_terms(v: jax.Array, scale: jax.Array, p: float) -> jax.Array:
     the scaled tree out (ResNet-50's global-norm chain: temp 3% -> 100%).
     """
     if p != 2:
-        return _pow_terms(v * scale, p)
+        return _pow_terms(_rescale(v, scale), p)
     v, scale = lax.optimization_barrier((v, scale))
-    t = v * scale
+    t = _rescale(v, scale)
     return t * t
+
+
+@jax.custom_jvp
+def _rescale(v: jax.Array, scale: Any) -> jax.Array:
+    """``v`` brought near 1 by the rescue's scale: ``v * scale``, or ``(v * d) / t`` for
+    ``scale = (d, t)`` (two steps that are each exact or normal). Its tangent is ``v``'s own,
+    *not* times the scale: :func:`_unscale`, which takes the rescaled norm back, leaves out
+    the inverse factor, so that the two together give the norm's true derivative.
+
+    With both factors in, the derivative of a rescued norm went through ``up / sqrt(s)``
+    (reverse mode) or ``t_v * down`` (forward mode), the scale's powers of two as they are:
+    at 2e-38 a cotangent of 1 came out flushed to 0 (``down`` near ``2**126``) and a tangent
+    of 1 overflowed to inf; near the float32 max a cotangent of 3 overflowed. Without them
+    every factor of the chain is near 1: the scaled terms, their root, and the derivative
+    ``sign(x) (|x| / n) ** (p - 1)`` itself. Only the terms and the root between this and
+    :func:`_unscale` see the tangent in these units; the scales themselves carry none (they
+    are read through ``lax.stop_gradient``).
+    """
+    if isinstance(scale, tuple):
+        return (v * scale[0]) / scale[1]
+    return v * scale
+
+
+@_rescale.defjvp
+def _rescale_jvp(primals, tangents):
+    (v, scale), (tv, _) = primals, tangents
+    return _rescale(v, scale), tv
+
+
+@jax.custom_jvp
+def _unscale(r: jax.Array, up: jax.Array) -> jax.Array:
+    """A norm of rescaled terms (:func:`_rescale`) taken back: ``r * up``, its tangent
+    ``r``'s own (see :func:`_rescale`)."""
+    return r * up
+
+
+@_unscale.defjvp
+def _unscale_jvp(primals, tangents):
+    (r, up), (tr, _) = primals, tangents
+    return _unscale(r, up), tr
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -617,14 +657,36 @@ def any_across(flag: jax.Array, axes: tuple[Hashable, ...]) -> jax.Array:
     return lax.pmax(flag.astype(jnp.int32), axes) > 0
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def pmax(x: jax.Array, axes: Any) -> jax.Array:
+    """``lax.pmax(x, axes)``, with the derivative of a max: JAX has none for a ``pmax``.
+
+    The tangent is that of the devices' values equal to the max, split equally among them
+    (a subgradient of the L-inf norm, as ``jnp.max``'s is on one device).
+    """
+    return lax.pmax(x, axes)
+
+
+@pmax.defjvp
+def _pmax_jvp(axes, primals, tangents):
+    (x,), (tx,) = primals, tangents
+    y = pmax(x, axes)
+    hit = x == y
+    ties = lax.psum(hit.astype(tx.dtype), axes)
+    ty = lax.psum(jnp.where(hit, tx, jnp.zeros_like(tx)), axes)
+    return y, ty / jnp.maximum(ties, jnp.ones_like(ties))
+
+
 def norm_across(norm: jax.Array, axes: tuple[Hashable, ...]) -> jax.Array:
     """The L2 combination of per-device L2 norms across mesh ``axes``, overflow-safe."""
     if not axes:
         return norm
-    m = lax.pmax(norm, axes)
+    # (the max only picks the scale: held constant, as the rescue's is, since JAX has no
+    # derivative of a pmax and the norm's does not depend on the scale)
+    m = lax.pmax(lax.stop_gradient(norm), axes)
     down, up = _pow2_scale(m)
     s = lax.psum(_scaled_terms(norm, down, 2.0), axes)
-    return jnp.where(m == 0, jnp.zeros_like(m), safe_root(s, 2.0) * up)
+    return jnp.where(m == 0, jnp.zeros_like(m), _unscale(safe_root(s, 2.0), up))
 
 
 def _spec_axes(spec: Any, ndim: int, reduce_axes: Any) -> AxisName:
@@ -805,7 +867,7 @@ def norm_core(
             if p > 2:
                 # sc = (down, t): |x * down / t| ** p, two steps that are each exact or normal
                 term = lambda v, sc: _pow_terms(  # noqa: E731
-                    v if sc is None else (v * sc[0]) / sc[1], p)
+                    v if sc is None else _rescale(v, sc), p)
             else:
                 term = lambda v, sc: _pow_terms(v, p) if sc is None else _scaled_terms(  # noqa: E731
                     v, sc, p)
@@ -822,7 +884,7 @@ def norm_core(
             # exact, and no derivative of a cross-device max is needed (JAX has none).
             red = _max0
             term = lambda v, sc: jnp.abs(lax.stop_gradient(v))  # noqa: E731
-        return red, (lax.psum if kind in ("sum", "nan") else lax.pmax), term
+        return red, (lax.psum if kind in ("sum", "nan") else pmax), term
 
     def reduce(kind: str, scale: Any = None) -> jax.Array:
         """Per unit (a flat vector; with ``combine``, one value in all): the sum of
@@ -891,7 +953,8 @@ def norm_core(
         s = reduce("sum", down)
         # A sum of finite terms brought to at most 4**p stays finite: a non-finite sum means
         # a NaN or inf element (one a sharded max may have dropped from ``ms``).
-        norms = jnp.where((ms == 0) & jnp.isfinite(s), jnp.zeros_like(ms), safe_root(s, p) * up)
+        norms = jnp.where((ms == 0) & jnp.isfinite(s), jnp.zeros_like(ms),
+                          _unscale(safe_root(s, p), up))
         return norms, any_nonfinite(s)
 
     if combine:
@@ -986,7 +1049,7 @@ def combine_norms(norms: jax.Array, p: float) -> jax.Array:
     m = jnp.max(norms)
     down, up = _pow2_scale(m)
     root = safe_root(jnp.sum(_scaled_terms(norms, down, p)), p)
-    return jnp.where(m == 0, jnp.zeros_like(m), root * up)
+    return jnp.where(m == 0, jnp.zeros_like(m), _unscale(root, up))
 
 
 def global_norm_and_flag(

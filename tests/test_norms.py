@@ -279,26 +279,58 @@ def test_rescue_at_every_scale_matches_float64(case, p):
         np.testing.assert_allclose(u[0], [want, math.sqrt(x.size), 0.0], rtol=2e-6)
 
 
-@pytest.mark.parametrize("p", [1.0, 1.5, 2.0])
-@pytest.mark.parametrize("case", ["many large", "squares flushed", "below the bound",
-                                  "just past the overflow"])
-def test_gradient_through_the_rescue_is_the_formulas(case, p):
-    # Reverse mode with a cotangent of 700, and forward mode. With 391d8cc's fixed scale
-    # 2**-96 for an overflowed sum the first overflowed to inf (up / sqrt(s), near 2**127,
-    # times the cotangent) and the second came out 0 or wrong (x * t * 2**-192 flushed);
-    # found in review (helper-41). A scale of 2**96 for a sum of 0, tried before 391d8cc
-    # and not committed, made the gradient 0 (through up**2 = 2**-192).
-    x = np.asarray(_CASES32[case], np.float32)
-    a = np.asarray(x, np.float64)
+def _d_norm(a, p):
+    """d||a||_p / da in float64 (0 at a = 0)."""
     n = _ref(a, p)
-    want = np.sign(a) * (np.abs(a) / n) ** (p - 1)  # d||x||_p / dx
+    if n == 0:
+        return np.zeros_like(a)
+    return np.sign(a) * (np.abs(a) / n) ** (p - 1)
+
+
+@pytest.mark.parametrize("p", [1.0, 1.5, 2.0])
+@pytest.mark.parametrize("case", list(_CASES32))
+def test_gradient_through_the_rescue_is_the_formulas(case, p):
+    # Reverse mode with cotangents of 1 and 700, and forward mode, as a global norm, as a
+    # leaf's norm and as a column's. Through the rescue, the derivative went through the
+    # scale's powers of two as they are: at 2e-38 a cotangent of 1 came out flushed to 0
+    # (up / sqrt(s), up near 2**-126) and a tangent of 1 overflowed to inf (t * down), and
+    # near the float32 max a cotangent of 700 overflowed to inf. With 391d8cc's fixed scale
+    # 2**-96 for an overflowed sum, the same for "many large" and "just past the overflow";
+    # a scale of 2**96 for a sum of 0, tried before 391d8cc and not committed, made the
+    # gradient 0 (through up**2 = 2**-192). Found in review (helper-41) and after it.
+    x = np.asarray(_CASES32[case], np.float32)
+    want = _d_norm(np.asarray(x, np.float64), p)
     t = np.linspace(1, 2, x.size)
-    for f in (lambda v: optclip.global_norm(v, ord=p),
-              lambda v: optclip.leaf_norms({"a": v, "b": jnp.ones(3)}, p)["a"]):
-        g = jax.grad(lambda v, f=f: 700.0 * f(v))(jnp.asarray(x))
-        np.testing.assert_allclose(np.asarray(g), 700 * want, rtol=2e-5, atol=1e-30)
+    ones, zeros = jnp.ones(x.size), jnp.zeros(x.size)
+    fs = [lambda v: optclip.global_norm(v, ord=p),
+          lambda v: optclip.leaf_norms({"a": v, "b": jnp.ones(3)}, p)["a"]]
+    if p == 2:
+        fs.append(lambda v: optclip.unitwise_norm(jnp.stack([v, ones, zeros], axis=1))[0, 0])
+    # Terms below 2**-126 once scaled are flushed, and so is their derivative: beside 2e30,
+    # 1e-30's share of the gradient is 6e-31 (p = 1.5). Elements are held to the largest.
+    atol = 1e-6 * np.abs(want).max()
+    for f in fs:
+        for c in (1.0, 700.0):
+            g = jax.grad(lambda v, f=f, c=c: c * f(v))(jnp.asarray(x))
+            np.testing.assert_allclose(np.asarray(g), c * want, rtol=2e-5, atol=c * atol)
         _, tan = jax.jvp(f, (jnp.asarray(x),), (jnp.asarray(t, jnp.float32),))
         np.testing.assert_allclose(float(tan), np.dot(want, t), rtol=2e-5)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("scale", [1e-37, 1e37])
+def test_gradient_of_combined_norms_at_the_float32_edges(scale, p):
+    # combine_norms (the stats' global norm from per-unit norms) rescales as the norms do:
+    # its gradient was 0 below about 1e-37, and inf near the float32 max.
+    a = np.array([2.0, -3.0, 1.0]) * scale
+    want = _d_norm(a, p)
+    f = lambda v: optclip.norms.combine_norms(v, p)  # noqa: E731
+    for c in (1.0, 700.0):
+        g = jax.grad(lambda v, c=c: c * f(v))(jnp.asarray(a, jnp.float32))
+        np.testing.assert_allclose(np.asarray(g), c * want, rtol=2e-5)
+    t = np.array([1.0, 2.0, 3.0])  # (not orthogonal to a: the tangent would cancel to 0)
+    _, tan = jax.jvp(f, (jnp.asarray(a, jnp.float32),), (jnp.asarray(t, jnp.float32),))
+    np.testing.assert_allclose(float(tan), np.dot(want, t), rtol=2e-5)
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0])

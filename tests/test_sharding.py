@@ -469,3 +469,44 @@ def test_many_small_leaves_sharded_equal_unsharded(name, how):
         for k in s1:
             np.testing.assert_allclose(np.asarray(s1[k]), np.asarray(s2[k]), rtol=1e-6,
                                        err_msg=k)
+
+
+@pytest.mark.parametrize("scale", [2e-38, 1e37])
+def test_gradient_through_a_sharded_rescue(scale):
+    # A rescued norm's derivative went through the scale's powers of two as they are: at
+    # 2e-38 the gradient came out flushed to 0 and the tangent inf, near the float32 max the
+    # gradient inf. Here as a psum of the shards' sums, and as norm_across, the L2 norm of
+    # the shards' own norms (agc's stats across mesh axes).
+    mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
+    a = np.linspace(1, 2, 64) * scale
+    want = a / np.linalg.norm(a)
+    x = jax.device_put(jnp.asarray(a, jnp.float32), NamedSharding(mesh, P("d")))
+    t = jnp.asarray(np.linspace(-1, 3, 64), jnp.float32)
+    for norm in (lambda v: optclip.global_norm(v, axis_name="d"),
+                 lambda v: optclip.norms.norm_across(optclip.global_norm(v), ("d",))):
+        f = jax.jit(jax.shard_map(norm, mesh=mesh, in_specs=P("d"), out_specs=P()))
+        np.testing.assert_allclose(np.asarray(jax.grad(f)(x)), want, rtol=2e-5)
+        np.testing.assert_allclose(float(jax.jvp(f, (x,), (t,))[1]), np.dot(want, t),
+                                   rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["agc", "global_norm_linf", "global_norm"])
+def test_gradient_through_shard_map_equals_unsharded(name):
+    # jax.grad through agc and the L-inf clipper inside shard_map raised: "Differentiation
+    # rule for 'pmax' not implemented" (agc's stats combine per-group norms by a pmax; the
+    # L-inf norm is one).
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    specs = tp_specs()
+    tx_ref, tx = CLIPPERS[name](), CLIPPERS[name](partition_specs=specs)
+    body = jax.shard_map(lambda g, s, p: tx.update(g, s, p)[0], mesh=mesh,
+                         in_specs=(specs, P(), specs), out_specs=specs)
+
+    def loss(update, g, state):
+        return sum(jnp.sum(jnp.sin(v)) for v in jax.tree.leaves(update(g, state, PARAMS)))
+
+    g = grads_at(3)  # the spike: every clipper clips
+    want = jax.grad(loss, argnums=1)(lambda *a: tx_ref.update(*a)[0], g, tx_ref.init(PARAMS))
+    got = jax.jit(jax.grad(lambda g, s: loss(body, g, s)))(g, tx.init(PARAMS))
+    for k in want:
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=2e-5,
+                                   atol=1e-7, err_msg=k)

@@ -2,13 +2,12 @@
 
 Every norm here is *overflow-safe*: it accumulates in float32 (float64 when
 a leaf is float64) and, when the fast accumulation of ``|x|**p`` overflows or
-underflows, recomputes it scaled by a power of two, so that a finite fp16, bf16
-or float32 input always gives its true, finite norm. The rescaled path sits
-behind ``lax.cond`` and runs only on such steps (and at every step for a unit of
-all zeros, whose sum of 0 looks like an underflow). For p <= 2 (every clipper's
-L1 and L2 norms) it is one pass, each unit's scale read off its plain sum; for
-p > 2, a pass for the max and then the rescaled sum (for per-unit norms, the
-second only when a unit that is not all zeros needs it).
+underflows, recomputes it scaled by the largest magnitude, so that a finite
+fp16, bf16 or float32 input always gives its true, finite norm. The rescaled
+path sits behind ``lax.cond`` and runs only on such steps: one cond for a global
+norm; for per-unit norms, one for the max (also taken when a unit is all zeros,
+whose sum of 0 looks like an underflow) and one for the rescaled sum (taken only
+when a unit that is not all zeros needs it).
 
 A caller that reduces the same arrays for something else in the same pass takes
 their L2 norm without a second pass or a cond instead: :func:`blue_terms` splits
@@ -615,43 +614,6 @@ def _pow2_scale(m: jax.Array) -> tuple[jax.Array, jax.Array]:
     return lax.stop_gradient(down), lax.stop_gradient(up)
 
 
-def _sum_scales(sums: jax.Array, need: jax.Array, p: float) -> tuple[jax.Array, jax.Array]:
-    """Powers of two ``(down, up)`` per unit for the rescue of a sum of ``|x|**p``, p in
-    [1, 2], read off its plain sum ``sums`` (1 where ``need`` is False).
-
-    * A finite positive sum below the underflow bound: its largest term is in it (a term
-      flushed as subnormal is below every normal one), so ``max|x| <= sums**(1/p) <=
-      n**(1/p) max|x|``: ``down`` brings ``sums**(1/p)`` into [2, 4), every scaled term is
-      at most ``4**p`` and the largest one at least ``2**p / n``.
-    * A sum of 0: every ``|x|**p`` was below the smallest normal float ``2**emin``, and
-      ``down = 2**(-emin / 2)`` makes every term normal that comes from a normal ``x`` (p <=
-      2), with every scaled magnitude below 1. Subnormal inputs are not counted (XLA:CPU
-      flushes them anyway).
-    * An overflowed sum (or NaN or inf, from a NaN or inf element, which stays so):
-      ``down = 2**(-3 maxexp / 4)``; the largest magnitude is then at most ``2**(maxexp /
-      4)``, and, as the sum overflowed, its term still normal, for fewer than ``2**62``
-      elements.
-
-    The norm is homogeneous (``||x|| = ||x * down|| * up``), so holding the scales
-    constant leaves its derivative exact; :func:`_rescale` and :func:`_unscale` carry it
-    without the scales' factors, which a fixed scale would otherwise take to overflow or
-    underflow (an overflowed sum's ``2**96 / sqrt(s)``, near ``2**127`` for a norm just past
-    the overflow).
-    """
-    info = jnp.finfo(sums.dtype)
-    k = 3 * int(info.maxexp) // 4  # an overflow's scale
-    k0 = -int(info.minexp) // 2  # a sum of 0's
-    c = lambda v: jnp.asarray(v, sums.dtype)  # noqa: E731
-    pos = (sums > 0) & jnp.isfinite(sums)
-    d, u = _pow2_scale(safe_root(jnp.where(pos, sums, c(1)), p))
-    zero = sums == 0
-    down = jnp.where(pos, d, jnp.where(zero, c(2.0 ** k0), c(2.0 ** -k)))
-    up = jnp.where(pos, u, jnp.where(zero, c(2.0 ** -k0), c(2.0 ** k)))
-    one = c(1)
-    return (lax.stop_gradient(jnp.where(need, down, one)),
-            lax.stop_gradient(jnp.where(need, up, one)))
-
-
 def _reduce_size(x: jax.Array, axis: Any) -> int:
     if axis is None:
         return int(x.size)
@@ -821,8 +783,8 @@ def norm_core(
       xform: an element-wise function applied to each array before its norm is
         taken (the norm of ``xform(x, i, for_max)``, ``i`` the array's index;
         ``for_max`` asks for the same values by another expression, for the
-        rescue's max, which only p > 2 takes). It is applied inside the rescue's
-        ``lax.cond`` branches, whose operands are then the arrays themselves: a
+        rescue's max). It is applied inside the rescue's ``lax.cond`` branches
+        (their max and their rescaled sum), whose operands are then the arrays themselves: a
         transformed tree handed in instead would be written out in full as the
         ``cond``'s operand.
       rescue: False when the caller knows that the terms can neither overflow nor lose
@@ -972,38 +934,25 @@ def norm_core(
         # (which devices it may vary over) matches the rescue branch's flag.
         return safe_root(parts, p), any_nonfinite(parts)
 
-    if p <= 2:
-        # One pass, its scales read off the plain sums (:func:`_sum_scales`): a unit that
-        # needs no rescue keeps its plain sum. A NaN or inf element leaves its unit's sum
-        # NaN or inf in any scale, and so its norm.
-        def rescued() -> tuple[jax.Array, jax.Array]:
-            down, up = _sum_scales(parts, need_u, p)
-            s = reduce("sum", down)
-            return (jnp.where(need_u, _unscale(safe_root(s, p), up), safe_root(parts, p)),
-                    any_nonfinite(s))
-
-        norms, flag = lax.cond(need, rescued, fast)
-        return finish(norms), flag
-
     def rescaled(ms: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """For p > 2, the rescue's second pass: the sum of every unit's terms divided by its
-        max ``ms``.
-
-        Divided by the largest magnitude itself, so that every term is <= 1 and the largest
-        is 1, whatever p (a power of two in [2, 4) would overflow 4**p for p > 64, and one in
-        [0.5, 1) underflow 0.5**p for p > 126; nor does the plain sum tell the scale, as it
-        does for p <= 2: for a large p its terms underflow to 0 from magnitudes near 1). In
-        two steps: a power of two brings x to [2, 4) times x / max, exactly, and then it is
-        divided by max times that power, in [1, 4): a plain x / max is taken by XLA as x
-        times 1 / max, a subnormal (flushed to 0) for a max above 2**126.
-        """
-        ok = (ms > 0) & jnp.isfinite(ms)
-        d, _ = _pow2_scale(ms)
-        down = (d, jnp.where(ok, ms * d, jnp.ones_like(ms)))
-        up = jnp.where(ok, ms, jnp.ones_like(ms))
+        """The rescue's second pass: the sum of every unit's terms brought near 1 by a
+        power of two from its max ``ms``."""
+        if p > 2:
+            # Divide by the largest magnitude itself, so that every term is <= 1 and the
+            # largest is 1, whatever p (a power of two in [2, 4) would overflow 4**p for
+            # p > 64, and one in [0.5, 1) underflow 0.5**p for p > 126). In two steps: a
+            # power of two brings x to [2, 4) times x / max, exactly, and then it is divided
+            # by max times that power, in [1, 4): a plain x / max is taken by XLA as x times
+            # 1 / max, a subnormal (flushed to 0) for a max above 2**126.
+            ok = (ms > 0) & jnp.isfinite(ms)
+            d, _ = _pow2_scale(ms)
+            down = (d, jnp.where(ok, ms * d, jnp.ones_like(ms)))
+            up = jnp.where(ok, ms, jnp.ones_like(ms))
+        else:
+            down, up = _pow2_scale(ms)
         s = reduce("sum", down)
-        # A sum of finite terms of at most 1 each stays finite: a non-finite sum means a NaN
-        # or inf element (one a sharded max may have dropped from ``ms``).
+        # A sum of finite terms brought to at most 4**p stays finite: a non-finite sum means
+        # a NaN or inf element (one a sharded max may have dropped from ``ms``).
         norms = jnp.where((ms == 0) & jnp.isfinite(s), jnp.zeros_like(ms),
                           _unscale(safe_root(s, p), up))
         return norms, any_nonfinite(s)

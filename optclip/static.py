@@ -497,11 +497,11 @@ def clip_by_value(
         clipped = _value_clamped(leaves, lo, hi, min_value is None, nonfinite)
         clipped = _n.any_across(clipped, _n.union_axes(leaf_axes))
         # The norm after the clamp reads the input again through its own expression (see
-        # _clamp_for_norm), each leaf with its own copies of the bounds: a bound broadcast
-        # that XLA shares (with the clamp, or among leaves of one shape) is written out in
-        # full on CPU (see norms.own_copies). (Its L2 rescue takes no max.)
-        los = _n.own_copies(lo, len(leaves))
-        his = _n.own_copies(hi, len(leaves))
+        # _clamp_for_norm), each leaf and the rescue's max with their own copies of the bounds:
+        # a bound broadcast that XLA shares (with the clamp, or among leaves of one shape) is
+        # written out in full on CPU (see norms.own_copies).
+        los = _n.own_copies(lo, 2 * len(leaves))
+        his = _n.own_copies(hi, 2 * len(leaves))
 
         def norm_after():
             if min_value is None:
@@ -531,12 +531,12 @@ def clip_by_value(
                 ds = _n.own_copies(d, len(leaves))
                 return _n.norm_core(
                     leaves, 2.0, combine=True, axes_per_leaf=leaf_axes, rescue=False,
-                    xform=lambda x, i, m: _clamp_for_norm(x, los[i], his[i], True)
+                    xform=lambda x, i, m: _clamp_for_norm(x, los[2 * i], his[2 * i], True)
                     / ds[i].astype(jnp.promote_types(x.dtype, jnp.float32)))[0][0] * d
             return _n.norm_core(
                 leaves, 2.0, combine=True, axes_per_leaf=leaf_axes,
-                xform=lambda x, i, m: _clamp_for_norm(x, los[i], his[i], min_value is None,
-                                                      m))[0][0]
+                xform=lambda x, i, m: _clamp_for_norm(x, los[2 * i + m], his[2 * i + m],
+                                                      min_value is None, m))[0][0]
 
         # Nothing clamped on a finite step: the norm after is the norm before, and the
         # updates are not read a third time. Inside shard_map, bounds that differ across

@@ -530,7 +530,7 @@ def skip_on_spike(
         # decided before the max, which would drop a NaN
         bad = _n.any_across(~jnp.isfinite(loss), axes)
         if axes:
-            loss = lax.pmax(loss, axes)
+            loss = _n.pmax(loss, axes)  # (differentiable: a loss may carry a tangent)
         return loss, bad
 
     def update_fn(updates, state, params=None, **extra_args):

@@ -139,50 +139,10 @@ def _scaled_terms(v: jax.Array, scale: jax.Array, p: float) -> jax.Array:
     the scaled tree out (ResNet-50's global-norm chain: temp 3% -> 100%).
     """
     if p != 2:
-        return _pow_terms(_rescale(v, scale), p)
+        return _pow_terms(v * scale, p)
     v, scale = lax.optimization_barrier((v, scale))
-    t = _rescale(v, scale)
+    t = v * scale
     return t * t
-
-
-@jax.custom_jvp
-def _rescale(v: jax.Array, scale: Any) -> jax.Array:
-    """``v`` brought near 1 by the rescue's scale: ``v * scale``, or ``(v * d) / t`` for
-    ``scale = (d, t)`` (two steps that are each exact or normal). Its tangent is ``v``'s own,
-    *not* times the scale: :func:`_unscale`, which takes the rescaled norm back, leaves out
-    the inverse factor, so that the two together give the norm's true derivative.
-
-    With both factors in, the derivative of a rescued norm went through ``up / sqrt(s)``
-    (reverse mode) or ``t_v * down`` (forward mode), the scale's powers of two as they are:
-    at 2e-38 a cotangent of 1 came out flushed to 0 (``down`` near ``2**126``) and a tangent
-    of 1 overflowed to inf; near the float32 max a cotangent of 3 overflowed. Without them
-    every factor of the chain is near 1: the scaled terms, their root, and the derivative
-    ``sign(x) (|x| / n) ** (p - 1)`` itself. Only the terms and the root between this and
-    :func:`_unscale` see the tangent in these units; the scales themselves carry none (they
-    are read through ``lax.stop_gradient``).
-    """
-    if isinstance(scale, tuple):
-        return (v * scale[0]) / scale[1]
-    return v * scale
-
-
-@_rescale.defjvp
-def _rescale_jvp(primals, tangents):
-    (v, scale), (tv, _) = primals, tangents
-    return _rescale(v, scale), tv
-
-
-@jax.custom_jvp
-def _unscale(r: jax.Array, up: jax.Array) -> jax.Array:
-    """A norm of rescaled terms (:func:`_rescale`) taken back: ``r * up``, its tangent
-    ``r``'s own (see :func:`_rescale`)."""
-    return r * up
-
-
-@_unscale.defjvp
-def _unscale_jvp(primals, tangents):
-    (r, up), (tr, _) = primals, tangents
-    return _unscale(r, up), tr
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -661,8 +621,10 @@ def any_across(flag: jax.Array, axes: tuple[Hashable, ...]) -> jax.Array:
 def pmax(x: jax.Array, axes: Any) -> jax.Array:
     """``lax.pmax(x, axes)``, with the derivative of a max: JAX has none for a ``pmax``.
 
-    The tangent is that of the devices' values equal to the max, split equally among them
-    (a subgradient of the L-inf norm, as ``jnp.max``'s is on one device).
+    The tangent is that of the devices' values equal to the max, split equally among those
+    devices (a subgradient of the L-inf norm: on each device, ``jnp.max`` has split its own
+    among its tied elements, so that ties spread unevenly across devices are not weighted
+    as one ``jnp.max`` of all the elements would weight them).
     """
     return lax.pmax(x, axes)
 
@@ -686,7 +648,7 @@ def norm_across(norm: jax.Array, axes: tuple[Hashable, ...]) -> jax.Array:
     m = lax.pmax(lax.stop_gradient(norm), axes)
     down, up = _pow2_scale(m)
     s = lax.psum(_scaled_terms(norm, down, 2.0), axes)
-    return jnp.where(m == 0, jnp.zeros_like(m), _unscale(safe_root(s, 2.0), up))
+    return jnp.where(m == 0, jnp.zeros_like(m), safe_root(s, 2.0) * up)
 
 
 def _spec_axes(spec: Any, ndim: int, reduce_axes: Any) -> AxisName:
@@ -867,7 +829,7 @@ def norm_core(
             if p > 2:
                 # sc = (down, t): |x * down / t| ** p, two steps that are each exact or normal
                 term = lambda v, sc: _pow_terms(  # noqa: E731
-                    v if sc is None else _rescale(v, sc), p)
+                    v if sc is None else (v * sc[0]) / sc[1], p)
             else:
                 term = lambda v, sc: _pow_terms(v, p) if sc is None else _scaled_terms(  # noqa: E731
                     v, sc, p)
@@ -953,8 +915,7 @@ def norm_core(
         s = reduce("sum", down)
         # A sum of finite terms brought to at most 4**p stays finite: a non-finite sum means
         # a NaN or inf element (one a sharded max may have dropped from ``ms``).
-        norms = jnp.where((ms == 0) & jnp.isfinite(s), jnp.zeros_like(ms),
-                          _unscale(safe_root(s, p), up))
+        norms = jnp.where((ms == 0) & jnp.isfinite(s), jnp.zeros_like(ms), safe_root(s, p) * up)
         return norms, any_nonfinite(s)
 
     if combine:
@@ -1049,7 +1010,7 @@ def combine_norms(norms: jax.Array, p: float) -> jax.Array:
     m = jnp.max(norms)
     down, up = _pow2_scale(m)
     root = safe_root(jnp.sum(_scaled_terms(norms, down, p)), p)
-    return jnp.where(m == 0, jnp.zeros_like(m), _unscale(root, up))
+    return jnp.where(m == 0, jnp.zeros_like(m), root * up)
 
 
 def global_norm_and_flag(

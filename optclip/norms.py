@@ -643,12 +643,86 @@ def norm_across(norm: jax.Array, axes: tuple[Hashable, ...]) -> jax.Array:
     """The L2 combination of per-device L2 norms across mesh ``axes``, overflow-safe."""
     if not axes:
         return norm
-    # (the max only picks the scale: held constant, as the rescue's is, since JAX has no
-    # derivative of a pmax and the norm's does not depend on the scale)
-    m = lax.pmax(lax.stop_gradient(norm), axes)
+    return _norm_across(norm, axes)
+
+
+def _ratio(m: jax.Array, big: jax.Array) -> jax.Array:
+    """``m / big`` (``big`` a unit's largest magnitude, broadcast against ``m``), 0 where
+    ``big`` is 0: in two steps that are each exact or normal, as the rescue's for p > 2 (a
+    power of two brings ``m`` to at most 4 and ``big`` into [2, 4), and one divides the
+    other), behind a barrier (XLA takes ``m / big`` as ``m * (1 / big)``, and may regroup
+    the steps so: ``1 / big`` is flushed above ``2**126``)."""
+    d, _ = _pow2_scale(big)
+    den = jnp.where(big == 0, jnp.ones_like(big), big * d)
+    md, den = lax.optimization_barrier((m * d, den))
+    return md / den
+
+
+def _weights(x: jax.Array, r: jax.Array, n: jax.Array, p: float) -> jax.Array:
+    """``d||x||_p / dx``, ``sign(x) (|x| / ||x||) ** (p - 1)``, from ``r = x / max|x|`` and
+    ``n = ||r||_p`` (per unit, at least 1 unless the unit is 0), 0 for a unit of zeros."""
+    if p == 1:
+        return jnp.sign(x)  # (not r's: a ratio below the smallest normal is flushed to 0)
+    q = r / jnp.where(n == 0, jnp.ones_like(n), n)
+    return q if p == 2 else jnp.sign(q) * jnp.abs(q) ** (p - 1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _norm_across(norm: jax.Array, axes: Any) -> jax.Array:
+    """:func:`norm_across` over some axes, with its exact derivative (JAX has none for the
+    ``pmax``; see :func:`_norm_tangent`)."""
+    m = lax.pmax(norm, axes)
     down, up = _pow2_scale(m)
     s = lax.psum(_scaled_terms(norm, down, 2.0), axes)
     return jnp.where(m == 0, jnp.zeros_like(m), safe_root(s, 2.0) * up)
+
+
+@_norm_across.defjvp
+def _norm_across_jvp(axes, primals, tangents):
+    (v,), (t,) = primals, tangents
+    r = _ratio(v, lax.pmax(lax.stop_gradient(jnp.abs(v)), axes))
+    w = _weights(v, r, safe_root(lax.psum(r * r, axes), 2.0), 2.0)
+    return _norm_across(v, axes), lax.psum(w * t, axes)
+
+
+def _norm_tangent(xs: list[jax.Array], ts: list[jax.Array], p: float, axes: list[Any],
+                  combine: bool, axes_per_leaf: Any, flat: bool) -> Any:
+    """The tangent of :func:`norm_core`'s norms (in its output's structure), for tangents
+    ``ts`` of real arrays ``xs`` and a finite p: each unit's sum of ``d||x||_p / dx`` times
+    the tangent, combined across the mesh axes as the norm is.
+
+    The norms' derivative, in place of their computation's: through the overflow rescue that
+    went through the scale's powers of two as they are, and at float32's ends an
+    intermediate overflowed or was flushed (at 2e-38 a gradient of 0 and a tangent of inf;
+    near 3.4e38, with a cotangent of 700, inf). Here the derivative is formed from each
+    unit's elements divided by its largest magnitude (:func:`_ratio`), every factor at most
+    1 or near it; the largest magnitude only picks the scale and is held constant, so that
+    differentiated again it gives the second derivative. Array by array, with none of the
+    norm's packing of small arrays: only a derivative's program holds it.
+    """
+    acc = acc_dtype(xs)
+    ms = [x.astype(acc) for x in xs]
+
+    def per_unit(vals: list[jax.Array], red) -> list[jax.Array]:
+        return [red(v, axis=ax, keepdims=ax is not None) for v, ax in zip(vals, axes,
+                                                                          strict=True)]
+
+    big = per_unit([lax.stop_gradient(jnp.abs(m)) for m in ms], _max0)
+    big = collect(big, axes_per_leaf, lax.pmax)
+    if combine:
+        big = [functools.reduce(jnp.maximum, big)] * len(ms)
+    rs = [_ratio(m, b) for m, b in zip(ms, big, strict=True)]
+    sums = collect(per_unit([_pow_terms(r, p) for r in rs], jnp.sum), axes_per_leaf, lax.psum)
+    if combine:
+        sums = [sum(sums[1:], sums[0])] * len(ms)
+    ws = [_weights(m, r, safe_root(s, p), p) for m, r, s in zip(ms, rs, sums, strict=True)]
+    parts = per_unit([w * t.astype(acc) for w, t in zip(ws, ts, strict=True)], jnp.sum)
+    parts = collect(parts, axes_per_leaf, lax.psum)
+    if combine:
+        return [sum(parts[1:], parts[0])]
+    if flat:
+        return jnp.concatenate([jnp.ravel(q) for q in parts])
+    return parts
 
 
 def _spec_axes(spec: Any, ndim: int, reduce_axes: Any) -> AxisName:
@@ -726,6 +800,7 @@ def norm_core(
     flat: bool = False,
     xform: Any = None,
     rescue: bool = True,
+    exact_jvp: bool = True,
 ) -> tuple[Any, jax.Array]:
     """The one norm kernel behind every public norm and clipper.
 
@@ -749,6 +824,10 @@ def norm_core(
         (their max and their rescaled sum), whose operands are then the arrays themselves: a
         transformed tree handed in instead would be written out in full as the
         ``cond``'s operand.
+      exact_jvp: for finite p, real arrays, no ``xform`` and ``rescue``, give the norms the
+        derivative of :func:`_norm_tangent` (exact at every scale, to any order) rather
+        than their computation's (False: the computation's, which is what the former
+        computes its values with).
       rescue: False when the caller knows that the terms can neither overflow nor lose
         precision as subnormals (``xform`` has scaled every element to at most 1, and one
         to 1): the sum is then taken once, with no overflow rescue and its ``lax.cond``.
@@ -764,6 +843,28 @@ def norm_core(
     cross-device max, as XLA inserts it for sharded arrays, may drop a NaN.
     """
     xs = list(xs)
+    if (exact_jvp and xform is None and rescue and p != math.inf and xs
+            and not any(jnp.iscomplexobj(x) for x in xs)):
+        kw = dict(axes=None if axes is None else list(axes), combine=combine,
+                  axes_per_leaf=axes_per_leaf, flag_axes=flag_axes, flat=flat)
+
+        # (the flag leaves as a float: a bool's tangent, float0, has no way here to take
+        # the flag's type inside shard_map, which devices it varies over)
+        @jax.custom_jvp
+        def with_jvp(*xs: jax.Array) -> tuple[Any, jax.Array]:
+            norms, flag = norm_core(xs, p, exact_jvp=False, **kw)
+            return norms, flag.astype(jnp.float32)
+
+        @with_jvp.defjvp
+        def _(primals, tangents):
+            out = with_jvp(*primals)
+            tan = _norm_tangent(list(primals), list(tangents), p,
+                                kw["axes"] or [None] * len(primals), combine, axes_per_leaf,
+                                flat)
+            return out, (tan, out[1] * 0)
+
+        norms, flag = with_jvp(*xs)
+        return norms, flag > 0
     acc = acc_dtype(xs)
     if not xs:
         empty = jnp.zeros((0,), acc) if flat and not combine else [jnp.zeros((), acc)]
@@ -1007,10 +1108,25 @@ def combine_norms(norms: jax.Array, p: float) -> jax.Array:
         return jnp.zeros((), norms.dtype)
     if p == math.inf:
         return jnp.max(norms)
+    return _combine(norms, p)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _combine(norms: jax.Array, p: float) -> jax.Array:
+    """:func:`combine_norms` for finite p, with its exact derivative (see
+    :func:`_norm_tangent`)."""
     m = jnp.max(norms)
     down, up = _pow2_scale(m)
     root = safe_root(jnp.sum(_scaled_terms(norms, down, p)), p)
     return jnp.where(m == 0, jnp.zeros_like(m), root * up)
+
+
+@_combine.defjvp
+def _combine_jvp(p, primals, tangents):
+    (v,), (t,) = primals, tangents
+    r = _ratio(v, lax.stop_gradient(jnp.max(jnp.abs(v))))
+    w = _weights(v, r, safe_root(jnp.sum(_pow_terms(r, p)), p), p)
+    return _combine(v, p), jnp.sum(w * t)
 
 
 def global_norm_and_flag(

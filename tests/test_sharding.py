@@ -471,11 +471,12 @@ def test_many_small_leaves_sharded_equal_unsharded(name, how):
                                        err_msg=k)
 
 
-@pytest.mark.parametrize("scale", [1e-25, 1.0, 1e25])
+@pytest.mark.parametrize("scale", [2e-38, 1.0, 1e37])
 def test_gradient_through_a_sharded_norm(scale):
     # As a psum of the shards' sums, and as norm_across, the L2 norm of the shards' own norms
     # (agc's stats across mesh axes), whose pmax had no derivative: jax.grad raised
-    # "Differentiation rule for 'pmax' not implemented". At 1e-25 and 1e25 through the rescue.
+    # "Differentiation rule for 'pmax' not implemented". At 2e-38 and 1e37 through the
+    # rescue, whose derivative was 0 or inf there.
     mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
     a = np.linspace(1, 2, 64) * scale
     want = a / np.linalg.norm(a)

@@ -2,12 +2,16 @@
 
 Every norm here is *overflow-safe*: it accumulates in float32 (float64 when
 a leaf is float64) and, when the fast accumulation of ``|x|**p`` overflows or
-underflows, recomputes it scaled by the largest magnitude, so that a finite
-fp16, bf16 or float32 input always gives its true, finite norm. The rescaled
-path sits behind ``lax.cond`` and runs only on such steps: one cond for a global
-norm; for per-unit norms, one for the max (also taken when a unit is all zeros,
-whose sum of 0 looks like an underflow) and one for the rescaled sum (taken only
-when a unit that is not all zeros needs it).
+underflows, recomputes it scaled by a power of two, so that a finite fp16, bf16
+or float32 input always gives its true, finite norm. The rescaled path sits
+behind ``lax.cond`` and runs only on such steps (and at every step for a unit of
+all zeros, whose sum of 0 looks like an underflow). For the L1 and L2 norms of
+real arrays (every clipper's) it is one pass, each unit's scale read off its
+plain sum; otherwise a pass for the largest magnitude and then the rescaled sum
+(for per-unit norms, the second only when a unit that is not all zeros needs
+it). Their derivatives are not their computation's but the norm's own, formed
+from each unit's elements over its largest magnitude (:func:`_norm_tangent`):
+exact at every scale, to any order.
 
 A caller that reduces the same arrays for something else in the same pass takes
 their L2 norm without a second pass or a cond instead: :func:`blue_terms` splits
@@ -574,6 +578,42 @@ def _pow2_scale(m: jax.Array) -> tuple[jax.Array, jax.Array]:
     return lax.stop_gradient(down), lax.stop_gradient(up)
 
 
+def _sum_scales(sums: jax.Array, need: jax.Array, p: float) -> tuple[jax.Array, jax.Array]:
+    """Powers of two ``(down, up)`` per unit for the rescue of a sum of ``|x|**p``, p in
+    [1, 2], read off its plain sum ``sums`` (1 where ``need`` is False).
+
+    * A finite positive sum below the underflow bound: its largest term is in it (a term
+      flushed as subnormal is below every normal one), so ``max|x| <= sums**(1/p) <=
+      n**(1/p) max|x|``: ``down`` brings ``sums**(1/p)`` into [2, 4), every scaled term is
+      at most ``4**p`` and the largest one at least ``2**p / n``.
+    * A sum of 0: every ``|x|**p`` was below the smallest normal float ``2**emin``, and
+      ``down = 2**(-emin / 2)`` makes every term normal that comes from a normal ``x`` (p <=
+      2), with every scaled magnitude below 1. Subnormal inputs are not counted (XLA:CPU
+      flushes them anyway).
+    * An overflowed sum (or NaN or inf, from a NaN or inf element, which stays so):
+      ``down = 2**(-3 maxexp / 4)``; the largest magnitude is then at most ``2**(maxexp /
+      4)``, and, as the sum overflowed, its term still normal, for fewer than ``2**62``
+      elements.
+
+    Only a norm whose derivative is :func:`_norm_tangent`'s takes these scales: its
+    computation's derivative, through a fixed scale far from the norm, overflowed or was
+    flushed (an overflowed sum's ``2**96 / sqrt(s)``, near ``2**127`` for a norm just past
+    the overflow: found in review, helper-41).
+    """
+    info = jnp.finfo(sums.dtype)
+    k = 3 * int(info.maxexp) // 4  # an overflow's scale
+    k0 = -int(info.minexp) // 2  # a sum of 0's
+    c = lambda v: jnp.asarray(v, sums.dtype)  # noqa: E731
+    pos = (sums > 0) & jnp.isfinite(sums)
+    d, u = _pow2_scale(safe_root(jnp.where(pos, sums, c(1)), p))
+    zero = sums == 0
+    down = jnp.where(pos, d, jnp.where(zero, c(2.0 ** k0), c(2.0 ** -k)))
+    up = jnp.where(pos, u, jnp.where(zero, c(2.0 ** -k0), c(2.0 ** k)))
+    one = c(1)
+    return (lax.stop_gradient(jnp.where(need, down, one)),
+            lax.stop_gradient(jnp.where(need, up, one)))
+
+
 def _reduce_size(x: jax.Array, axis: Any) -> int:
     if axis is None:
         return int(x.size)
@@ -801,6 +841,7 @@ def norm_core(
     xform: Any = None,
     rescue: bool = True,
     exact_jvp: bool = True,
+    one_pass: bool = False,
 ) -> tuple[Any, jax.Array]:
     """The one norm kernel behind every public norm and clipper.
 
@@ -828,6 +869,9 @@ def norm_core(
         derivative of :func:`_norm_tangent` (exact at every scale, to any order) rather
         than their computation's (False: the computation's, which is what the former
         computes its values with).
+      one_pass: for p <= 2, take the rescue in one pass, each unit's scale read off its
+        plain sum (:func:`_sum_scales`), rather than a max pass and a rescaled sum; only
+        where the derivative is :func:`_norm_tangent`'s (``exact_jvp`` sets it).
       rescue: False when the caller knows that the terms can neither overflow nor lose
         precision as subnormals (``xform`` has scaled every element to at most 1, and one
         to 1): the sum is then taken once, with no overflow rescue and its ``lax.cond``.
@@ -852,7 +896,7 @@ def norm_core(
         # the flag's type inside shard_map, which devices it varies over)
         @jax.custom_jvp
         def with_jvp(*xs: jax.Array) -> tuple[Any, jax.Array]:
-            norms, flag = norm_core(xs, p, exact_jvp=False, **kw)
+            norms, flag = norm_core(xs, p, exact_jvp=False, one_pass=True, **kw)
             return norms, flag.astype(jnp.float32)
 
         @with_jvp.defjvp
@@ -996,6 +1040,19 @@ def norm_core(
         # False here, but computed from the data so that inside shard_map its type
         # (which devices it may vary over) matches the rescue branch's flag.
         return safe_root(parts, p), any_nonfinite(parts)
+
+    if one_pass and p <= 2:
+        # One pass, its scales read off the plain sums (:func:`_sum_scales`): a unit that
+        # needs no rescue keeps its plain sum. A NaN or inf element leaves its unit's sum
+        # NaN or inf in any scale, and so its norm.
+        def rescued() -> tuple[jax.Array, jax.Array]:
+            down, up = _sum_scales(parts, need_u, p)
+            s = reduce("sum", down)
+            return (jnp.where(need_u, safe_root(s, p) * up, safe_root(parts, p)),
+                    any_nonfinite(s))
+
+        norms, flag = lax.cond(need, rescued, fast)
+        return finish(norms), flag
 
     def rescaled(ms: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The rescue's second pass: the sum of every unit's terms brought near 1 by a

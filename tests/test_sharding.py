@@ -408,7 +408,7 @@ def _many_grads(step):
     if step == 1:  # a NaN in one leaf stays in that leaf
         g["w03"] = g["w03"].at[9, 2].set(jnp.nan)
         g["b05"] = g["b05"].at[4].set(jnp.inf)
-    else:  # all-zero leaves (frozen): the rescue's max shows them to be 0
+    else:  # all-zero leaves (frozen): they take the rescue, and stay 0
         g["w06"] = jnp.zeros_like(g["w06"])
         g["b02"] = jnp.zeros_like(g["b02"])
     if step == 2:  # and a leaf of tiny values, whose sum of squares underflows

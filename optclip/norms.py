@@ -2,16 +2,12 @@
 
 Every norm here is *overflow-safe*: it accumulates in float32 (float64 when
 a leaf is float64) and, when the fast accumulation of ``|x|**p`` overflows or
-underflows, recomputes it scaled by a power of two, so that a finite fp16, bf16
-or float32 input always gives its true, finite norm. The rescaled path sits
-behind ``lax.cond`` and runs only on such steps (and at every step for a unit of
-all zeros, whose sum of 0 looks like an underflow). For the L1 and L2 norms of
-real arrays (every clipper's) it is one pass, each unit's scale read off its
-plain sum; otherwise a pass for the largest magnitude and then the rescaled sum
-(for per-unit norms, the second only when a unit that is not all zeros needs
-it). Their derivatives are not their computation's but the norm's own, formed
-from each unit's elements over its largest magnitude (:func:`_norm_tangent`):
-exact at every scale, to any order.
+underflows, recomputes it scaled by the largest magnitude, so that a finite
+fp16, bf16 or float32 input always gives its true, finite norm. The rescaled
+path sits behind ``lax.cond`` and runs only on such steps: one cond for a global
+norm; for per-unit norms, one for the max (also taken when a unit is all zeros,
+whose sum of 0 looks like an underflow) and one for the rescaled sum (taken only
+when a unit that is not all zeros needs it).
 
 A caller that reduces the same arrays for something else in the same pass takes
 their L2 norm without a second pass or a cond instead: :func:`blue_terms` splits
@@ -578,42 +574,6 @@ def _pow2_scale(m: jax.Array) -> tuple[jax.Array, jax.Array]:
     return lax.stop_gradient(down), lax.stop_gradient(up)
 
 
-def _sum_scales(sums: jax.Array, need: jax.Array, p: float) -> tuple[jax.Array, jax.Array]:
-    """Powers of two ``(down, up)`` per unit for the rescue of a sum of ``|x|**p``, p in
-    [1, 2], read off its plain sum ``sums`` (1 where ``need`` is False).
-
-    * A finite positive sum below the underflow bound: its largest term is in it (a term
-      flushed as subnormal is below every normal one), so ``max|x| <= sums**(1/p) <=
-      n**(1/p) max|x|``: ``down`` brings ``sums**(1/p)`` into [2, 4), every scaled term is
-      at most ``4**p`` and the largest one at least ``2**p / n``.
-    * A sum of 0: every ``|x|**p`` was below the smallest normal float ``2**emin``, and
-      ``down = 2**(-emin / 2)`` makes every term normal that comes from a normal ``x`` (p <=
-      2), with every scaled magnitude below 1. Subnormal inputs are not counted (XLA:CPU
-      flushes them anyway).
-    * An overflowed sum (or NaN or inf, from a NaN or inf element, which stays so):
-      ``down = 2**(-3 maxexp / 4)``; the largest magnitude is then at most ``2**(maxexp /
-      4)``, and, as the sum overflowed, its term still normal, for fewer than ``2**62``
-      elements.
-
-    Only a norm whose derivative is :func:`_norm_tangent`'s takes these scales: its
-    computation's derivative, through a fixed scale far from the norm, overflowed or was
-    flushed (an overflowed sum's ``2**96 / sqrt(s)``, near ``2**127`` for a norm just past
-    the overflow: found in review, helper-41).
-    """
-    info = jnp.finfo(sums.dtype)
-    k = 3 * int(info.maxexp) // 4  # an overflow's scale
-    k0 = -int(info.minexp) // 2  # a sum of 0's
-    c = lambda v: jnp.asarray(v, sums.dtype)  # noqa: E731
-    pos = (sums > 0) & jnp.isfinite(sums)
-    d, u = _pow2_scale(safe_root(jnp.where(pos, sums, c(1)), p))
-    zero = sums == 0
-    down = jnp.where(pos, d, jnp.where(zero, c(2.0 ** k0), c(2.0 ** -k)))
-    up = jnp.where(pos, u, jnp.where(zero, c(2.0 ** -k0), c(2.0 ** k)))
-    one = c(1)
-    return (lax.stop_gradient(jnp.where(need, down, one)),
-            lax.stop_gradient(jnp.where(need, up, one)))
-
-
 def _reduce_size(x: jax.Array, axis: Any) -> int:
     if axis is None:
         return int(x.size)
@@ -683,86 +643,12 @@ def norm_across(norm: jax.Array, axes: tuple[Hashable, ...]) -> jax.Array:
     """The L2 combination of per-device L2 norms across mesh ``axes``, overflow-safe."""
     if not axes:
         return norm
-    return _norm_across(norm, axes)
-
-
-def _ratio(m: jax.Array, big: jax.Array) -> jax.Array:
-    """``m / big`` (``big`` a unit's largest magnitude, broadcast against ``m``), 0 where
-    ``big`` is 0: in two steps that are each exact or normal, as the rescue's for p > 2 (a
-    power of two brings ``m`` to at most 4 and ``big`` into [2, 4), and one divides the
-    other), behind a barrier (XLA takes ``m / big`` as ``m * (1 / big)``, and may regroup
-    the steps so: ``1 / big`` is flushed above ``2**126``)."""
-    d, _ = _pow2_scale(big)
-    den = jnp.where(big == 0, jnp.ones_like(big), big * d)
-    md, den = lax.optimization_barrier((m * d, den))
-    return md / den
-
-
-def _weights(x: jax.Array, r: jax.Array, n: jax.Array, p: float) -> jax.Array:
-    """``d||x||_p / dx``, ``sign(x) (|x| / ||x||) ** (p - 1)``, from ``r = x / max|x|`` and
-    ``n = ||r||_p`` (per unit, at least 1 unless the unit is 0), 0 for a unit of zeros."""
-    if p == 1:
-        return jnp.sign(x)  # (not r's: a ratio below the smallest normal is flushed to 0)
-    q = r / jnp.where(n == 0, jnp.ones_like(n), n)
-    return q if p == 2 else jnp.sign(q) * jnp.abs(q) ** (p - 1)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _norm_across(norm: jax.Array, axes: Any) -> jax.Array:
-    """:func:`norm_across` over some axes, with its exact derivative (JAX has none for the
-    ``pmax``; see :func:`_norm_tangent`)."""
-    m = lax.pmax(norm, axes)
+    # (the max only picks the scale: held constant, as the rescue's is, since JAX has no
+    # derivative of a pmax and the norm's does not depend on the scale)
+    m = lax.pmax(lax.stop_gradient(norm), axes)
     down, up = _pow2_scale(m)
     s = lax.psum(_scaled_terms(norm, down, 2.0), axes)
     return jnp.where(m == 0, jnp.zeros_like(m), safe_root(s, 2.0) * up)
-
-
-@_norm_across.defjvp
-def _norm_across_jvp(axes, primals, tangents):
-    (v,), (t,) = primals, tangents
-    r = _ratio(v, lax.pmax(lax.stop_gradient(jnp.abs(v)), axes))
-    w = _weights(v, r, safe_root(lax.psum(r * r, axes), 2.0), 2.0)
-    return _norm_across(v, axes), lax.psum(w * t, axes)
-
-
-def _norm_tangent(xs: list[jax.Array], ts: list[jax.Array], p: float, axes: list[Any],
-                  combine: bool, axes_per_leaf: Any, flat: bool) -> Any:
-    """The tangent of :func:`norm_core`'s norms (in its output's structure), for tangents
-    ``ts`` of real arrays ``xs`` and a finite p: each unit's sum of ``d||x||_p / dx`` times
-    the tangent, combined across the mesh axes as the norm is.
-
-    The norms' derivative, in place of their computation's: through the overflow rescue that
-    went through the scale's powers of two as they are, and at float32's ends an
-    intermediate overflowed or was flushed (at 2e-38 a gradient of 0 and a tangent of inf;
-    near 3.4e38, with a cotangent of 700, inf). Here the derivative is formed from each
-    unit's elements divided by its largest magnitude (:func:`_ratio`), every factor at most
-    1 or near it; the largest magnitude only picks the scale and is held constant, so that
-    differentiated again it gives the second derivative. Array by array, with none of the
-    norm's packing of small arrays: only a derivative's program holds it.
-    """
-    acc = acc_dtype(xs)
-    ms = [x.astype(acc) for x in xs]
-
-    def per_unit(vals: list[jax.Array], red) -> list[jax.Array]:
-        return [red(v, axis=ax, keepdims=ax is not None) for v, ax in zip(vals, axes,
-                                                                          strict=True)]
-
-    big = per_unit([lax.stop_gradient(jnp.abs(m)) for m in ms], _max0)
-    big = collect(big, axes_per_leaf, lax.pmax)
-    if combine:
-        big = [functools.reduce(jnp.maximum, big)] * len(ms)
-    rs = [_ratio(m, b) for m, b in zip(ms, big, strict=True)]
-    sums = collect(per_unit([_pow_terms(r, p) for r in rs], jnp.sum), axes_per_leaf, lax.psum)
-    if combine:
-        sums = [sum(sums[1:], sums[0])] * len(ms)
-    ws = [_weights(m, r, safe_root(s, p), p) for m, r, s in zip(ms, rs, sums, strict=True)]
-    parts = per_unit([w * t.astype(acc) for w, t in zip(ws, ts, strict=True)], jnp.sum)
-    parts = collect(parts, axes_per_leaf, lax.psum)
-    if combine:
-        return [sum(parts[1:], parts[0])]
-    if flat:
-        return jnp.concatenate([jnp.ravel(q) for q in parts])
-    return parts
 
 
 def _spec_axes(spec: Any, ndim: int, reduce_axes: Any) -> AxisName:
@@ -840,8 +726,6 @@ def norm_core(
     flat: bool = False,
     xform: Any = None,
     rescue: bool = True,
-    exact_jvp: bool = True,
-    one_pass: bool = False,
 ) -> tuple[Any, jax.Array]:
     """The one norm kernel behind every public norm and clipper.
 
@@ -865,13 +749,6 @@ def norm_core(
         (their max and their rescaled sum), whose operands are then the arrays themselves: a
         transformed tree handed in instead would be written out in full as the
         ``cond``'s operand.
-      exact_jvp: for finite p, real arrays, no ``xform`` and ``rescue``, give the norms the
-        derivative of :func:`_norm_tangent` (exact at every scale, to any order) rather
-        than their computation's (False: the computation's, which is what the former
-        computes its values with).
-      one_pass: for p <= 2, take the rescue in one pass, each unit's scale read off its
-        plain sum (:func:`_sum_scales`), rather than a max pass and a rescaled sum; only
-        where the derivative is :func:`_norm_tangent`'s (``exact_jvp`` sets it).
       rescue: False when the caller knows that the terms can neither overflow nor lose
         precision as subnormals (``xform`` has scaled every element to at most 1, and one
         to 1): the sum is then taken once, with no overflow rescue and its ``lax.cond``.
@@ -887,28 +764,6 @@ def norm_core(
     cross-device max, as XLA inserts it for sharded arrays, may drop a NaN.
     """
     xs = list(xs)
-    if (exact_jvp and xform is None and rescue and p != math.inf and xs
-            and not any(jnp.iscomplexobj(x) for x in xs)):
-        kw = dict(axes=None if axes is None else list(axes), combine=combine,
-                  axes_per_leaf=axes_per_leaf, flag_axes=flag_axes, flat=flat)
-
-        # (the flag leaves as a float: a bool's tangent, float0, has no way here to take
-        # the flag's type inside shard_map, which devices it varies over)
-        @jax.custom_jvp
-        def with_jvp(*xs: jax.Array) -> tuple[Any, jax.Array]:
-            norms, flag = norm_core(xs, p, exact_jvp=False, one_pass=True, **kw)
-            return norms, flag.astype(jnp.float32)
-
-        @with_jvp.defjvp
-        def _(primals, tangents):
-            out = with_jvp(*primals)
-            tan = _norm_tangent(list(primals), list(tangents), p,
-                                kw["axes"] or [None] * len(primals), combine, axes_per_leaf,
-                                flat)
-            return out, (tan, out[1] * 0)
-
-        norms, flag = with_jvp(*xs)
-        return norms, flag > 0
     acc = acc_dtype(xs)
     if not xs:
         empty = jnp.zeros((0,), acc) if flat and not combine else [jnp.zeros((), acc)]
@@ -1041,19 +896,6 @@ def norm_core(
         # (which devices it may vary over) matches the rescue branch's flag.
         return safe_root(parts, p), any_nonfinite(parts)
 
-    if one_pass and p <= 2:
-        # One pass, its scales read off the plain sums (:func:`_sum_scales`): a unit that
-        # needs no rescue keeps its plain sum. A NaN or inf element leaves its unit's sum
-        # NaN or inf in any scale, and so its norm.
-        def rescued() -> tuple[jax.Array, jax.Array]:
-            down, up = _sum_scales(parts, need_u, p)
-            s = reduce("sum", down)
-            return (jnp.where(need_u, safe_root(s, p) * up, safe_root(parts, p)),
-                    any_nonfinite(s))
-
-        norms, flag = lax.cond(need, rescued, fast)
-        return finish(norms), flag
-
     def rescaled(ms: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The rescue's second pass: the sum of every unit's terms brought near 1 by a
         power of two from its max ``ms``."""
@@ -1165,25 +1007,10 @@ def combine_norms(norms: jax.Array, p: float) -> jax.Array:
         return jnp.zeros((), norms.dtype)
     if p == math.inf:
         return jnp.max(norms)
-    return _combine(norms, p)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _combine(norms: jax.Array, p: float) -> jax.Array:
-    """:func:`combine_norms` for finite p, with its exact derivative (see
-    :func:`_norm_tangent`)."""
     m = jnp.max(norms)
     down, up = _pow2_scale(m)
     root = safe_root(jnp.sum(_scaled_terms(norms, down, p)), p)
     return jnp.where(m == 0, jnp.zeros_like(m), root * up)
-
-
-@_combine.defjvp
-def _combine_jvp(p, primals, tangents):
-    (v,), (t,) = primals, tangents
-    r = _ratio(v, lax.stop_gradient(jnp.max(jnp.abs(v))))
-    w = _weights(v, r, safe_root(jnp.sum(_pow_terms(r, p)), p), p)
-    return _combine(v, p), jnp.sum(w * t)
 
 
 def global_norm_and_flag(

@@ -159,6 +159,5 @@ def test_traffic_agrees_with_xla_cost_analysis_where_nothing_is_gathered(name):
 def test_traffic_sees_a_rescue_computed_on_every_step():
     # The check above can fail: the global-norm chain with its overflow rescue's lax.cond
     # replaced by both branches and a select (bench.gn_probe's gn_select) reads the
-    # gradients once more, for the rescue's scaled sum (twice more, with its max, before
-    # the rescue of an L2 norm took its scales from the plain sum).
-    assert _ordinary_trees("gn_select") >= _ordinary_trees("gn") + 0.9
+    # gradients twice more, for the rescue's max and its scaled sum.
+    assert _ordinary_trees("gn_select") >= _ordinary_trees("gn") + 1.9

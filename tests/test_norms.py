@@ -292,8 +292,9 @@ def _d_norm(a, p):
 # 1 comes out 0 (up / sqrt(s), up near 2**-126) and a tangent of 1 inf (t * down); near the
 # float32 max a cotangent of 700 overflows (up near 2**127). Leaving the scales out of the chain
 # by a pair of custom_jvps (bf167b5) made these right and the second derivatives wrong by the
-# scale (helper-42), and was reverted: exact derivatives there need one custom_jvp for the
-# whole norm (not built). Strict: a fix shows here.
+# scale (helper-42), and was reverted. One custom_jvp for the whole norm (7238cac) made both
+# exact, and was reverted too: its tangent, array by array, made the derivative's program
+# compile far slower on many leaves (bench/results/cpu_onepass_exact/). Strict: a fix shows.
 _EDGE = pytest.mark.xfail(strict=True, reason="the rescue's derivative at float32's ends")
 _GRAD_CASES = [pytest.param(c, p, marks=_EDGE)
                if (c, p) in {("one near the max", 1.5), ("one near the max", 2.0),

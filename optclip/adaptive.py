@@ -223,7 +223,8 @@ def agc(
             other = tuple(a for a in _n.union_axes([full_axes[j]]) if a not in red)
             groups.setdefault(other, []).append(j)
         split_axes = _n.union_axes(list(groups))
-        leaf_scales = _n.split_flat(scales, lay)  # one factor per unit (see clip_factors)
+        # one factor per unit (see clip_factors), broadcast against each leaf
+        leaf_scales = _n.split_flat(scales, lay, full=[g.shape for g in gs])
         for other, js in groups.items():
             # inside shard_map the vector is typed as varying across every axis that splits
             # some units; a group whose units those axes do not split is marked replicated

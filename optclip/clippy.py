@@ -566,7 +566,9 @@ def clippy(
         order = [j for js in pieces.leaves for j in js]
         sig_lay = _n.layout_of([jax.ShapeDtypeStruct((), acc)] * len(order), [None] * len(order))
         sigmas: list[Any] = [jnp.ones((), acc)] * len(us)
-        for j, s in zip(order, _n.split_flat(sig_v, sig_lay), strict=True):
+        for j, s in zip(order, _n.split_flat(sig_v, sig_lay,
+                                             full=[us[j].shape for j in order]),
+                        strict=True):
             sigmas[j] = s
 
         out = list(flat)

@@ -170,7 +170,7 @@ class LayerNorms(NamedTuple):
     norms: jax.Array  # [n_units]: every layer's norm (all layers, on every device)
     sizes: jax.Array  # [n_units]: the number of elements of each layer (all shards)
     nonfinite: jax.Array  # bool []: a NaN or inf element anywhere
-    split: Callable[[jax.Array], list[jax.Array]]  # a [n_units] vector -> per array
+    split: Callable[[jax.Array], list[jax.Array]]  # a [n_units] vector -> per array (broadcasts)
 
 
 def _names(ax: Any) -> tuple[Hashable, ...]:
@@ -206,18 +206,19 @@ def layer_norms(
     flat, nonfinite = _n.norm_core(xs, p, axes=axes, axes_per_leaf=mesh, flag_axes=flag_axes,
                                    flat=True)
     lay = _n.layout_of(xs, axes)
+    shapes = [x.shape for x in xs]  # split's parts only scale their arrays
     split_across = any(_names(ax) for ax in mesh or ())
     if not flag_axes and not split_across:
         # no array split across devices: every size is known here, one constant (a scalar
         # per array, stacked, was much of the trace time of a tree of many leaves)
         unit_sizes = jnp.asarray(np.repeat(np.asarray(lay.sizes, np.float64),
                                            np.asarray(lay.n_units, np.int64)), flat.dtype)
-        return LayerNorms(flat, unit_sizes, nonfinite, lambda v: _n.split_flat(v, lay))
+        return LayerNorms(flat, unit_sizes, nonfinite, lambda v: _n.split_flat(v, lay, full=shapes))
     sizes = _n.collect([jnp.asarray(s, flat.dtype) for s in lay.sizes], mesh, lax.psum)
     if not flag_axes:
         unit_sizes = jnp.repeat(jnp.stack(sizes), np.asarray(lay.n_units),
                                 total_repeat_length=lay.total)
-        return LayerNorms(flat, unit_sizes, nonfinite, lambda v: _n.split_flat(v, lay))
+        return LayerNorms(flat, unit_sizes, nonfinite, lambda v: _n.split_flat(v, lay, full=shapes))
     # Every layer's norm on every device, in one psum across the mesh axes that split a
     # layer axis: each device writes its own layers' norms at their place (zeros elsewhere),
     # and the first device along the other axes writes the norms of the leaves those axes do

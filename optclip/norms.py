@@ -298,8 +298,64 @@ def _split_sliced(flat: jax.Array, lay: Layout) -> list[jax.Array]:
     return [_units(flat, lay, j, False) for j in range(len(lay.offsets))]
 
 
-def _split_gathered(flat: jax.Array, lay: Layout) -> list[jax.Array]:
-    return [_units(flat, lay, j, True) for j in range(len(lay.offsets))]
+def _split_gathered(flat: jax.Array, lay: Layout,
+                    full: Sequence[tuple[int, ...]] | None) -> list[jax.Array]:
+    """:func:`split_flat` on XLA:CPU: each array's part by a gather (:func:`_units`) from the
+    vector written out first (:func:`_written_out`), or, for an array of ``full`` shape of 2
+    to ``FULL_GATHER`` elements, by a gather of its own shape (:func:`_full_index`)."""
+    dups: list[int] = []
+    if full is not None:
+        dups = [j for j, shape in enumerate(full) if lay.n_units[j] == 1 and _gathers_full(shape)]
+    if dups:
+        # one more copy of each such array's single unit, at ``total + r``: its index then
+        # holds two values, which XLA does not fold into a broadcast (see _full_index)
+        flat = jnp.concatenate([flat, flat[np.array([lay.offsets[j] for j in dups])]])
+    w = _written_out(flat)
+    dup_at = {j: lay.total + r for r, j in enumerate(dups)}
+    # the indices' bytes are read with the array's: int16 where they fit
+    itype = np.int16 if lay.total + len(dups) <= np.iinfo(np.int16).max else np.int32
+    out = []
+    for j in range(len(lay.offsets)):
+        if full is not None and lay.n_units[j] and _gathers_full(full[j]):
+            idx = _full_index(lay, j, full[j], dup_at.get(j)).astype(itype)
+            out.append(lax.gather(w, idx[..., None], _GATHER_DIMS, (1,),
+                                  mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS))
+        else:
+            out.append(_units(w, lay, j, True))
+    return out
+
+
+# On XLA:CPU an array of at most this many elements takes its part of a per-unit vector at
+# its own shape (:func:`_full_index`): its index is a constant of 2 bytes an element (4 when
+# the vector has over 32,767 units), read with the array.
+FULL_GATHER = 1 << 12
+
+
+def _gathers_full(shape: tuple[int, ...]) -> bool:
+    size = int(np.prod(shape, dtype=np.int64))
+    return 2 <= size <= FULL_GATHER
+
+
+def _full_index(lay: Layout, j: int, shape: tuple[int, ...], dup: int | None) -> np.ndarray:
+    """The index of every element of array ``j`` (of ``shape``) into the per-unit vector: its
+    unit's, so that the gather is the part broadcast to the array's shape.
+
+    A gather of the units alone, broadcast in the kernel that multiplies the array by them,
+    is a kernel of its own: XLA does not fuse a gather into a consumer that reads each of
+    its elements many times. A gather of one element per element of the array it fuses, and
+    the array then takes one kernel rather than two, the same kernel for every array of its
+    shape (its index is an operand: XLA:CPU fuses scalar constants only). On 1,000 small
+    leaves, a per-leaf clipper's update had 2,017 kernels and 1,003 with it (``python -m
+    bench.compile_probe --alone``). An index of one value throughout XLA folds into a
+    broadcast constant, fused, a kernel per array again: an array of one unit has its last
+    element read the unit's copy at ``dup``.
+    """
+    o, k = lay.offsets[j], lay.n_units[j]
+    units = np.arange(o, o + k, dtype=np.int32).reshape(lay.shapes[j])
+    idx = np.array(np.broadcast_to(units, shape), np.int32)
+    if k == 1:
+        idx.flat[-1] = dup
+    return idx
 
 
 def _written_out(v: jax.Array) -> jax.Array:
@@ -320,17 +376,33 @@ def _written_out(v: jax.Array) -> jax.Array:
     return lax.cond((x0 == x0) | (x0 != x0), lambda a: a, lambda a: -a, v)
 
 
-def split_flat(flat: jax.Array, lay: Layout) -> list[jax.Array]:
+def split_flat(flat: jax.Array, lay: Layout,
+               full: Sequence[tuple[int, ...]] | None = None) -> list[jax.Array]:
     """The flat vector of per-unit results, as one array per input (scalar or keepdims).
 
     On XLA:CPU each array takes its part by a gather (:func:`_units`), so that arrays of one
     shape share their kernels, from the vector written out first (:func:`_written_out`);
     elsewhere by slices, which XLA:GPU and XLA:TPU fuse into the kernel that uses them.
+
+    ``full``: the arrays' own shapes, for parts that only broadcast against their arrays
+    (clip factors): on XLA:CPU a small array's part then comes at its full shape, which the
+    kernel that scales the array takes in (:func:`_full_index`).
     """
     if not jnp.issubdtype(flat.dtype, jnp.floating):
         return _split_sliced(flat, lay)
-    return lax.platform_dependent(flat, cpu=lambda v: _split_gathered(_written_out(v), lay),
-                                  default=lambda v: _split_sliced(v, lay))
+    full = None if full is None else [tuple(s) for s in full]
+
+    def sliced(v: jax.Array) -> list[jax.Array]:
+        # (the branches' types must agree: the parts the CPU's takes at full shape, broadcast
+        # here, as the kernel that scales the array would broadcast them)
+        parts = _split_sliced(v, lay)
+        if full is None:
+            return parts
+        return [jnp.broadcast_to(q, shape) if lay.n_units[j] and _gathers_full(shape) else q
+                for j, (q, shape) in enumerate(zip(parts, full, strict=True))]
+
+    return lax.platform_dependent(flat, cpu=lambda v: _split_gathered(v, lay, full),
+                                  default=sliced)
 
 
 class _Packed(NamedTuple):

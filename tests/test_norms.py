@@ -386,14 +386,15 @@ def test_gradient_of_ord_3_through_the_rescue(x):
                                    atol=1e-30)
 
 
-def _many_leaf_layout():
+def _many_leaf_layout(with_shapes: bool = False):
     """A layout of 131 arrays, interleaved: 70 with one unit each, 40 with 3 units, 12 with 8
     (in two shapes), 6 empty, and 3 with 5 units."""
     kinds = ([((4,), None)] * 70 + [((6, 3), 0)] * 40 + [((2, 8), 0)] * 8
              + [((1, 1, 8), (0, 1))] * 4 + [((0, 2), 1)] * 6 + [((7, 5), 0)] * 3)
     order = np.random.default_rng(2).permutation(len(kinds))
     vals = [jax.ShapeDtypeStruct(kinds[i][0], jnp.float32) for i in order]
-    return _n.layout_of(vals, [kinds[i][1] for i in order])
+    lay = _n.layout_of(vals, [kinds[i][1] for i in order])
+    return (lay, [v.shape for v in vals]) if with_shapes else lay
 
 
 def test_split_by_gather_equals_slices_bit_for_bit():
@@ -409,12 +410,35 @@ def test_split_by_gather_equals_slices_bit_for_bit():
     flat[6::17] = np.inf
     flat[8::19] = -np.inf
     flat = jnp.asarray(flat)
-    got = jax.jit(lambda v: _n._split_gathered(v, lay))(flat)
+    got = jax.jit(lambda v: _n._split_gathered(v, lay, None))(flat)
     want = _n._split_sliced(flat, lay)
     assert len(got) == len(want) == 131
     for g, w, shape in zip(got, want, lay.shapes, strict=True):
         assert g.shape == w.shape == shape
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    # at the arrays' own shapes (full=, for factors that scale them): a small array's part
+    # comes broadcast to its shape by a gather of an index per element (an array of one
+    # unit reads a copy of it for its last element); a scalar, a one-element array and one
+    # above FULL_GATHER elements keep their part, which broadcasts
+    _, shapes = _many_leaf_layout(with_shapes=True)
+    extra = [((), None), ((1,), None), ((1, 3), 1), ((_n.FULL_GATHER + 1,), None),
+             ((2, _n.FULL_GATHER), 1), ((_n.FULL_GATHER, 1), 1)]
+    vals = [jax.ShapeDtypeStruct(sh, jnp.float32) for sh, _ in extra]
+    for lay_j, shapes_j, v in ((lay, shapes, flat), (_n.layout_of(vals, [a for _, a in extra]),
+                                                      [sh for sh, _ in extra], None)):
+        if v is None:
+            v = jnp.asarray(rng.standard_normal(lay_j.total).astype(np.float32))
+            v = v.at[1].set(jnp.nan).at[3].set(jnp.inf)
+        got = jax.jit(lambda u, lay_j=lay_j, shapes_j=shapes_j: _n._split_gathered(
+            u, lay_j, shapes_j))(v)
+        whole = jax.jit(lambda u, lay_j=lay_j, shapes_j=shapes_j: _n.split_flat(
+            u, lay_j, full=shapes_j))(v)
+        for g, h, w, shape, kshape, k in zip(got, whole, _n._split_sliced(v, lay_j), shapes_j,
+                                             lay_j.shapes, lay_j.n_units, strict=True):
+            small = k > 0 and 2 <= int(np.prod(shape)) <= _n.FULL_GATHER
+            assert g.shape == h.shape == (shape if small else kshape)
+            np.testing.assert_array_equal(np.asarray(g), np.broadcast_to(np.asarray(w), g.shape))
+            np.testing.assert_array_equal(np.asarray(h), np.asarray(g))
     # the public split takes the gather on this (CPU) backend, from the vector written out
     # behind a lax.cond whose predicate reads the first element: NaN there too
     split = jax.jit(lambda v: _n.split_flat(v, lay))

@@ -398,7 +398,8 @@ def split_flat(flat: jax.Array, lay: Layout,
         parts = _split_sliced(v, lay)
         if full is None:
             return parts
-        return [jnp.broadcast_to(q, shape) if lay.n_units[j] and _gathers_full(shape) else q
+        return [lax.broadcast_in_dim(q, shape, tuple(range(q.ndim)))
+                if lay.n_units[j] and _gathers_full(shape) else q
                 for j, (q, shape) in enumerate(zip(parts, full, strict=True))]
 
     return lax.platform_dependent(flat, cpu=lambda v: _split_gathered(v, lay, full),

@@ -372,15 +372,17 @@ def _sigma(ratio: jax.Array) -> jax.Array:
 def _apply(u: jax.Array, sigma: jax.Array) -> jax.Array:
     """``u * sigma`` in float32 or wider, in ``u``'s dtype; NaN and inf pass as they are.
 
-    In lax primitives: a tree of thousands of small tensors traces this once for each, and
-    ``jnp.where`` (a nested jit) and NumPy-style promotion were most of its Python time."""
+    Mostly in lax primitives: a tree of thousands of small tensors traces this once for
+    each, and ``jnp.where`` and ``jnp.isfinite`` (each a jit of its own) and NumPy-style
+    promotion were most of its Python time."""
     wide = jnp.promote_types(u.dtype, jnp.float32)
     x = lax.convert_element_type(u, wide)
     s = lax.convert_element_type(sigma, jnp.finfo(wide).dtype)
     if s.shape != x.shape:
         s = lax.broadcast_in_dim(s, x.shape, ())
     out = lax.mul(x, s.astype(wide) if jnp.iscomplexobj(x) else s)
-    return lax.convert_element_type(lax.select(jnp.isfinite(x), out, x), u.dtype)
+    finite = jnp.isfinite(x) if jnp.iscomplexobj(x) else lax.is_finite(x)
+    return lax.convert_element_type(lax.select(finite, out, x), u.dtype)
 
 
 def _path_str(path: Any) -> str:

@@ -170,7 +170,9 @@ class LayerNorms(NamedTuple):
     norms: jax.Array  # [n_units]: every layer's norm (all layers, on every device)
     sizes: jax.Array  # [n_units]: the number of elements of each layer (all shards)
     nonfinite: jax.Array  # bool []: a NaN or inf element anywhere
-    split: Callable[[jax.Array], list[jax.Array]]  # a [n_units] vector -> per array (broadcasts)
+    # a [n_units] vector -> per array, each part broadcasting against its array (at its
+    # full shape, or keepdims)
+    split: Callable[[jax.Array], list[jax.Array]]
 
 
 def _names(ax: Any) -> tuple[Hashable, ...]:

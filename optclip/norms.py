@@ -283,7 +283,14 @@ def _units(flat: jax.Array, lay: Layout, j: int, gather: bool) -> jax.Array:
     # (bench/results/cpu_trace/); XLA's optimized program is the same.
     if not gather or k == 0:
         return lax.reshape(lax.slice(flat, (o,), (o + k,)), shape)
-    idx = np.append(np.arange(o, o + k), 0 if o else lay.total - 1).astype(np.int32)
+    return _unit_gather(flat, o, k, lay.total, shape)
+
+
+def _unit_gather(flat: jax.Array, o: int, k: int, total: int,
+                 shape: tuple[int, ...]) -> jax.Array:
+    """Units ``[o, o + k)`` of ``flat`` (``total`` of them), by a gather (see :func:`_units`),
+    in ``shape``."""
+    idx = np.append(np.arange(o, o + k), 0 if o else total - 1).astype(np.int32)
     got = lax.gather(flat, idx[:, None], _GATHER_DIMS, (1,),
                      mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
     return lax.reshape(lax.slice(got, (0,), (k,)), shape)
@@ -302,7 +309,7 @@ def _split_gathered(flat: jax.Array, lay: Layout,
                     full: Sequence[tuple[int, ...]] | None) -> list[jax.Array]:
     """:func:`split_flat` on XLA:CPU: each array's part by a gather (:func:`_units`) from the
     vector written out first (:func:`_written_out`), or, for an array of ``full`` shape of 2
-    to ``FULL_GATHER`` elements, by a gather of its own shape (:func:`_full_index`)."""
+    to ``FULL_GATHER`` elements, by a gather of its own shape (:func:`_parts_at`)."""
     dups: list[int] = []
     if full is not None:
         dups = [j for j, shape in enumerate(full) if lay.n_units[j] == 1 and _gathers_full(shape)]
@@ -312,22 +319,22 @@ def _split_gathered(flat: jax.Array, lay: Layout,
         flat = jnp.concatenate([flat, flat[np.array([lay.offsets[j] for j in dups])]])
     w = _written_out(flat)
     dup_at = {j: lay.total + r for r, j in enumerate(dups)}
-    # the indices' bytes are read with the array's: int16 where they fit
-    itype = np.int16 if lay.total + len(dups) <= np.iinfo(np.int16).max else np.int32
-    out = []
-    for j in range(len(lay.offsets)):
-        if full is not None and lay.n_units[j] and _gathers_full(full[j]):
-            idx = _full_index(lay, j, full[j], dup_at.get(j)).astype(itype)
-            out.append(lax.gather(w, idx[..., None], _GATHER_DIMS, (1,),
-                                  mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS))
-        else:
-            out.append(_units(w, lay, j, True))
-    return out
+    # the indices' bytes are read with the array's: int16 where they fit (the vector's
+    # length, its copies included, is at most the largest index + 1)
+    itype = np.int16 if lay.total + len(dups) <= np.iinfo(np.int16).max + 1 else np.int32
+    at_full = [] if full is None else [
+        j for j in range(len(lay.offsets)) if lay.n_units[j] and _gathers_full(full[j])]
+    parts = _parts_at(w, tuple((lay.offsets[j], lay.n_units[j], lay.shapes[j], full[j],
+                                dup_at.get(j), lay.total, itype) for j in at_full)) \
+        if at_full else ()
+    got = dict(zip(at_full, parts, strict=True))
+    return [got[j] if j in got else _units(w, lay, j, True) for j in range(len(lay.offsets))]
 
 
 # On XLA:CPU an array of at most this many elements takes its part of a per-unit vector at
 # its own shape (:func:`_full_index`): its index is a constant of 2 bytes an element (4 when
-# the vector has over 32,767 units), read with the array.
+# the vector, with the copies of single units that it then carries, has over 32,768
+# entries), read with the array.
 FULL_GATHER = 1 << 12
 
 
@@ -336,9 +343,42 @@ def _gathers_full(shape: tuple[int, ...]) -> bool:
     return 2 <= size <= FULL_GATHER
 
 
-def _full_index(lay: Layout, j: int, shape: tuple[int, ...], dup: int | None) -> np.ndarray:
-    """The index of every element of array ``j`` (of ``shape``) into the per-unit vector: its
-    unit's, so that the gather is the part broadcast to the array's shape.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _parts_at(w: jax.Array, specs: tuple) -> tuple[jax.Array, ...]:
+    """For each ``(o, k, unit_shape, shape, dup, total, itype)`` of ``specs``: units ``[o, o +
+    k)`` of ``w`` (of keepdims ``unit_shape``) broadcast to ``shape``, by a gather of one
+    element per element (:func:`_full_index`; ``dup`` a copy of a single unit at the end of
+    ``w``, ``total`` where the copies start, ``itype`` the index's type).
+
+    Its tangent is each part's units gathered as they are and broadcast (as :func:`_units`),
+    whose transpose sums each unit's cotangents by a reduction: the gather's own transpose,
+    a scatter-add, adds up to ``FULL_GATHER`` of them into one unit one after another
+    (gradients through ``clippy`` 6x further from float64, found in review). One
+    ``custom_jvp`` for all the parts: one for each doubled the trace time of 1,000 leaves.
+    """
+    out = []
+    for o, k, unit_shape, shape, dup, _, itype in specs:
+        idx = _full_index(o, k, unit_shape, shape, dup).astype(itype)
+        out.append(lax.gather(w, idx[..., None], _GATHER_DIMS, (1,),
+                              mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS))
+    return tuple(out)
+
+
+@_parts_at.defjvp
+def _parts_at_jvp(specs, primals, tangents):
+    (w,), (t,) = primals, tangents
+    tans = []
+    for o, k, unit_shape, shape, _, total, _ in specs:
+        units = _unit_gather(t, o, k, total, unit_shape)
+        tans.append(lax.broadcast_in_dim(units, shape, tuple(range(units.ndim))))
+    return _parts_at(w, specs), tuple(tans)
+
+
+def _full_index(o: int, k: int, unit_shape: tuple[int, ...], shape: tuple[int, ...],
+                dup: int | None) -> np.ndarray:
+    """The index into the per-unit vector of every element of an array of ``shape`` whose
+    units are ``[o, o + k)`` (of keepdims ``unit_shape``): its unit's, so that the gather is
+    the part broadcast to the array's shape.
 
     A gather of the units alone, broadcast in the kernel that multiplies the array by them,
     is a kernel of its own: XLA does not fuse a gather into a consumer that reads each of
@@ -350,8 +390,7 @@ def _full_index(lay: Layout, j: int, shape: tuple[int, ...], dup: int | None) ->
     broadcast constant, fused, a kernel per array again: an array of one unit has its last
     element read the unit's copy at ``dup``.
     """
-    o, k = lay.offsets[j], lay.n_units[j]
-    units = np.arange(o, o + k, dtype=np.int32).reshape(lay.shapes[j])
+    units = np.arange(o, o + k, dtype=np.int32).reshape(unit_shape)
     idx = np.array(np.broadcast_to(units, shape), np.int32)
     if k == 1:
         idx.flat[-1] = dup

@@ -448,6 +448,38 @@ def test_split_by_gather_equals_slices_bit_for_bit():
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
+def test_derivatives_through_the_split_at_full_shape():
+    # On XLA:CPU a small array's part comes at its full shape by a gather of an index per
+    # element. That gather's transpose, a scatter-add, summed up to 4,096 cotangents into one
+    # unit one after another: gradients through clippy 6x further from float64 (review,
+    # helper-44), here 1.8e-6 relative. The part's tangent is now its units broadcast, whose
+    # transpose is a reduction, as before the gather: 5.2e-8.
+    shapes = [(4096,), (1, 4096), (64, 64), (2, 1), (5,)]
+    axes = [None, None, 0, None, None]
+    lay = _n.layout_of([jax.ShapeDtypeStruct(sh, jnp.float32) for sh in shapes], axes)
+    rng = np.random.default_rng(0)
+    cs = [rng.standard_normal(sh).astype(np.float32) + np.float32(1.0) for sh in shapes]
+
+    def loss(flat):
+        parts = _n.split_flat(flat, lay, full=shapes)
+        return sum(jnp.sum(jnp.asarray(c) * q) for c, q in zip(cs, parts, strict=True))
+
+    flat = jnp.ones((lay.total,), jnp.float32)
+    got = np.asarray(jax.jit(jax.grad(loss))(flat), np.float64)
+    want = np.concatenate([np.ravel(c.astype(np.float64).sum(axis=ax))
+                           for c, ax in zip(cs, axes, strict=True)])
+    np.testing.assert_allclose(got, want, rtol=3e-7)
+    # forward mode: each part's tangent is its units' tangents broadcast
+    t = jnp.asarray(rng.standard_normal(lay.total).astype(np.float32))
+    _, tan = jax.jvp(lambda v: _n.split_flat(v, lay, full=shapes), (flat,), (t,))
+    for q, sh, want_q in zip(tan, shapes, _n._split_sliced(t, lay), strict=True):
+        assert q.shape == sh
+        np.testing.assert_array_equal(np.asarray(q), np.broadcast_to(np.asarray(want_q), sh))
+    # and a second derivative: the part is linear in the vector
+    h = jax.hessian(lambda v: jnp.sum(_n.split_flat(v, lay, full=shapes)[0] ** 2))(flat)
+    assert float(h[0, 0]) == 2 * 4096 and float(jnp.sum(jnp.abs(h))) == 2 * 4096
+
+
 def test_leaf_norms_of_many_leaves_keep_a_nan_to_its_leaf():
     rng = np.random.default_rng(1)
     tree = {f"l{i:03d}": jnp.asarray(rng.standard_normal((5, 3)).astype(np.float32) * (i + 1))

@@ -319,22 +319,19 @@ def _split_gathered(flat: jax.Array, lay: Layout,
         flat = jnp.concatenate([flat, flat[np.array([lay.offsets[j] for j in dups])]])
     w = _written_out(flat)
     dup_at = {j: lay.total + r for r, j in enumerate(dups)}
-    # the indices' bytes are read with the array's: int16 where they fit (the vector's
-    # length, its copies included, is at most the largest index + 1)
-    itype = np.int16 if lay.total + len(dups) <= np.iinfo(np.int16).max + 1 else np.int32
     at_full = [] if full is None else [
         j for j in range(len(lay.offsets)) if lay.n_units[j] and _gathers_full(full[j])]
     parts = _parts_at(w, tuple((lay.offsets[j], lay.n_units[j], lay.shapes[j], full[j],
-                                dup_at.get(j), lay.total, itype) for j in at_full)) \
+                                dup_at.get(j), lay.total) for j in at_full)) \
         if at_full else ()
     got = dict(zip(at_full, parts, strict=True))
     return [got[j] if j in got else _units(w, lay, j, True) for j in range(len(lay.offsets))]
 
 
 # On XLA:CPU an array of at most this many elements takes its part of a per-unit vector at
-# its own shape (:func:`_full_index`): its index is a constant of 2 bytes an element (4 when
-# the vector, with the copies of single units that it then carries, has over 32,768
-# entries), read with the array.
+# its own shape (:func:`_full_index`): its index is a constant of 4 bytes an element, read
+# with the array. (int32: an int16 index, half the bytes, aborted XLA's SPMD partitioner
+# under jit with NamedSharding, "Unsupported indices type: S16".)
 FULL_GATHER = 1 << 12
 
 
@@ -345,10 +342,10 @@ def _gathers_full(shape: tuple[int, ...]) -> bool:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _parts_at(w: jax.Array, specs: tuple) -> tuple[jax.Array, ...]:
-    """For each ``(o, k, unit_shape, shape, dup, total, itype)`` of ``specs``: units ``[o, o +
-    k)`` of ``w`` (of keepdims ``unit_shape``) broadcast to ``shape``, by a gather of one
-    element per element (:func:`_full_index`; ``dup`` a copy of a single unit at the end of
-    ``w``, ``total`` where the copies start, ``itype`` the index's type).
+    """For each ``(o, k, unit_shape, shape, dup, total)`` of ``specs``: units ``[o, o + k)`` of
+    ``w`` (of keepdims ``unit_shape``) broadcast to ``shape``, by a gather of one element per
+    element (:func:`_full_index`; ``dup`` a copy of a single unit at the end of ``w``,
+    ``total`` where the copies start).
 
     Its tangent is each part's units gathered as they are and broadcast (as :func:`_units`),
     whose transpose sums each unit's cotangents by a reduction: the gather's own transpose,
@@ -357,8 +354,8 @@ def _parts_at(w: jax.Array, specs: tuple) -> tuple[jax.Array, ...]:
     ``custom_jvp`` for all the parts: one for each doubled the trace time of 1,000 leaves.
     """
     out = []
-    for o, k, unit_shape, shape, dup, _, itype in specs:
-        idx = _full_index(o, k, unit_shape, shape, dup).astype(itype)
+    for o, k, unit_shape, shape, dup, _ in specs:
+        idx = _full_index(o, k, unit_shape, shape, dup)
         out.append(lax.gather(w, idx[..., None], _GATHER_DIMS, (1,),
                               mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS))
     return tuple(out)
@@ -368,7 +365,7 @@ def _parts_at(w: jax.Array, specs: tuple) -> tuple[jax.Array, ...]:
 def _parts_at_jvp(specs, primals, tangents):
     (w,), (t,) = primals, tangents
     tans = []
-    for o, k, unit_shape, shape, _, total, _ in specs:
+    for o, k, unit_shape, shape, _, total in specs:
         units = _unit_gather(t, o, k, total, unit_shape)
         tans.append(lax.broadcast_in_dim(units, shape, tuple(range(units.ndim))))
     return _parts_at(w, specs), tuple(tans)

@@ -6,7 +6,8 @@ bench`` compiles it (params and state donated) and all are timed in one interlea
 reported as ratios of medians and as medians of each round's ratio.
 
 Run: bash bench/results/cpu_full_gather/make_old.sh 34aef38 && PYTHONPATH=.:bench/results/\\
-     cpu_full_gather/ab python bench/results/cpu_full_gather/ab_step.py [TREE] [REPS]
+     cpu_full_gather/ab python bench/results/cpu_full_gather/ab_step.py [TREE] [REPS] [NAMES]
+(NAMES: a comma list of leaf,agc,adagc,clippy; default all four.)
 """
 import statistics
 import subprocess
@@ -28,8 +29,10 @@ print(f"{jax.default_backend()} {jax.devices()[0].device_kind}; jax {jax.__versi
       f"now: {head.strip()[:60]} (+ working tree); old: {old}")
 adam = optax.adam(1e-3)
 chains = {"adam": adam, "gn": optax.chain(optclip.clip_by_global_norm(1.0), adam)}
-for name, make in [("leaf", lambda m: m.clip_by_leaf_norm(1.0)), ("agc", lambda m: m.agc(0.01)),
-                   ("adagc", lambda m: m.adagc()), ("clippy", lambda m: m.clippy(0.1, 1e-7))]:
+names = (sys.argv[3] if len(sys.argv) > 3 else "leaf,agc,adagc,clippy").split(",")
+makers = {"leaf": lambda m: m.clip_by_leaf_norm(1.0), "agc": lambda m: m.agc(0.01),
+          "adagc": lambda m: m.adagc(), "clippy": lambda m: m.clippy(0.1, 1e-7)}
+for name, make in ((n, makers[n]) for n in names):
     for tag, mod in (("old", optclip_old), ("now", optclip)):
         chains[f"{name}_{tag}"] = (optax.chain(adam, make(mod)) if name == "clippy"
                                    else optax.chain(make(mod), adam))
@@ -50,7 +53,7 @@ res = {"group_step_s": {"all": {k: statistics.median(v) for k, v in times.items(
 print(f"{tree}: {reps} rounds; medians (ms): " + ", ".join(
     f"{k} {v * 1e3:.2f}" for k, v in res["group_step_s"]["all"].items()))
 g = res["group_step_s"]["all"]
-for name in ("leaf", "agc", "adagc", "clippy"):
+for name in names:
     for num, den in ((f"{name}_now", f"{name}_old"), (f"{name}_now", "gn"),
                      (f"{name}_old", "gn")):
         print(f"  {num:>10} / {den:<10} {g[num] / g[den]:.3f}x  paired "

@@ -224,6 +224,29 @@ def time_group(ms: list[Measured], reps: int, warmup: int, steps: int = 1
     return times
 
 
+def time_chains(chains: dict, tree: str, reps: int, steps: int = 1) -> dict:
+    """Side-by-side scripts' timing: each chain's train step compiled as the benchmark
+    compiles it (params and state donated), on ``tree``'s gradients, its first call printed,
+    and all of them timed in one interleaved group (:func:`time_group`, one warm-up round).
+    Returns ``{"group_step_s": {"all": medians}, "group_times_s": {"all": times}}``, as
+    :func:`paired_ratio` reads it (seconds)."""
+    shapes = TREES[tree]()
+    grads = make_tree(shapes, seed=0)
+    params = make_tree(shapes, seed=1, scale=0.1)
+    p_s = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    width = max(map(len, chains))
+    ms = []
+    for key, tx in chains.items():
+        s_s = jax.eval_shape(tx.init, p_s)
+        compiled, lo, co = lower_and_compile(train_step(tx), p_s, s_s, p_s)
+        ms.append(Measured(key, compiled, lambda tx=tx: (_copy(params), _copy(tx.init(params))),
+                           (grads,), True, tree_bytes(params)))
+        print(f"  {key:<{width}} first call {lo + co:6.2f} s", flush=True)
+    times = time_group(ms, reps, 1, steps)
+    return {"group_step_s": {"all": {k: statistics.median(v) for k, v in times.items()}},
+            "group_times_s": {"all": times}}
+
+
 def live_budget(override_gb: float | None) -> float:
     """Bytes the interleaved carries may hold at once."""
     if override_gb is not None:

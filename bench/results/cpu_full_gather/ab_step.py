@@ -5,11 +5,11 @@ global-norm chain and adam alone as yardsticks. Each chain is compiled as ``pyth
 bench`` compiles it (params and state donated) and all are timed in one interleaved group,
 reported as ratios of medians and as medians of each round's ratio.
 
-Run: bash bench/results/cpu_full_gather/make_old.sh 34aef38 && PYTHONPATH=.:bench/results/\\
-     cpu_full_gather/ab python bench/results/cpu_full_gather/ab_step.py [TREE] [REPS] [NAMES]
+Run: bash bench/results/h200_ac9bcd2/make_old.sh 34aef38 bench/results/cpu_full_gather/ab && \\
+     PYTHONPATH=.:bench/results/cpu_full_gather/ab \\
+     python bench/results/cpu_full_gather/ab_step.py [TREE] [REPS] [NAMES]
 (NAMES: a comma list of leaf,agc,adagc,clippy; default all four.)
 """
-import statistics
 import subprocess
 import sys
 
@@ -18,8 +18,7 @@ import optax
 import optclip_old
 
 import optclip
-from bench.run import Measured, _copy, lower_and_compile, paired_ratio, time_group, train_step
-from bench.trees import TREES, make_tree, tree_bytes
+from bench.run import paired_ratio, time_chains
 
 tree = sys.argv[1] if len(sys.argv) > 1 else "resnet50"
 reps = int(sys.argv[2]) if len(sys.argv) > 2 else 15
@@ -36,20 +35,7 @@ for name, make in ((n, makers[n]) for n in names):
     for tag, mod in (("old", optclip_old), ("now", optclip)):
         chains[f"{name}_{tag}"] = (optax.chain(adam, make(mod)) if name == "clippy"
                                    else optax.chain(make(mod), adam))
-shapes = TREES[tree]()
-grads = make_tree(shapes, seed=0)
-params = make_tree(shapes, seed=1, scale=0.1)
-p_s = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-ms = []
-for key, tx in chains.items():
-    s_s = jax.eval_shape(tx.init, p_s)
-    compiled, lo, co = lower_and_compile(train_step(tx), p_s, s_s, p_s)
-    ms.append(Measured(key, compiled, lambda tx=tx: (_copy(params), _copy(tx.init(params))),
-                       (grads,), True, tree_bytes(params)))
-    print(f"  {key:<10} first call {lo + co:6.2f} s", flush=True)
-times = time_group(ms, reps, 1, 1)
-res = {"group_step_s": {"all": {k: statistics.median(v) for k, v in times.items()}},
-       "group_times_s": {"all": times}}
+res = time_chains(chains, tree, reps)
 print(f"{tree}: {reps} rounds; medians (ms): " + ", ".join(
     f"{k} {v * 1e3:.2f}" for k, v in res["group_step_s"]["all"].items()))
 g = res["group_step_s"]["all"]

@@ -7,7 +7,6 @@ reported as ratios of medians and as medians of each round's ratio.
 Run: bash bench/results/h200_ac9bcd2/make_old.sh 7dcc4db && PYTHONPATH=.:bench/results/\
      h200_ac9bcd2/ab python bench/results/h200_ac9bcd2/ab_old.py [TREE] [REPS]
 """
-import statistics
 import subprocess
 import sys
 
@@ -17,8 +16,7 @@ import optclip_old
 
 import optclip
 from bench.clippers import entries
-from bench.run import Measured, _copy, lower_and_compile, paired_ratio, time_group, train_step
-from bench.trees import TREES, make_tree, tree_bytes
+from bench.run import paired_ratio, time_chains
 
 tree = sys.argv[1] if len(sys.argv) > 1 else "gpt2"
 reps = int(sys.argv[2]) if len(sys.argv) > 2 else 30
@@ -37,20 +35,7 @@ chains = {
     "value_old": optax.chain(optclip_old.clip_by_value(0.1), adam),
     "value_now": optax.chain(optclip.clip_by_value(0.1), adam),
 }
-shapes = TREES[tree]()
-grads = make_tree(shapes, seed=0)
-params = make_tree(shapes, seed=1, scale=0.1)
-p_s = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-ms = []
-for key, tx in chains.items():
-    s_s = jax.eval_shape(tx.init, p_s)
-    compiled, lo, co = lower_and_compile(train_step(tx), p_s, s_s, p_s)
-    ms.append(Measured(key, compiled, lambda tx=tx: (_copy(params), _copy(tx.init(params))),
-                       (grads,), True, tree_bytes(params)))
-    print(f"  {key:<18} first call {lo + co:6.2f} s", flush=True)
-times = time_group(ms, reps, 1, steps)
-res = {"group_step_s": {"all": {k: statistics.median(v) for k, v in times.items()}},
-       "group_times_s": {"all": times}}
+res = time_chains(chains, tree, reps, steps)
 print(f"{tree}: {reps} rounds of {steps} steps; medians (ms): " + ", ".join(
     f"{k} {v * 1e3:.2f}" for k, v in res["group_step_s"]["all"].items()))
 for num, den in [("gn_now", "gn_old"), ("gn_now", "fused_global_norm"),

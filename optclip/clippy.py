@@ -377,10 +377,10 @@ def _apply(u: jax.Array, sigma: jax.Array) -> jax.Array:
     promotion were most of its Python time."""
     wide = jnp.promote_types(u.dtype, jnp.float32)
     x = lax.convert_element_type(u, wide)
-    s = lax.convert_element_type(sigma, jnp.finfo(wide).dtype)
+    s = lax.convert_element_type(sigma, wide)  # (a complex tensor's: sigma + 0j, as jnp's)
     if s.shape != x.shape:
         s = lax.broadcast_in_dim(s, x.shape, ())
-    out = lax.mul(x, s.astype(wide) if jnp.iscomplexobj(x) else s)
+    out = lax.mul(x, s)
     finite = jnp.isfinite(x) if jnp.iscomplexobj(x) else lax.is_finite(x)
     return lax.convert_element_type(lax.select(finite, out, x), u.dtype)
 

@@ -24,6 +24,7 @@ and a callable would be taken for a schedule).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
@@ -208,19 +209,20 @@ def layer_norms(
     flat, nonfinite = _n.norm_core(xs, p, axes=axes, axes_per_leaf=mesh, flag_axes=flag_axes,
                                    flat=True)
     lay = _n.layout_of(xs, axes)
-    shapes = [x.shape for x in xs]  # split's parts only scale their arrays
+    # split's parts only scale their arrays: at their full shape where that is cheaper
+    split_parts = functools.partial(_n.split_flat, lay=lay, full=[x.shape for x in xs])
     split_across = any(_names(ax) for ax in mesh or ())
     if not flag_axes and not split_across:
         # no array split across devices: every size is known here, one constant (a scalar
         # per array, stacked, was much of the trace time of a tree of many leaves)
         unit_sizes = jnp.asarray(np.repeat(np.asarray(lay.sizes, np.float64),
                                            np.asarray(lay.n_units, np.int64)), flat.dtype)
-        return LayerNorms(flat, unit_sizes, nonfinite, lambda v: _n.split_flat(v, lay, full=shapes))
+        return LayerNorms(flat, unit_sizes, nonfinite, split_parts)
     sizes = _n.collect([jnp.asarray(s, flat.dtype) for s in lay.sizes], mesh, lax.psum)
     if not flag_axes:
         unit_sizes = jnp.repeat(jnp.stack(sizes), np.asarray(lay.n_units),
                                 total_repeat_length=lay.total)
-        return LayerNorms(flat, unit_sizes, nonfinite, lambda v: _n.split_flat(v, lay, full=shapes))
+        return LayerNorms(flat, unit_sizes, nonfinite, split_parts)
     # Every layer's norm on every device, in one psum across the mesh axes that split a
     # layer axis: each device writes its own layers' norms at their place (zeros elsewhere),
     # and the first device along the other axes writes the norms of the leaves those axes do

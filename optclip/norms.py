@@ -310,17 +310,14 @@ def _split_gathered(flat: jax.Array, lay: Layout,
     """:func:`split_flat` on XLA:CPU: each array's part by a gather (:func:`_units`) from the
     vector written out first (:func:`_written_out`), or, for an array of ``full`` shape of 2
     to ``FULL_GATHER`` elements, by a gather of its own shape (:func:`_parts_at`)."""
-    dups: list[int] = []
-    if full is not None:
-        dups = [j for j, shape in enumerate(full) if lay.n_units[j] == 1 and _gathers_full(shape)]
+    at_full = _at_full(lay, full)
+    dups = [j for j in at_full if lay.n_units[j] == 1]
     if dups:
         # one more copy of each such array's single unit, at ``total + r``: its index then
         # holds two values, which XLA does not fold into a broadcast (see _full_index)
         flat = jnp.concatenate([flat, flat[np.array([lay.offsets[j] for j in dups])]])
     w = _written_out(flat)
     dup_at = {j: lay.total + r for r, j in enumerate(dups)}
-    at_full = [] if full is None else [
-        j for j in range(len(lay.offsets)) if lay.n_units[j] and _gathers_full(full[j])]
     parts = _parts_at(w, tuple((lay.offsets[j], lay.n_units[j], lay.shapes[j], full[j],
                                 dup_at.get(j), lay.total) for j in at_full)) \
         if at_full else ()
@@ -335,9 +332,13 @@ def _split_gathered(flat: jax.Array, lay: Layout,
 FULL_GATHER = 1 << 12
 
 
-def _gathers_full(shape: tuple[int, ...]) -> bool:
-    size = int(np.prod(shape, dtype=np.int64))
-    return 2 <= size <= FULL_GATHER
+def _at_full(lay: Layout, full: Sequence[tuple[int, ...]] | None) -> list[int]:
+    """The arrays whose part :func:`split_flat` hands back at their own shape ``full[j]``:
+    those with units and 2 to ``FULL_GATHER`` elements."""
+    if full is None:
+        return []
+    return [j for j, shape in enumerate(full)
+            if lay.n_units[j] and 2 <= int(np.prod(shape, dtype=np.int64)) <= FULL_GATHER]
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -433,11 +434,9 @@ def split_flat(flat: jax.Array, lay: Layout,
         # (the branches' types must agree: the parts the CPU's takes at full shape, broadcast
         # here, as the kernel that scales the array would broadcast them)
         parts = _split_sliced(v, lay)
-        if full is None:
-            return parts
-        return [lax.broadcast_in_dim(q, shape, tuple(range(q.ndim)))
-                if lay.n_units[j] and _gathers_full(shape) else q
-                for j, (q, shape) in enumerate(zip(parts, full, strict=True))]
+        for j in _at_full(lay, full):
+            parts[j] = lax.broadcast_in_dim(parts[j], full[j], tuple(range(parts[j].ndim)))
+        return parts
 
     return lax.platform_dependent(flat, cpu=lambda v: _split_gathered(v, lay, full),
                                   default=sliced)

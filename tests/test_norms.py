@@ -1,5 +1,6 @@
 """optclip.norms against float64 NumPy."""
 
+import functools
 import math
 
 import jax
@@ -323,10 +324,16 @@ def test_gradient_through_the_rescue_is_the_formulas(case, p):
     # 1e-30's share of the gradient is 6e-31 (p = 1.5). Elements are held to the largest.
     atol = 1e-6 * np.abs(want).max()
     for f in fs:
-        for c in (1.0, 700.0):
-            g = jax.grad(lambda v, f=f, c=c: c * f(v))(jnp.asarray(x))
+        # under jit, as a training step takes it: one program for both cotangents and the
+        # tangent (run op by op, these cases took 3x as long)
+        @jax.jit
+        def derivatives(v, tan, f=f):
+            grad = jax.grad(lambda v, k: k * f(v))
+            return grad(v, 1.0), grad(v, 700.0), jax.jvp(f, (v,), (tan,))[1]
+
+        *gs, tan = derivatives(jnp.asarray(x), jnp.asarray(t, jnp.float32))
+        for c, g in zip((1.0, 700.0), gs, strict=True):
             np.testing.assert_allclose(np.asarray(g), c * want, rtol=2e-5, atol=c * atol)
-        _, tan = jax.jvp(f, (jnp.asarray(x),), (jnp.asarray(t, jnp.float32),))
         np.testing.assert_allclose(float(tan), np.dot(want, t), rtol=2e-5)
 
 
@@ -606,6 +613,16 @@ def _hessian_ref(a, p):
     return (p - 1) / n * (np.diag(r ** (p - 2)) - np.outer(g, g))
 
 
+@functools.cache
+def _hessians(p):
+    """The Hessians of a global norm, a leaf's norm and ``combine_norms`` of one vector, in one
+    program per ``p`` that every scale shares (op by op, each took seconds)."""
+    fs = (lambda v: optclip.global_norm(v, ord=p),
+          lambda v: optclip.leaf_norms({"a": v, "b": jnp.ones(3)}, p)["a"],
+          lambda v: optclip.norms.combine_norms(v, p))
+    return jax.jit(lambda x: tuple(jax.hessian(f)(x) for f in fs))
+
+
 @pytest.mark.parametrize("p", [2.0, 3.0])
 @pytest.mark.parametrize("scale", [1e-25, 1.0, 1e25])
 def test_second_derivatives_of_the_norms(scale, p):
@@ -616,8 +633,6 @@ def test_second_derivatives_of_the_norms(scale, p):
     a = np.array([2.0, -3.0, 1.0, 0.5]) * scale
     want = _hessian_ref(a, p)
     x = jnp.asarray(a, jnp.float32)
-    for f in (lambda v: optclip.global_norm(v, ord=p),
-              lambda v: optclip.leaf_norms({"a": v, "b": jnp.ones(3)}, p)["a"],
-              lambda v: optclip.norms.combine_norms(v, p)):
-        h = np.asarray(jax.hessian(f)(x), np.float64)
+    for h in _hessians(p)(x):
+        h = np.asarray(h, np.float64)
         np.testing.assert_allclose(h, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

@@ -61,7 +61,11 @@ def _quotient(a: jax.Array, lam_rel: jax.Array, lam_abs: jax.Array, d: jax.Array
     update's gradient NaN. Clamped, they are 0 there; where the min does select such a
     ratio, the true derivative is beyond the dtype anyway.
     """
-    return (mul0(a, lam_rel) + lam_abs) / d
+    # (lax primitives, as in :func:`_ratios`: ``mul0(a, lam_rel)``, then ``+ lam_abs``, ``/ d``)
+    lr = lax.broadcast_in_dim(lam_rel, a.shape, ())
+    zero = lax.full_like(a, 0)
+    prod = lax.select(lax.bitwise_or(lax.eq(a, zero), lax.eq(lr, zero)), zero, lax.mul(a, lr))
+    return lax.div(lax.add(prod, lax.broadcast_in_dim(lam_abs, a.shape, ())), d)
 
 
 @_quotient.defjvp
@@ -90,17 +94,24 @@ def _ratios(u: jax.Array, w: jax.Array, lam_rel: jax.Array, lam_abs: jax.Array,
     returns some other element (``python -m bench.xla_probe update_space``). The marker also
     crosses devices in the ``pmin`` that a NaN might not survive.
     """
-    d = jnp.abs(u).astype(acc)
+    # In lax primitives: a model's tensors trace this once each (its pieces), and jnp's
+    # functions (each a jit of its own) and promotion were most of the update's trace time.
+    d = lax.convert_element_type(lax.abs(u), acc)
     # A subnormal |u_j| counts as 0 (no bound), as XLA flushes it in the division: bound / d
     # would be 0 / 0 there, a NaN factor where the update is finite.
-    active = jnp.isfinite(d) & (d >= jnp.finfo(acc).tiny)
-    a, lr = jnp.abs(w).astype(acc), lam_rel.astype(acc)
+    active = lax.bitwise_and(lax.is_finite(d),
+                             lax.ge(d, lax.full_like(d, float(jnp.finfo(acc).tiny))))
+    a = lax.convert_element_type(lax.abs(w), acc)
+    lr = lax.convert_element_type(lam_rel, acc)
     # The bound is NaN where the weight is and lam_rel is not 0 (mul0); the thresholds are not
     # NaN (an invalid one is 0 here). The untaken branch divides by 1, so value and derivative
     # are finite at u_j = 0.
-    ratio = jnp.where(jnp.isnan(a) & (lr != 0), -jnp.ones((), acc),
-                      _quotient(a, lr, lam_abs.astype(acc), jnp.where(active, d, 1)))
-    return jnp.where(active, ratio, jnp.inf)
+    q = _quotient(a, lr, lax.convert_element_type(lam_abs, acc),
+                  lax.select(active, d, lax.full_like(d, 1)))
+    nan_bound = lax.select(lax.ne(lr, lax.full_like(lr, 0)), lax.ne(a, a),
+                           lax.full_like(a, False, bool))
+    ratio = lax.select(nan_bound, lax.full_like(q, -1), q)
+    return lax.select(active, ratio, lax.full_like(q, float("inf")))
 
 
 class _Pieces(NamedTuple):
@@ -303,12 +314,14 @@ def _row_dims(shape: tuple[int, ...], red: tuple[int, ...]) -> tuple[list[int], 
 
 
 def _factors_and_norms(pieces: _Pieces, lam_rel: jax.Array, lam_abs: jax.Array, acc: Any
-                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                       ) -> tuple[jax.Array, jax.Array, jax.Array, list[jax.Array | None]]:
     """Per unit of the pieces, in their order (flat vectors): the factor :func:`_sigma` of
     ``min_j`` :func:`_ratios` and the L2 norm, each combined across the unit's mesh axes
-    (``pmin``; ``psum`` of Blue's sums), and whether any element was NaN or inf."""
+    (``pmin``; ``psum`` of Blue's sums), and whether any element was NaN or inf; and per
+    piece, the factor of a large tensor's piece (its one unit, shape ``(1,)``; None for a
+    stack)."""
     if not pieces.arrays:
-        return jnp.zeros((0,), acc), jnp.zeros((0,), acc), jnp.zeros((), bool)
+        return jnp.zeros((0,), acc), jnp.zeros((0,), acc), jnp.zeros((), bool), []
     pairs = [_one_pass(u, w, ax, lam_rel, lam_abs, acc)
              for u, w, ax in zip(pieces.arrays, pieces.params, pieces.unit_axes, strict=True)]
     mins = _n.collect([m for m, _ in pairs], pieces.mesh, _pmin)
@@ -319,7 +332,12 @@ def _factors_and_norms(pieces: _Pieces, lam_rel: jax.Array, lam_abs: jax.Array, 
     nonfinite = jnp.any(~jnp.isfinite(sml + med + big))
     norms = _norms_of(lax.stop_gradient(_n.blue_norm(sml, med, big)), tuple(pieces.arrays),
                       tuple(pieces.unit_axes), None if pieces.mesh is None else tuple(pieces.mesh))
-    return cat([_sigma(m) for m in mins]), norms, nonfinite
+    # The factors once, on one vector (a kernel each when taken piece by piece: 35 on
+    # ResNet-50). A large tensor takes its own from its piece's min, in the kernel that
+    # scales it, rather than by a gather from that vector (a kernel each: 53 on ResNet-50).
+    own = [_sigma(m) if ax is None else None
+           for m, ax in zip(mins, pieces.unit_axes, strict=True)]
+    return _sigma(cat(mins)), norms, nonfinite, own
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
@@ -365,8 +383,8 @@ def _norms_of_jvp(unit_axes, mesh, primals, tangents):
 
 def _sigma(ratio: jax.Array) -> jax.Array:
     """``min(1, ratio)``, NaN for :func:`_ratios`' NaN marker."""
-    return jnp.where(ratio < 0, jnp.full((), jnp.nan, ratio.dtype),
-                     jnp.minimum(jnp.ones((), ratio.dtype), ratio))
+    return lax.select(lax.lt(ratio, lax.full_like(ratio, 0)), lax.full_like(ratio, float("nan")),
+                      lax.min(lax.full_like(ratio, 1), ratio))
 
 
 def _apply(u: jax.Array, sigma: jax.Array) -> jax.Array:
@@ -568,7 +586,7 @@ def clippy(
         # stats: never split per tensor. Both are in the pieces' order, which the stats need
         # no other than; zero-size tensors are in no piece (norm 0, factor 1: nothing to the
         # stats).
-        sig_v, norms_v, nonfinite = _factors_and_norms(pieces, lr, la, acc)
+        sig_v, norms_v, nonfinite, own = _factors_and_norms(pieces, lr, la, acc)
         maybe_raise_nonfinite(error_if_nonfinite, nonfinite, "clippy")
         order = [j for js in pieces.leaves for j in js]
         sig_lay = _n.layout_of([jax.ShapeDtypeStruct((), acc)] * len(order), [None] * len(order))
@@ -577,6 +595,9 @@ def clippy(
                                              full=[us[j].shape for j in order]),
                         strict=True):
             sigmas[j] = s
+        for js, s in zip(pieces.leaves, own, strict=True):
+            if s is not None:  # a large tensor, one piece of its own
+                sigmas[js[0]] = lax.reshape(s, ())
 
         out = list(flat)
         for j, i in enumerate(idx):

@@ -1068,13 +1068,15 @@ def blue_terms(x: jax.Array, acc: Any) -> tuple[jax.Array, jax.Array, jax.Array]
     variadic reduction can take beside another result. A NaN lands in the middle term and
     an inf in the large one, so that the norm is NaN or inf."""
     t_sml, t_big, s_sml, s_big = _blue_consts(acc)
-    a = jnp.abs(x).astype(acc) if jnp.iscomplexobj(x) else jnp.abs(x.astype(acc))
-    zero = jnp.zeros((), acc)
-    small, big = a < t_sml, a > t_big
-    mid = jnp.where(small | big, zero, a)
-    lo = jnp.where(small, a * jnp.asarray(s_sml, acc), zero)
-    hi = jnp.where(big, a * jnp.asarray(s_big, acc), zero)
-    return lo * lo, mid * mid, hi * hi
+    # (lax primitives: traced once per tensor, where jnp's functions cost trace time)
+    a = (lax.convert_element_type(lax.abs(x), acc) if jnp.iscomplexobj(x)
+         else lax.abs(lax.convert_element_type(x, acc)))
+    zero = lax.full_like(a, 0)
+    small, big = lax.lt(a, lax.full_like(a, t_sml)), lax.gt(a, lax.full_like(a, t_big))
+    mid = lax.select(lax.bitwise_or(small, big), zero, a)
+    lo = lax.select(small, lax.mul(a, lax.full_like(a, s_sml)), zero)
+    hi = lax.select(big, lax.mul(a, lax.full_like(a, s_big)), zero)
+    return lax.mul(lo, lo), lax.mul(mid, mid), lax.mul(hi, hi)
 
 
 def blue_norm(sml: jax.Array, med: jax.Array, big: jax.Array) -> jax.Array:

@@ -402,6 +402,18 @@ def test_each_small_leaf_is_scaled_by_one_kernel(name):
     assert (kernels(96) - kernels(48)) / 48 <= 1.1
 
 
+def test_clippy_large_tensors_take_their_factor_by_no_gather():
+    # A large tensor (one piece of its own) took its factor by a gather from the vector of
+    # every factor, a kernel of its own on XLA:CPU (53 on ResNet-50); it now takes it from
+    # its own piece's min, in the kernel that scales it (bench/results/cpu_clippy_trace/).
+    # Four such tensors: 4 gathers before, none now.
+    tree = {f"l{i}": jnp.ones((270, 256 + i)) for i in range(4)}
+    tx = REG["clippy"].alone()
+    hlo = jax.jit(lambda u, s, p: tx.update(u, s, p)).lower(
+        tree, tx.init(tree), tree).compile().as_text()
+    assert " gather(" not in hlo
+
+
 @pytest.mark.parametrize("name", _marked(["agc", "clip_by_leaf_norm", "adagc"], {},
                                          {"agc": AGC_GPU_TEMP}))
 def test_many_large_leaves_of_one_shape_write_no_tree_out(name):

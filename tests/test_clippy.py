@@ -891,6 +891,19 @@ def test_short_rows_and_sharded_long_rows_hold_no_copy():
     assert c.memory_analysis().temp_size_in_bytes < 0.05 * 4096 * 32 * 4
 
 
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.bool_, jnp.int8])
+@pytest.mark.parametrize("n", [2, 70_000])
+def test_params_of_integer_and_bool_dtypes_bound_as_their_values(dtype, n):
+    # Unsigned and bool params are their own magnitude: |w| by lax.abs, which rejects them,
+    # raised a TypeError (5d66005, found in review); jnp.abs had taken them as they are.
+    tx = optclip.clippy(0.1, 1e-2)
+    u = {"w": jnp.tile(jnp.array([0.5, 0.05], jnp.float32), n // 2)}
+    w = {"w": jnp.ones(n, dtype)}
+    out, _ = tx.update(u, tx.init(w), w)
+    # bound 0.1 * 1 + 0.01 = 0.11: the largest update, 0.5, takes sigma = 0.22
+    np.testing.assert_allclose(np.asarray(out["w"]), np.asarray(u["w"]) * 0.22, rtol=1e-6)
+
+
 def test_float64_leaves_take_float64_thresholds():
     # the thresholds were float32 for every leaf: 0.1 became 0.10000000149, a relative error
     # of 1.5e-8 in float64's factor (its docstring promises float64 for float64 leaves)

@@ -96,15 +96,12 @@ def _ratios(u: jax.Array, w: jax.Array, lam_rel: jax.Array, lam_abs: jax.Array,
     """
     # In lax primitives: a model's tensors trace this once each (its pieces), and jnp's
     # functions (each a jit of its own) and promotion were most of the update's trace time.
-    d = lax.convert_element_type(lax.abs(u), acc)
+    d = _n.abs_in(u, acc)
     # A subnormal |u_j| counts as 0 (no bound), as XLA flushes it in the division: bound / d
     # would be 0 / 0 there, a NaN factor where the update is finite.
     active = lax.bitwise_and(lax.is_finite(d),
                              lax.ge(d, lax.full_like(d, float(jnp.finfo(acc).tiny))))
-    # (|w| as jnp.abs takes it: lax.abs rejects unsigned and bool params, which are their own
-    # magnitude)
-    unsigned = jnp.issubdtype(w.dtype, jnp.unsignedinteger) or w.dtype == jnp.bool_
-    a = lax.convert_element_type(w if unsigned else lax.abs(w), acc)
+    a = _n.abs_in(w, acc)  # (params of any dtype: unsigned and bool ones too)
     lr = lax.convert_element_type(lam_rel, acc)
     # The bound is NaN where the weight is and lam_rel is not 0 (mul0); the thresholds are not
     # NaN (an invalid one is 0 here). The untaken branch divides by 1, so value and derivative

@@ -113,6 +113,16 @@ def _magnitude(x: jax.Array, acc: jnp.dtype) -> jax.Array:
     return x.astype(acc)
 
 
+def abs_in(x: jax.Array, acc: Any) -> jax.Array:
+    """``|x|`` in ``acc``, for an array of any dtype (complex: the modulus; unsigned and bool:
+    their value), in lax primitives: cheap to trace for each of a model's tensors, where
+    ``jnp.abs(x).astype(acc)`` is two jitted functions (and ``lax.abs`` alone rejects
+    unsigned and bool arrays)."""
+    if jnp.iscomplexobj(x):
+        return lax.convert_element_type(lax.abs(x), acc)
+    return lax.abs(lax.convert_element_type(x, acc))
+
+
 def _pow_terms(m: jax.Array, p: float) -> jax.Array:
     """``|m| ** p`` element-wise."""
     if p == 2:
@@ -1069,8 +1079,7 @@ def blue_terms(x: jax.Array, acc: Any) -> tuple[jax.Array, jax.Array, jax.Array]
     an inf in the large one, so that the norm is NaN or inf."""
     t_sml, t_big, s_sml, s_big = _blue_consts(acc)
     # (lax primitives: traced once per tensor, where jnp's functions cost trace time)
-    a = (lax.convert_element_type(lax.abs(x), acc) if jnp.iscomplexobj(x)
-         else lax.abs(lax.convert_element_type(x, acc)))
+    a = abs_in(x, acc)
     zero = lax.full_like(a, 0)
     small, big = lax.lt(a, lax.full_like(a, t_sml)), lax.gt(a, lax.full_like(a, t_big))
     mid = lax.select(lax.bitwise_or(small, big), zero, a)

@@ -7,6 +7,7 @@ with the edge cases of TensorFlow Recommenders' ClippyAdagrad: a zero u_j sets n
 
 import math
 import re
+import sys
 
 import flax.serialization
 import jax
@@ -859,6 +860,21 @@ def test_a_subnormal_update_sets_no_bound(n):
     out, state = jax.jit(tx.update)(u, tx.init(w), w)
     np.testing.assert_array_equal(np.asarray(out["a"]), 0.0)
     assert optclip.stats(state, host=True)["nonfinite"] is False
+
+
+def test_large_tensors_of_one_shape_share_one_trace(monkeypatch):
+    # Its per-piece pass is jitted, traced once per shape: a model's repeated layers share one
+    # trace and one lowering (GPT-2's 50 large tensors have 6 shapes). It was traced for each
+    # tensor: 4 times here.
+    mod = sys.modules["optclip.clippy"]
+    seen = []
+    real = mod._ratios
+    monkeypatch.setattr(mod, "_ratios", lambda u, *a: seen.append(u.shape) or real(u, *a))
+    x = jax.ShapeDtypeStruct((263, 257), jnp.float32)  # large, and no other test's shape
+    tree = {k: x for k in "abcd"}
+    tx = optclip.clippy(0.1, 1e-7)
+    jax.jit(tx.update).lower(tree, tx.init(tree), tree)
+    assert seen == [(263, 257)]
 
 
 def test_short_rows_and_sharded_long_rows_hold_no_copy():

@@ -313,6 +313,11 @@ def entries() -> dict[str, Entry]:
         Entry("fused_clippy", lambda: fused_clippy(0.1, 1e-7),
               lambda: optax.chain(adam(), fused_clippy(0.1, 1e-7)),
               "adam + hand-fused clippy", "baseline"),
+        # with the one stat that reads the updates again, their norm, from the same pass as the
+        # min (no overflow safety): a reference for clippy's first call
+        Entry("fused_clippy_stat", lambda: fused_clippy(0.1, 1e-7, norm="one_pass"),
+              lambda: optax.chain(adam(), fused_clippy(0.1, 1e-7, norm="one_pass")),
+              "adam + hand-fused clippy with its norm stat from the same pass", "baseline"),
         Entry("stacked_clippy", lambda: stacked_clippy(0.1, 1e-7),
               lambda: optax.chain(adam(), stacked_clippy(0.1, 1e-7)),
               "adam + hand-fused clippy on stacks of leaves of one shape", "baseline"),

@@ -274,7 +274,8 @@ def _one_pass(u: jax.Array, w: jax.Array, ax: Any, lam_rel: jax.Array, lam_abs: 
 
 # :func:`_one_pass` traced once for each distinct (shapes, dtypes, unit axis): a model's
 # repeated layers share one trace and one lowering, a call XLA inlines (GPT-2's 50 large tensors
-# have 6 shapes; its chain's first call 2.53 -> 2.20 s, ``bench/results/cpu_clippy_first_call/``).
+# have 6 shapes: its chain's first call 2.32 -> 2.10 s in medians of 7, trace + lower 0.60 ->
+# 0.42 s, ``bench/results/cpu_clippy_first_call/shared.log``).
 _one_pass_shared = jax.jit(_one_pass, static_argnums=(2, 5))
 
 

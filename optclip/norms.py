@@ -108,8 +108,10 @@ def acc_dtype(xs: Sequence[Any]) -> jnp.dtype:
 
 
 def _magnitude(x: jax.Array, acc: jnp.dtype) -> jax.Array:
+    """``x`` in ``acc`` for the norms' terms: a complex array's modulus (:func:`abs_in`), a
+    real one as it is (its terms take ``|x|``)."""
     if jnp.iscomplexobj(x):
-        return jnp.abs(x).astype(acc)
+        return abs_in(x, acc)
     return x.astype(acc)
 
 

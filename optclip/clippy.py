@@ -170,11 +170,16 @@ def _pieces(us: list[jax.Array], ws: list[jax.Array], axes: list[Any] | None) ->
         for (_, width), ks in rows.items():
             if len(ks) == 1:  # alone in its width: a row of its own size, no padded copy
                 width = us[ks[0]].size
-            def row(x: jax.Array, width: int = width) -> jax.Array:
-                x = jnp.ravel(x)
-                return x if x.size == width else jnp.pad(x, (0, width - x.size))
-            arrays.append(jnp.stack([row(us[k]) for k in ks]))
-            params.append(jnp.stack([row(ws[k]) for k in ks]))
+            def stack(xs: list[jax.Array], width: int = width) -> jax.Array:
+                # (lax primitives: jnp's ravel, pad and stack each cost more Python per
+                # tensor, bench/results/cpu_split_trace/)
+                rows = [lax.reshape(x, (1, x.size)) for x in xs]
+                rows = [r if r.size == width else lax.pad(
+                    r, lax.full((), 0, r.dtype), ((0, 0, 0), (0, width - r.size, 0)))
+                    for r in rows]
+                return rows[0] if len(rows) == 1 else lax.concatenate(rows, 0)
+            arrays.append(stack([us[k] for k in ks]))
+            params.append(stack([ws[k] for k in ks]))
             leaves.append(ks)
             unit_axes.append(1)
             mesh.append(ax)

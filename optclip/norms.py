@@ -313,8 +313,35 @@ _GATHER_DIMS = lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(
                                           start_index_map=(0,))
 
 
-def _split_sliced(flat: jax.Array, lay: Layout) -> list[jax.Array]:
-    return [_units(flat, lay, j, False) for j in range(len(lay.offsets))]
+def _split_sliced(flat: jax.Array, lay: Layout,
+                  full: Sequence[tuple[int, ...]] | None = None) -> list[jax.Array]:
+    """Each array's part of ``flat`` (as :func:`_units` without ``gather``), and with
+    ``full`` those of :func:`_at_full` broadcast to their arrays' shapes.
+
+    By one ``lax.split``, which lowers to the same slices: one equation where a slice each
+    took 1,000 on 1,000 leaves, and ``split_flat`` traces this branch on every platform.
+    A part whose units lie along one dim of its array is broadcast as it comes, without a
+    reshape to its keepdims shape first (bench/results/cpu_split_trace/)."""
+    at_full = set(_at_full(lay, full))
+    if not lay.offsets or not hasattr(lax, "split"):  # (lax.split: JAX 0.4.36 on)
+        parts = [_units(flat, lay, j, False) for j in range(len(lay.offsets))]
+        return [lax.broadcast_in_dim(p, full[j], tuple(range(p.ndim))) if j in at_full else p
+                for j, p in enumerate(parts)]
+    out = []
+    for j, (p, shape) in enumerate(zip(lax.split(flat, lay.n_units), lay.shapes, strict=True)):
+        if j in at_full:
+            # the one dim the units lie along (for a single unit the last, whose size 1
+            # broadcasts to any)
+            along = [d for d, n in enumerate(shape) if n > 1]
+            if len(along) <= 1:
+                d = along[0] if along else len(full[j]) - 1
+                out.append(lax.broadcast_in_dim(p, full[j], (d,)))
+                continue
+            p = lax.reshape(p, shape)
+            out.append(lax.broadcast_in_dim(p, full[j], tuple(range(p.ndim))))
+        else:
+            out.append(p if p.shape == shape else lax.reshape(p, shape))
+    return out
 
 
 def _split_gathered(flat: jax.Array, lay: Layout,
@@ -442,16 +469,10 @@ def split_flat(flat: jax.Array, lay: Layout,
         return _split_sliced(flat, lay)
     full = None if full is None else [tuple(s) for s in full]
 
-    def sliced(v: jax.Array) -> list[jax.Array]:
-        # (the branches' types must agree: the parts the CPU's takes at full shape, broadcast
-        # here, as the kernel that scales the array would broadcast them)
-        parts = _split_sliced(v, lay)
-        for j in _at_full(lay, full):
-            parts[j] = lax.broadcast_in_dim(parts[j], full[j], tuple(range(parts[j].ndim)))
-        return parts
-
+    # (the branches' types must agree: the parts the CPU's takes at full shape, the other
+    # broadcasts, as the kernel that scales the array would broadcast them)
     return lax.platform_dependent(flat, cpu=lambda v: _split_gathered(v, lay, full),
-                                  default=sliced)
+                                  default=lambda v: _split_sliced(v, lay, full))
 
 
 class _Packed(NamedTuple):

@@ -171,8 +171,9 @@ def _pieces(us: list[jax.Array], ws: list[jax.Array], axes: list[Any] | None) ->
             if len(ks) == 1:  # alone in its width: a row of its own size, no padded copy
                 width = us[ks[0]].size
             def stack(xs: list[jax.Array], width: int = width) -> jax.Array:
-                # (lax primitives: jnp's ravel, pad and stack each cost more Python per
-                # tensor, bench/results/cpu_split_trace/)
+                # (lax primitives: jnp's ravel, pad and stack cost more Python per tensor,
+                # though a jnp.stack is one equation and this is two reshapes for a 1-D
+                # tensor; bench/results/cpu_split_trace/)
                 rows = [lax.reshape(x, (1, x.size)) for x in xs]
                 rows = [r if r.size == width else lax.pad(
                     r, lax.full((), 0, r.dtype), ((0, 0, 0), (0, width - r.size, 0)))

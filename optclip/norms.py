@@ -323,7 +323,7 @@ def _split_sliced(flat: jax.Array, lay: Layout,
     A part whose units lie along one dim of its array is broadcast as it comes, without a
     reshape to its keepdims shape first (bench/results/cpu_split_trace/)."""
     at_full = set(_at_full(lay, full))
-    if not lay.offsets or not hasattr(lax, "split"):  # (lax.split: JAX 0.4.36 on)
+    if not lay.offsets or not hasattr(lax, "split"):  # (lax.split: JAX 0.4.38 on)
         parts = [_units(flat, lay, j, False) for j in range(len(lay.offsets))]
         return [lax.broadcast_in_dim(p, full[j], tuple(range(p.ndim))) if j in at_full else p
                 for j, p in enumerate(parts)]

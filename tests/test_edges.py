@@ -453,6 +453,33 @@ def test_clip_by_value_traces_a_leaf_of_more_than_2_31_elements():
     assert s.stats.clipped.shape == ()
 
 
+def test_clip_by_value_derivatives_at_the_bounds_match_optax():
+    # optax.clip's clamp is a max and a min (jnp.clip), whose derivatives split a tie between
+    # the two operands. 339d8aa's lax.clamp gave an element at a bound derivative 0, and with
+    # both bounds one value lost the bound's own derivative (review, helper-47; reverted,
+    # bench/results/cpu_value_clamp/).
+    x = jnp.array([-5.0, -1.0, 0.3, 1.0, 5.0, 0.0, -0.0])
+
+    def ours(u, lo, hi):
+        tx = optclip.clip_by_value(hi, lo)
+        return tx.update({"a": u}, tx.init(None))[0]["a"]
+
+    def theirs(u, lo, hi):  # optax.clip's clamp, two-sided (it takes one bound, +-max_delta)
+        return jnp.clip(u, lo, hi)
+
+    for lo, hi in ((-1.0, 1.0), (1.0, 1.0), (0.0, 0.0), (-1.0, 0.3)):
+        args = (x, jnp.float32(lo), jnp.float32(hi))
+        for argnum in (0, 1, 2):
+            np.testing.assert_array_equal(
+                np.asarray(jax.jacfwd(ours, argnum)(*args)),
+                np.asarray(jax.jacfwd(theirs, argnum)(*args)), err_msg=f"{lo, hi, argnum}")
+    # and through optax.clip itself, one-sided
+    tx_o = optax.clip(1.0)
+    jvp_o = jax.jvp(lambda u: tx_o.update(u, tx_o.init(None))[0], (x,), (jnp.ones(7),))[1]
+    jvp_ours = jax.jvp(lambda u: ours(u, None, 1.0), (x,), (jnp.ones(7),))[1]
+    np.testing.assert_array_equal(np.asarray(jvp_ours), np.asarray(jvp_o))
+
+
 @pytest.mark.parametrize("h,gscale", [(1e-20, 1.0), (1.0, 1.0), (1e20, 1e20)])
 def test_clip_by_value_scale_gradient_in_the_bound(h, gscale):
     # d(scale)/d(max_value), against the closed form: scale = sqrt(sum min(|g|, h)^2) / |g|

@@ -172,7 +172,7 @@ def _pieces(us: list[jax.Array], ws: list[jax.Array], axes: list[Any] | None) ->
                 width = us[ks[0]].size
             def stack(xs: list[jax.Array], width: int = width) -> jax.Array:
                 # (lax primitives: jnp's ravel, pad and stack cost more Python per tensor,
-                # though a jnp.stack is one equation and this is two reshapes for a 1-D
+                # though a jnp.stack is one equation where this takes a reshape for each
                 # tensor; bench/results/cpu_split_trace/)
                 rows = [lax.reshape(x, (1, x.size)) for x in xs]
                 rows = [r if r.size == width else lax.pad(

@@ -323,12 +323,13 @@ def _split_sliced(flat: jax.Array, lay: Layout,
     A part whose units lie along one dim of its array is broadcast as it comes, without a
     reshape to its keepdims shape first (bench/results/cpu_split_trace/)."""
     at_full = set(_at_full(lay, full))
-    if not lay.offsets or not hasattr(lax, "split"):  # (lax.split: JAX 0.4.38 on)
-        parts = [_units(flat, lay, j, False) for j in range(len(lay.offsets))]
-        return [lax.broadcast_in_dim(p, full[j], tuple(range(p.ndim))) if j in at_full else p
-                for j, p in enumerate(parts)]
+    if hasattr(lax, "split") and lay.offsets:
+        parts = lax.split(flat, lay.n_units)
+    else:  # (lax.split: JAX 0.4.38 on)
+        parts = [lax.slice(flat, (o,), (o + k,)) for o, k in zip(lay.offsets, lay.n_units,
+                                                                   strict=True)]
     out = []
-    for j, (p, shape) in enumerate(zip(lax.split(flat, lay.n_units), lay.shapes, strict=True)):
+    for j, (p, shape) in enumerate(zip(parts, lay.shapes, strict=True)):
         if j in at_full:
             # the one dim the units lie along (for a single unit the last, whose size 1
             # broadcasts to any)

@@ -467,12 +467,22 @@ def test_clip_by_value_derivatives_at_the_bounds_match_optax():
     def theirs(u, lo, hi):  # optax.clip's clamp, two-sided (it takes one bound, +-max_delta)
         return jnp.clip(u, lo, hi)
 
+    xs = np.asarray(x)
     for lo, hi in ((-1.0, 1.0), (1.0, 1.0), (0.0, 0.0), (-1.0, 0.3)):
         args = (x, jnp.float32(lo), jnp.float32(hi))
+        d = [np.asarray(jax.jacfwd(ours, argnum)(*args)) for argnum in (0, 1, 2)]
         for argnum in (0, 1, 2):
-            np.testing.assert_array_equal(
-                np.asarray(jax.jacfwd(ours, argnum)(*args)),
-                np.asarray(jax.jacfwd(theirs, argnum)(*args)), err_msg=f"{lo, hi, argnum}")
+            np.testing.assert_array_equal(d[argnum], np.asarray(jax.jacfwd(theirs, argnum)(*args)),
+                                          err_msg=f"{lo, hi, argnum}")
+        # from the formula, away from the bounds: 1 in x inside, 1 in the bound it is clamped to
+        inside, below, above = (lo < xs) & (xs < hi), xs < lo, xs > hi
+        np.testing.assert_array_equal(np.diag(d[0])[inside | below | above], inside[
+            inside | below | above].astype(np.float32))
+        if lo < hi:
+            np.testing.assert_array_equal(d[1][below], 1.0)
+            np.testing.assert_array_equal(d[2][above], 1.0)
+        else:  # the output is the bound, whatever x (off it): its derivative in it is 1
+            np.testing.assert_array_equal((d[1] + d[2])[xs != lo], 1.0)
     # and through optax.clip itself, one-sided
     tx_o = optax.clip(1.0)
     jvp_o = jax.jvp(lambda u: tx_o.update(u, tx_o.init(None))[0], (x,), (jnp.ones(7),))[1]

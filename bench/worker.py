@@ -48,9 +48,9 @@ def compile_update(tx, tree, hlo: bool = False):
 
 
 def main() -> None:
-    if os.environ.get("OPTCLIP_BENCH_BACKEND"):
-        import jax
+    import jax
 
+    if os.environ.get("OPTCLIP_BENCH_BACKEND"):
         jax.config.update("jax_platforms", os.environ["OPTCLIP_BENCH_BACKEND"])
     from bench.clippers import entries
     from bench.trees import TREES, abstract_tree, tree_bytes
@@ -66,6 +66,9 @@ def main() -> None:
         if tree_name not in trees:
             trees[tree_name] = abstract_tree(TREES[tree_name]())
         tree = trees[tree_name]
+        # each task a first call, as in a fresh process: no trace of an earlier task's
+        # (jnp's own jitted helpers included) is reused
+        jax.clear_caches()
         try:
             lower_s, compile_s, temp = compile_update(reg[name].alone(), tree)
             _emit({"i": i, "tree": tree_name, "clipper": name, "lower_s": lower_s,

@@ -1,8 +1,9 @@
 """optclip's benchmark: every clipper and guard against Optax, side by side, in one run.
 
 For each step tree (GPT-2 small, ResNet-50), every chain ``clipper + adam`` is
-compiled (trace + lower + compile: the first call's overhead, and the compiled
-step's temp bytes), then timed with params and optimizer state donated, the
+compiled (trace + lower + compile: the first call's overhead, the median of
+``--first-reps`` compiles in rounds with JAX's caches cleared before each, and the
+compiled step's temp bytes), then timed with params and optimizer state donated, the
 repetitions of the chains that are compared interleaved (round robin, order
 rotated every round), and reported as medians and as *ratios* to a baseline
 timed in the same rounds (the machines are shared and noisy: absolute times mean
@@ -153,20 +154,29 @@ def shared_buffers(state) -> list[str]:
     return out
 
 
-def compile_all(keys: list[str], params, grads) -> dict[str, Measured]:
+def compile_all(keys: list[str], params, grads, first_reps: int = 1) -> dict[str, Measured]:
+    """Every computation of a step tree compiled: the floors, the global-norm clips alone
+    and each chain's train step. Each is compiled ``first_reps`` times, in rounds (the
+    order rotated each round), JAX's caches cleared before each compile, as in a fresh
+    process; its first call is the median (one sample varies by about 1 s on a shared
+    machine), and the first round's program is the one timed."""
     reg = entries()
     p_s = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     size = tree_bytes(params)
     out: dict[str, Measured] = {}
+    again: list[tuple[str, Any, tuple]] = []
 
     def add(key, fn, args, make_carry, rest, chain=True, live=0, **info):
+        jax.clear_caches()
         compiled, lower_s, compile_s = lower_and_compile(fn, *args)
         tb = temp_bytes(compiled)
         m = Measured(key, compiled, make_carry, rest, chain, live,
                      {"lower_s": lower_s, "compile_s": compile_s,
                       "first_call_s": lower_s + compile_s, "temp_bytes": tb,
-                      "temp_fraction": None if tb is None else tb / size, **info})
+                      "temp_fraction": None if tb is None else tb / size,
+                      "first_call_samples_s": [lower_s + compile_s], **info})
         out[key] = m
+        again.append((key, fn, args))
         print(f"  compiled {key:<34} first call {lower_s + compile_s:7.2f} s"
               f"  temp {_fmt_bytes(tb):>10}", flush=True)
 
@@ -195,6 +205,22 @@ def compile_all(keys: list[str], params, grads) -> dict[str, Measured]:
             lambda tx=tx: (_copy(params), _copy(tx.init(params))), (grads,),
             live=size + tree_bytes(s_s), described=e.described,
             shared_state_buffers=shared_buffers(tx.init(params)))
+    parts: dict[str, list[tuple[float, float]]] = {
+        k: [(m.info["lower_s"], m.info["compile_s"])] for k, m in out.items()}
+    for r in range(1, first_reps):
+        k = r % len(again)
+        for key, fn, args in again[k:] + again[:k]:
+            jax.clear_caches()
+            _, lower_s, compile_s = lower_and_compile(fn, *args)
+            parts[key].append((lower_s, compile_s))
+        print(f"  first calls, round {r + 1} of {first_reps}: " + ", ".join(
+            f"{key} {sum(parts[key][-1]):.2f} s" for key, _, _ in again), flush=True)
+    if first_reps > 1:
+        for key, m in out.items():
+            lo, co = zip(*parts[key], strict=True)
+            m.info.update(lower_s=statistics.median(lo), compile_s=statistics.median(co),
+                          first_call_s=statistics.median(a + b for a, b in parts[key]),
+                          first_call_samples_s=[a + b for a, b in parts[key]])
     return out
 
 
@@ -291,7 +317,7 @@ def plan_groups(names: list[str], ms: dict[str, Measured], budget: float) -> dic
 
 
 def bench_step_tree(tree: str, names: list[str], reps: int, warmup: int,
-                    budget_gb: float | None, steps: int = 1) -> dict:
+                    budget_gb: float | None, steps: int = 1, first_reps: int = 1) -> dict:
     shapes = TREES[tree]()
     grads = make_tree(shapes, seed=0)
     params = make_tree(shapes, seed=1, scale=0.1)
@@ -299,7 +325,7 @@ def bench_step_tree(tree: str, names: list[str], reps: int, warmup: int,
     keys = needed(names)
     print(f"\n{tree}: {len(shapes)} leaves, {n_params(shapes) / 1e6:.1f}M params, "
           f"{_fmt_bytes(size)}; chains: {', '.join(keys)}", flush=True)
-    ms = compile_all(keys, params, grads)
+    ms = compile_all(keys, params, grads, first_reps)
     groups = plan_groups(names, ms, live_budget(budget_gb))
     print(f"  timing {len(groups)} interleaved group(s), {reps} rounds of {steps} step(s) after "
           f"{warmup} warm-up", flush=True)
@@ -310,7 +336,8 @@ def bench_step_tree(tree: str, names: list[str], reps: int, warmup: int,
             f"{k} {statistics.median(v) * 1e3:.2f} ms" for k, v in group_times[gname].items()),
             flush=True)
     res: dict[str, Any] = {"tree": tree, "leaves": len(shapes), "params": n_params(shapes),
-                           "tree_bytes": size, "reps": reps, "steps": steps, "groups": groups,
+                           "tree_bytes": size, "reps": reps, "steps": steps,
+                           "first_reps": first_reps, "groups": groups,
                            "group_step_s": {g: {k: statistics.median(v) for k, v in t.items()}
                                             for g, t in group_times.items()},
                            "group_times_s": group_times, "entries": {}}
@@ -649,7 +676,9 @@ def markdown(step: list[dict], many: dict | None, rows: list[dict], meta: dict) 
         ent = res["entries"]
         L += [f"### {res['tree']}: {res['leaves']} leaves, {res['params'] / 1e6:.1f}M params "
               f"({_fmt_bytes(res['tree_bytes'])}), medians of {res['reps']} interleaved rounds"
-              + (f" of {res['steps']} steps each" if res.get("steps", 1) > 1 else ""), "",
+              + (f" of {res['steps']} steps each" if res.get("steps", 1) > 1 else "")
+              + (f"; first calls medians of {res['first_reps']} compiles"
+                 if res.get("first_reps", 1) > 1 else ""), "",
               "| chain | step (ms) | / adam | / global-norm chain | / counterpart "
               "| first call (s) | / counterpart | temp | temp / tree |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -753,6 +782,9 @@ def main(argv=None) -> dict:
                         "20 on an accelerator, where one step is too short to time alone)")
     p.add_argument("--max-compile-s", type=float, default=None,
                    help="many leaves: cut off a compile after this (default 120; --quick 60)")
+    p.add_argument("--first-reps", type=int, default=None,
+                   help="step trees: first calls of each chain, in rounds, its first call "
+                        "their median (default 3; --quick 1)")
     p.add_argument("--many-reps", type=int, default=None,
                    help="many leaves: first calls of each update, in rounds, a cell their "
                         "median (default 3; --quick 1)")
@@ -801,8 +833,9 @@ def main(argv=None) -> dict:
         _warm_up()
         steps = args.steps or (1 if meta["platform"] == "cpu" else 20)
         meta["steps"] = steps
-        step = [bench_step_tree(t, names, reps, args.warmup, args.max_live_gb, steps)
-                for t in trees]
+        first_reps = args.first_reps or (1 if args.quick else 3)
+        step = [bench_step_tree(t, names, reps, args.warmup, args.max_live_gb, steps,
+                                first_reps) for t in trees]
         many_reps = args.many_reps or (1 if args.quick else 3)
         many = (bench_many(many_trees, names, max_s, args.backend, many_reps)
                 if many_trees else None)

@@ -277,6 +277,28 @@ def test_many_leaves_cells_are_medians_of_rotated_rounds(monkeypatch):
     assert rows["first call: agc update / clip_by_global_norm's"]["met"] is False
 
 
+def test_step_tree_first_calls_are_medians_of_fresh_compiles(monkeypatch):
+    # A chain's first call on the step trees is the median of --first-reps compiles, JAX's
+    # caches cleared before each (a repeat that reused the first's traces would be quicker
+    # than any first call a user sees); the program timed is the first's.
+    p = make_tree(TREES["tiny"]())
+    ms = bench_run.compile_all(["adam", "clip_by_global_norm"], p, p, first_reps=3)
+    for key in ("adam", "clip_by_global_norm", "floor_read", "alone/clip_by_global_norm"):
+        info = ms[key].info
+        samples = info["first_call_samples_s"]
+        assert len(samples) == 3 and all(x > 0 for x in samples), info
+        assert info["first_call_s"] == sorted(samples)[1]
+    # each sample traces afresh: JAX's caches are cleared just before each compile
+    events = []
+    real_compile, real_clear = bench_run.lower_and_compile, jax.clear_caches
+    monkeypatch.setattr(jax, "clear_caches", lambda: (events.append("clear"), real_clear())[1])
+    monkeypatch.setattr(bench_run, "lower_and_compile",
+                        lambda fn, *a: (events.append("compile"), real_compile(fn, *a))[1])
+    bench_run.compile_all(["adam", "clip_by_global_norm"], p, p, first_reps=2)
+    # 2 floors, 3 global-norm clips alone, 2 chains, twice each
+    assert events == ["clear", "compile"] * 14, events
+
+
 def test_many_leaves_worker_takes_each_sample_as_a_first_call():
     out = bench_run.bench_many(["tiny_many"], ["clip_by_global_norm"], 60.0, None, reps=2)
     cell = out["results"]["tiny_many"]["clip_by_global_norm"]

@@ -157,9 +157,10 @@ def shared_buffers(state) -> list[str]:
 def compile_all(keys: list[str], params, grads, first_reps: int = 1) -> dict[str, Measured]:
     """Every computation of a step tree compiled: the floors, the global-norm clips alone
     and each chain's train step. Each is compiled ``first_reps`` times, in rounds (the
-    order rotated each round), JAX's caches cleared before each compile, as in a fresh
-    process; its first call is the median (one sample varies by about 1 s on a shared
-    machine), and the first round's program is the one timed."""
+    order rotated each round), JAX's caches cleared before each compile (no trace is
+    reused; XLA's one-off costs in a process are paid once, by ``_warm_up``); its first
+    call is the median (one sample varies by up to about 1 s on a shared machine), and the
+    first round's program is the one timed."""
     reg = entries()
     p_s = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     size = tree_bytes(params)

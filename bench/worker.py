@@ -66,8 +66,10 @@ def main() -> None:
         if tree_name not in trees:
             trees[tree_name] = abstract_tree(TREES[tree_name]())
         tree = trees[tree_name]
-        # each task a first call, as in a fresh process: no trace of an earlier task's
-        # (jnp's own jitted helpers included) is reused
+        # each task a first call: no trace of an earlier task's (jnp's own jitted helpers
+        # included) is reused. XLA's one-off costs in a process are paid by the warm-up and
+        # the earlier tasks: a fresh process took 0.2 s longer on 1,000 leaves, by run
+        # (bench/results/cpu_bench_medians/)
         jax.clear_caches()
         try:
             lower_s, compile_s, temp = compile_update(reg[name].alone(), tree)

@@ -2,15 +2,16 @@
 
 For each step tree (GPT-2 small, ResNet-50), every chain ``clipper + adam`` is
 compiled (trace + lower + compile: the first call's overhead, the median of
-``--first-reps`` compiles in rounds with JAX's caches cleared before each, and the
-compiled step's temp bytes), then timed with params and optimizer state donated, the
+``--first-reps`` rounds, this process's and each further one in a fresh process; and
+the compiled step's temp bytes), then timed with params and optimizer state donated, the
 repetitions of the chains that are compared interleaved (round robin, order
 rotated every round), and reported as medians and as *ratios* to a baseline
 timed in the same rounds (the machines are shared and noisy: absolute times mean
 little). Then, on trees of 1,000 to 5,000 small leaves of mixed shapes, each
 clipper's ``update`` alone is compiled in a subprocess, cut off after
 ``--max-compile-s``, ``--many-reps`` times in rounds (JAX's caches cleared before
-each), a cell the median. A table says which of the issue's targets are met.
+each; the worker's earlier compiles pay XLA's one-off costs), a cell the median. A
+table says which of the issue's targets are met.
 
 Run:  python -m bench                          (gpt2, resnet50, many1000..many5000)
       python -m bench --quick                  (tiny trees, seconds; what the test suite runs)
@@ -65,6 +66,7 @@ MANY_COMPILE_RATIO = 2.0  # many leaves: update's first call <= 2x clip_by_globa
 MANY_TEMP_RATIO = 1.0  # many leaves: temp bytes <= the gradients' bytes
 LINEAR_EXPONENT = 1.2  # many leaves: "about linear" growth, t ~ leaves^k with k <= this
 REPO = Path(__file__).resolve().parent.parent
+CHAIN_COMPILE_S = 600.0  # a step tree's chain compiled in a worker: cut off after this
 
 
 # ---- compiling and timing ---------------------------------------------------------------------
@@ -154,18 +156,22 @@ def shared_buffers(state) -> list[str]:
     return out
 
 
-def compile_all(keys: list[str], params, grads, first_reps: int = 1) -> dict[str, Measured]:
-    """Every computation of a step tree compiled: the floors, the global-norm clips alone
-    and each chain's train step. Each is compiled ``first_reps`` times, in rounds (the
-    order rotated each round), JAX's caches cleared before each compile (no trace is
-    reused; XLA's one-off costs in a process are paid once, by ``_warm_up``); its first
-    call is the median (one sample varies by up to about 1 s on a shared machine), and the
-    first round's program is the one timed."""
+def compile_all(keys: list[str], params, grads, first_reps: int = 1, tree: str | None = None,
+                backend: str | None = None) -> dict[str, Measured]:
+    """Every computation of a step tree compiled here: the floors, the global-norm clips alone
+    and each chain's train step, JAX's caches cleared before each compile.
+
+    With ``first_reps > 1`` (and ``tree``, its name in ``TREES``), each chain is compiled
+    ``first_reps - 1`` more times, each round in a fresh worker process (``bench.worker``;
+    the order offset by a share of the chains each round), and its first call is the
+    median of the rounds; the program timed is this process's. Rounds in this process
+    after the first ran about 10% slower, whatever their order
+    (``bench/results/cpu_bench_medians/``): a fresh process's round is what a user's first
+    call is. One compile varies by up to about 1 s on a shared machine."""
     reg = entries()
     p_s = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     size = tree_bytes(params)
     out: dict[str, Measured] = {}
-    again: list[tuple[str, Any, tuple]] = []
 
     def add(key, fn, args, make_carry, rest, chain=True, live=0, **info):
         jax.clear_caches()
@@ -175,9 +181,9 @@ def compile_all(keys: list[str], params, grads, first_reps: int = 1) -> dict[str
                      {"lower_s": lower_s, "compile_s": compile_s,
                       "first_call_s": lower_s + compile_s, "temp_bytes": tb,
                       "temp_fraction": None if tb is None else tb / size,
-                      "first_call_samples_s": [lower_s + compile_s], **info})
+                      "first_call_samples": [(lower_s + compile_s, lower_s, compile_s)],
+                      **info})
         out[key] = m
-        again.append((key, fn, args))
         print(f"  compiled {key:<34} first call {lower_s + compile_s:7.2f} s"
               f"  temp {_fmt_bytes(tb):>10}", flush=True)
 
@@ -206,22 +212,29 @@ def compile_all(keys: list[str], params, grads, first_reps: int = 1) -> dict[str
             lambda tx=tx: (_copy(params), _copy(tx.init(params))), (grads,),
             live=size + tree_bytes(s_s), described=e.described,
             shared_state_buffers=shared_buffers(tx.init(params)))
-    parts: dict[str, list[tuple[float, float]]] = {
-        k: [(m.info["lower_s"], m.info["compile_s"])] for k, m in out.items()}
-    for r in range(1, first_reps):
-        k = r % len(again)
-        for key, fn, args in again[k:] + again[:k]:
-            jax.clear_caches()
-            _, lower_s, compile_s = lower_and_compile(fn, *args)
-            parts[key].append((lower_s, compile_s))
-        print(f"  first calls, round {r + 1} of {first_reps}: " + ", ".join(
-            f"{key} {sum(parts[key][-1]):.2f} s" for key, _, _ in again), flush=True)
-    if first_reps > 1:
-        for key, m in out.items():
-            lo, co = zip(*parts[key], strict=True)
-            m.info.update(lower_s=statistics.median(lo), compile_s=statistics.median(co),
-                          first_call_s=statistics.median(a + b for a, b in parts[key]),
-                          first_call_samples_s=[a + b for a, b in parts[key]])
+    chains = [k for k in keys if k in out]
+    for r in range(1, first_reps if tree else 1):
+        k = r * len(chains) // first_reps
+        tasks = [(tree, key, "chain") for key in chains[k:] + chains[:k]]
+        results, _ = run_worker(tasks, CHAIN_COMPILE_S, backend)
+        for i, res in results.items():
+            if "first_call_s" in res:
+                out[tasks[i][1]].info["first_call_samples"].append(
+                    (res["first_call_s"], res["lower_s"], res["compile_s"]))
+        print(f"  first calls, round {r + 1} of {first_reps} (a fresh process): " + ", ".join(
+            f"{key} {res['first_call_s']:.2f} s" if "first_call_s" in res else f"{key} n/a"
+            for key, res in ((tasks[i][1], results.get(i, {})) for i in range(len(tasks)))),
+            flush=True)
+    for m in out.values():
+        samples = m.info.pop("first_call_samples")
+        m.info["first_call_samples_s"] = [x[0] for x in samples]
+        # the median sample's parts (of the two middle ones, their means), so that they sum
+        # to the first call
+        mid = sorted(samples)
+        n = len(mid)
+        first, lower, comp = (statistics.mean(v) for v in zip(*mid[(n - 1) // 2:n // 2 + 1],
+                                                                 strict=True))
+        m.info.update(first_call_s=first, lower_s=lower, compile_s=comp)
     return out
 
 
@@ -318,7 +331,8 @@ def plan_groups(names: list[str], ms: dict[str, Measured], budget: float) -> dic
 
 
 def bench_step_tree(tree: str, names: list[str], reps: int, warmup: int,
-                    budget_gb: float | None, steps: int = 1, first_reps: int = 1) -> dict:
+                    budget_gb: float | None, steps: int = 1, first_reps: int = 1,
+                    backend: str | None = None) -> dict:
     shapes = TREES[tree]()
     grads = make_tree(shapes, seed=0)
     params = make_tree(shapes, seed=1, scale=0.1)
@@ -326,7 +340,7 @@ def bench_step_tree(tree: str, names: list[str], reps: int, warmup: int,
     keys = needed(names)
     print(f"\n{tree}: {len(shapes)} leaves, {n_params(shapes) / 1e6:.1f}M params, "
           f"{_fmt_bytes(size)}; chains: {', '.join(keys)}", flush=True)
-    ms = compile_all(keys, params, grads, first_reps)
+    ms = compile_all(keys, params, grads, first_reps, tree, backend)
     groups = plan_groups(names, ms, live_budget(budget_gb))
     print(f"  timing {len(groups)} interleaved group(s), {reps} rounds of {steps} step(s) after "
           f"{warmup} warm-up", flush=True)
@@ -487,7 +501,7 @@ def run_worker(tasks: list[tuple[str, str]], max_s: float, backend: str | None,
         elif "i" in msg:
             results[msg["i"]] = msg
             current = None
-            t, c = tasks[msg["i"]]
+            t, c = tasks[msg["i"]][:2]
             print("  " + (f"{t:>10} {c:<28} first call {msg['first_call_s']:7.2f} s  temp "
                           f"{_fmt_bytes(msg['temp_bytes']):>10}" if "error" not in msg
                           else f"{t:>10} {c:<28} error: {msg['error'][:200]}"), flush=True)
@@ -499,9 +513,12 @@ def bench_many(trees: list[str], names: list[str], max_s: float,
                backend: str | None, reps: int = 1) -> dict:
     """First-call time and temp bytes of every clipper's ``update`` alone, per tree.
 
-    Each update is compiled ``reps`` times, in rounds (every update once a round, the order
-    rotated each round), with JAX's caches cleared before each compile, and a cell is the
-    median of its samples: one first call varies by more than the 2x target's margin.
+    Each update is compiled ``reps`` times, in rounds (every update once a round, each
+    round's order offset by a share of the updates), with JAX's caches cleared before each
+    compile, and a cell is the median of its samples: one first call varies by more than
+    the 2x target's margin. An update cut off is not compiled again, on that tree or a
+    larger one; one that fails keeps its error, and a restarted worker (after a cut-off, or
+    a compile that killed it) is not sent its later rounds.
     """
     trees = sorted(trees, key=lambda t: len(TREES[t]()))
     reg = entries()
@@ -517,46 +534,52 @@ def bench_many(trees: list[str], names: list[str], max_s: float,
     timed_out: set[str] = set()
     for t in trees:  # smallest first: a clipper cut off on one tree is not tried on larger ones
         samples: dict[str, list[dict]] = {k: [] for k in keys}
+        cells: dict[str, dict] = {}
         for k in keys:
             if k in timed_out:
-                out[t][k] = {"timeout_s": max_s, "skipped": "cut off on a smaller tree"}
+                cells[k] = {"timeout_s": max_s, "skipped": "cut off on a smaller tree"}
         live = [k for k in keys if k not in timed_out]
-        pending = [(t, live[(i + r) % len(live)]) for r in range(reps)
+        # each round's order offset by a share of the updates (by one, most would keep
+        # their neighbours and their place)
+        pending = [(t, live[(i + r * len(live) // reps) % len(live)]) for r in range(reps)
                    for i in range(len(live))]
         while pending:
             results, rest = run_worker(pending, max_s, backend)
             for i, r in results.items():
                 k = pending[i][1]
+                if k in cells:
+                    continue
                 if "timeout_s" in r:
                     timed_out.add(k)
-                    out[t][k] = r
+                    cells[k] = {**r, "samples_s": [x["first_call_s"] for x in samples[k]]}
                     print(f"  {t:>10} {k:<28} first call > {max_s:.0f} s (cut off)",
                           flush=True)
-                elif k not in timed_out:
+                elif "first_call_s" not in r:  # an error: that cell's answer
+                    cells[k] = r
+                else:
                     samples[k].append(r)
-            # a cut-off update is not compiled again, on this tree or a larger one
-            pending = [x for x in rest if x[1] not in timed_out]
-        for k in live:
-            if k not in timed_out:
-                out[t][k] = _many_median(samples[k])
+            # a restarted worker is not sent the later rounds of an update cut off or failed
+            pending = [x for x in rest if x[1] not in cells]
+        out[t] = {k: cells[k] if k in cells else _many_median(samples[k]) for k in keys}
     info = {t: {"leaves": len(TREES[t]()), "params": n_params(TREES[t]()),
                 "tree_bytes": tree_bytes(abstract_tree(TREES[t]()))} for t in trees}
     return {"trees": info, "results": out, "max_compile_s": max_s, "reps": reps}
 
 
 def _many_median(samples: list[dict]) -> dict:
-    """One many-leaves cell from its samples: an error if any sample failed, else the
-    medians of the first call and of its two parts, the samples' first calls in the order
-    taken, and the temp bytes (the same compiled program every time)."""
-    bad = [s for s in samples if "first_call_s" not in s]
-    if bad or not samples:
-        return bad[0] if bad else {"error": "not run"}
-    first = [s["first_call_s"] for s in samples]
-    return {"first_call_s": statistics.median(first),
-            "lower_s": statistics.median(s["lower_s"] for s in samples),
-            "compile_s": statistics.median(s["compile_s"] for s in samples),
-            "samples_s": first, "temp_bytes": samples[0]["temp_bytes"],
-            "tree_bytes": samples[0]["tree_bytes"]}
+    """One many-leaves cell from its samples (each a first call): the median sample's first
+    call and its two parts (of the two middle ones, their means, so that the parts sum to
+    the first call), the samples' first calls in the order taken, and the temp bytes (the
+    same compiled program every time)."""
+    if not samples:
+        return {"error": "not run"}
+    mid = sorted(samples, key=lambda x: x["first_call_s"])
+    n = len(mid)
+    mid = mid[(n - 1) // 2:n // 2 + 1]
+    return {**{f: statistics.mean(x[f] for x in mid)
+               for f in ("first_call_s", "lower_s", "compile_s")},
+            "samples_s": [x["first_call_s"] for x in samples],
+            "temp_bytes": samples[0]["temp_bytes"], "tree_bytes": samples[0]["tree_bytes"]}
 
 
 # ---- targets and report -----------------------------------------------------------------------
@@ -765,6 +788,13 @@ def _warm_up() -> None:
     jax.block_until_ready(f(_copy(p), tx.init(p), p))
 
 
+def _positive(s: str) -> int:
+    n = int(s)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
+    return n
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny trees, 2 rounds; seconds")
@@ -783,10 +813,11 @@ def main(argv=None) -> dict:
                         "20 on an accelerator, where one step is too short to time alone)")
     p.add_argument("--max-compile-s", type=float, default=None,
                    help="many leaves: cut off a compile after this (default 120; --quick 60)")
-    p.add_argument("--first-reps", type=int, default=None,
-                   help="step trees: first calls of each chain, in rounds, its first call "
-                        "their median (default 3; --quick 1)")
-    p.add_argument("--many-reps", type=int, default=None,
+    p.add_argument("--first-reps", type=_positive, default=None,
+                   help="step trees: first calls of each chain, this process's and each "
+                        "further round's in a fresh process, its first call their median "
+                        "(default 3; --quick 1)")
+    p.add_argument("--many-reps", type=_positive, default=None,
                    help="many leaves: first calls of each update, in rounds, a cell their "
                         "median (default 3; --quick 1)")
     p.add_argument("--max-live-gb", type=float, default=None,
@@ -836,7 +867,7 @@ def main(argv=None) -> dict:
         meta["steps"] = steps
         first_reps = args.first_reps or (1 if args.quick else 3)
         step = [bench_step_tree(t, names, reps, args.warmup, args.max_live_gb, steps,
-                                first_reps) for t in trees]
+                                first_reps, args.backend) for t in trees]
         many_reps = args.many_reps or (1 if args.quick else 3)
         many = (bench_many(many_trees, names, max_s, args.backend, many_reps)
                 if many_trees else None)

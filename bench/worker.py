@@ -1,7 +1,9 @@
-"""A subprocess that compiles clippers' ``update`` on many-leaves trees, one task at a time.
+"""A subprocess that compiles clippers' ``update`` (or their chains' train steps), one task
+at a time: the many-leaves compiles, and the step trees' repeated first calls.
 
 The parent (``bench.run``) writes a JSON list of tasks ``[[tree, clipper], ...]`` on its
-stdin and reads one JSON line per event on its stdout: ``{"ready": true}`` once imports and
+stdin (``[tree, clipper, "chain"]``: the chain + adam's train step, not the update
+alone) and reads one JSON line per event on its stdout: ``{"ready": true}`` once imports and
 a warm-up compile are done, ``{"start": i}`` when task i begins, then its result. The
 parent kills the worker when a task runs past ``--max-compile-s`` and starts a new one
 for the remaining tasks, so a clipper that takes minutes to compile cannot hang the run.
@@ -47,6 +49,19 @@ def compile_update(tx, tree, hlo: bool = False):
     return t1 - t0, t2 - t1, temp
 
 
+def compile_chain(tx, tree):
+    """Trace, lower and compile ``chain + adam``'s train step as ``bench.run`` compiles it
+    (params and state donated). Returns (seconds to trace and lower, seconds to compile,
+    temp bytes or None)."""
+    import jax
+
+    from bench.run import lower_and_compile, temp_bytes, train_step
+
+    state = jax.eval_shape(tx.init, tree)
+    compiled, lower_s, compile_s = lower_and_compile(train_step(tx), tree, state, tree)
+    return lower_s, compile_s, temp_bytes(compiled)
+
+
 def main() -> None:
     import jax
 
@@ -61,7 +76,7 @@ def main() -> None:
     compile_update(reg["clip_by_global_norm"].alone(), abstract_tree(TREES["tiny"]()))
     _emit({"ready": True})
     trees: dict = {}
-    for i, (tree_name, name) in enumerate(tasks):
+    for i, (tree_name, name, *kind) in enumerate(tasks):
         _emit({"start": i})
         if tree_name not in trees:
             trees[tree_name] = abstract_tree(TREES[tree_name]())
@@ -72,7 +87,10 @@ def main() -> None:
         # (bench/results/cpu_bench_medians/)
         jax.clear_caches()
         try:
-            lower_s, compile_s, temp = compile_update(reg[name].alone(), tree)
+            if kind == ["chain"]:  # the chain + adam's train step
+                lower_s, compile_s, temp = compile_chain(reg[name].chain(), tree)
+            else:
+                lower_s, compile_s, temp = compile_update(reg[name].alone(), tree)
             _emit({"i": i, "tree": tree_name, "clipper": name, "lower_s": lower_s,
                    "compile_s": compile_s, "first_call_s": lower_s + compile_s,
                    "temp_bytes": temp, "tree_bytes": tree_bytes(tree)})

@@ -2,8 +2,8 @@
 
 For each step tree (GPT-2 small, ResNet-50), every chain ``clipper + adam`` is
 compiled (trace + lower + compile: the first call's overhead, the median of
-``--first-reps`` rounds, this process's and each further one in a fresh process; and
-the compiled step's temp bytes), then timed with params and optimizer state donated, the
+``--first-reps`` rounds, each in a fresh process; and the compiled step's temp bytes),
+then timed with params and optimizer state donated, the
 repetitions of the chains that are compared interleaved (round robin, order
 rotated every round), and reported as medians and as *ratios* to a baseline
 timed in the same rounds (the machines are shared and noisy: absolute times mean
@@ -162,12 +162,13 @@ def compile_all(keys: list[str], params, grads, first_reps: int = 1, tree: str |
     and each chain's train step, JAX's caches cleared before each compile.
 
     With ``first_reps > 1`` (and ``tree``, its name in ``TREES``), each chain is compiled
-    ``first_reps - 1`` more times, each round in a fresh worker process (``bench.worker``;
-    the order offset by a share of the chains each round), and its first call is the
-    median of the rounds; the program timed is this process's. Rounds in this process
-    after the first ran about 10% slower, whatever their order
-    (``bench/results/cpu_bench_medians/``): a fresh process's round is what a user's first
-    call is. One compile varies by up to about 1 s on a shared machine."""
+    ``first_reps`` more times, each round in a fresh worker process (``bench.worker``; each
+    round's order offset by a share of the chains), and its first call is the median of
+    those rounds, as a user's first call in a fresh process is; the program timed is this
+    process's, whose compile is kept apart (``first_call_here_s``): in this process, rounds
+    after the first compiled about 10% slower (``bench/results/cpu_bench_medians/``), and
+    the first, after the other tree's timing, slower or faster by run. One compile varies
+    by up to about 1 s on a shared machine."""
     reg = entries()
     p_s = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     size = tree_bytes(params)
@@ -213,20 +214,24 @@ def compile_all(keys: list[str], params, grads, first_reps: int = 1, tree: str |
             live=size + tree_bytes(s_s), described=e.described,
             shared_state_buffers=shared_buffers(tx.init(params)))
     chains = [k for k in keys if k in out]
-    for r in range(1, first_reps if tree else 1):
+    fresh: dict[str, list[tuple[float, float, float]]] = {k: [] for k in chains}
+    for r in range(first_reps if tree and first_reps > 1 else 0):
         k = r * len(chains) // first_reps
         tasks = [(tree, key, "chain") for key in chains[k:] + chains[:k]]
         results, _ = run_worker(tasks, CHAIN_COMPILE_S, backend)
         for i, res in results.items():
             if "first_call_s" in res:
-                out[tasks[i][1]].info["first_call_samples"].append(
-                    (res["first_call_s"], res["lower_s"], res["compile_s"]))
+                fresh[tasks[i][1]].append((res["first_call_s"], res["lower_s"],
+                                           res["compile_s"]))
         print(f"  first calls, round {r + 1} of {first_reps} (a fresh process): " + ", ".join(
             f"{key} {res['first_call_s']:.2f} s" if "first_call_s" in res else f"{key} n/a"
             for key, res in ((tasks[i][1], results.get(i, {})) for i in range(len(tasks)))),
             flush=True)
-    for m in out.values():
+    for key, m in out.items():
         samples = m.info.pop("first_call_samples")
+        if fresh.get(key):  # this process's compile kept apart, as "first_call_here_s"
+            m.info["first_call_here_s"] = samples[0][0]
+            samples = fresh[key]
         m.info["first_call_samples_s"] = [x[0] for x in samples]
         # the median sample's parts (of the two middle ones, their means), so that they sum
         # to the first call
@@ -814,9 +819,9 @@ def main(argv=None) -> dict:
     p.add_argument("--max-compile-s", type=float, default=None,
                    help="many leaves: cut off a compile after this (default 120; --quick 60)")
     p.add_argument("--first-reps", type=_positive, default=None,
-                   help="step trees: first calls of each chain, this process's and each "
-                        "further round's in a fresh process, its first call their median "
-                        "(default 3; --quick 1)")
+                   help="step trees: first calls of each chain, each round in a fresh "
+                        "process, its first call their median (default 3; --quick 1: "
+                        "this process's compile)")
     p.add_argument("--many-reps", type=_positive, default=None,
                    help="many leaves: first calls of each update, in rounds, a cell their "
                         "median (default 3; --quick 1)")

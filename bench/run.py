@@ -233,12 +233,7 @@ def compile_all(keys: list[str], params, grads, first_reps: int = 1, tree: str |
             m.info["first_call_here_s"] = samples[0][0]
             samples = fresh[key]
         m.info["first_call_samples_s"] = [x[0] for x in samples]
-        # the median sample's parts (of the two middle ones, their means), so that they sum
-        # to the first call
-        mid = sorted(samples)
-        n = len(mid)
-        first, lower, comp = (statistics.mean(v) for v in zip(*mid[(n - 1) // 2:n // 2 + 1],
-                                                                 strict=True))
+        first, lower, comp = median_sample(samples)
         m.info.update(first_call_s=first, lower_s=lower, compile_s=comp)
     return out
 
@@ -571,18 +566,24 @@ def bench_many(trees: list[str], names: list[str], max_s: float,
     return {"trees": info, "results": out, "max_compile_s": max_s, "reps": reps}
 
 
+def median_sample(samples: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """The median of ``(first call, trace + lower, compile)`` samples by first call, with
+    that sample's parts (of the two middle ones, their means), so that the parts sum to the
+    first call."""
+    mid = sorted(samples)
+    n = len(mid)
+    return tuple(statistics.mean(v) for v in zip(*mid[(n - 1) // 2:n // 2 + 1], strict=True))
+
+
 def _many_median(samples: list[dict]) -> dict:
-    """One many-leaves cell from its samples (each a first call): the median sample's first
-    call and its two parts (of the two middle ones, their means, so that the parts sum to
-    the first call), the samples' first calls in the order taken, and the temp bytes (the
-    same compiled program every time)."""
+    """One many-leaves cell from its samples (each a first call): :func:`median_sample`,
+    the samples' first calls in the order taken, and the temp bytes (the same compiled
+    program every time)."""
     if not samples:
         return {"error": "not run"}
-    mid = sorted(samples, key=lambda x: x["first_call_s"])
-    n = len(mid)
-    mid = mid[(n - 1) // 2:n // 2 + 1]
-    return {**{f: statistics.mean(x[f] for x in mid)
-               for f in ("first_call_s", "lower_s", "compile_s")},
+    first, lower, comp = median_sample([(x["first_call_s"], x["lower_s"], x["compile_s"])
+                                        for x in samples])
+    return {"first_call_s": first, "lower_s": lower, "compile_s": comp,
             "samples_s": [x["first_call_s"] for x in samples],
             "temp_bytes": samples[0]["temp_bytes"], "tree_bytes": samples[0]["tree_bytes"]}
 

@@ -360,6 +360,14 @@ def test_bench_worker_compiles_each_task_afresh_and_chains_as_the_bench_does(mon
     assert done[1]["temp_bytes"] == bench_run.temp_bytes(here)
 
 
+def test_median_sample_keeps_parts_that_sum_to_the_first_call():
+    med = bench_run.median_sample
+    assert med([(3.0, 1.0, 2.0), (1.0, 0.5, 0.5), (9.0, 4.0, 5.0)]) == (3.0, 1.0, 2.0)
+    # an even count: the two middle samples' means, part by part
+    assert med([(4.0, 1.0, 3.0), (1.0, 0.5, 0.5), (2.0, 1.5, 0.5), (9.0, 1.0, 8.0)]) == (
+        3.0, 1.25, 1.75)
+
+
 def test_bench_reps_must_be_positive():
     for flag in ("--first-reps", "--many-reps"):
         with pytest.raises(SystemExit):

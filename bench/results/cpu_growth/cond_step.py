@@ -1,5 +1,5 @@
 """What a ``lax.cond`` around an Adam-like step costs to compile on many small leaves, on
-XLA:CPU, without optclip: the guards' floor in the train step.
+XLA:CPU, without optclip: what a bare cond adds, for comparison with the guards' step.
 
 On the bench's mixed many-leaves tree, one jitted train step (params, first and second
 moments donated; gradients not), in one of three forms:

@@ -27,8 +27,9 @@ unchanged) (``--donate --forms clip_by_global_norm,skip_nonfinite,skip_scale,con
 ``growth_donated.log``, and the same without ``--donate`` in ``growth_kept.log``).
 ``step:clip_by_global_norm`` and ``step:skip_nonfinite``: the train step a user compiles,
 ``optax.chain(clip_by_global_norm(1.0), adam)`` or ``skip_nonfinite(adam)``, with the params
-and the state donated and the gradients not (``python -m bench``'s step trees' step;
-``--donate`` does not apply; ``growth_step.log``).
+and the state donated and the gradients not, whatever ``--donate`` says (``python -m
+bench``'s step trees' step; the state built by ``jax.eval_shape`` before the clock starts, as
+``bench.worker.compile_chain`` builds it; ``growth_step.log``).
 ``--one FORM N --copies [--donate]`` prints the compiled program's copy instructions
 (``copies.log``).
 
@@ -92,8 +93,9 @@ def one(form: str, n: int, donate: bool = False, copies: bool = False) -> float:
                                                            optax.adam(1e-3)),
                 "skip_nonfinite": lambda: optclip.skip_nonfinite(optax.adam(1e-3))}
         tx = make[form[len("step:"):]]()
+        state = jax.eval_shape(tx.init, tree)  # (not timed, as the bench's worker)
         t0 = time.perf_counter()
-        compiled = train_step(tx).lower(tree, tx.init(tree), tree).compile()
+        compiled = train_step(tx).lower(tree, state, tree).compile()
         return (compiled.as_text().count(" copy(") if copies
                 else time.perf_counter() - t0)
     else:

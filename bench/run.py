@@ -446,9 +446,10 @@ def _reader(stream, q: queue.Queue) -> None:
     q.put(None)
 
 
-def run_worker(tasks: list[tuple[str, str]], max_s: float, backend: str | None,
-               ready_s: float = 300.0) -> tuple[dict[int, dict], list[tuple[str, str]]]:
-    """Run ``tasks`` in one worker until done or one runs past ``max_s``.
+def run_worker(tasks: list[tuple[str, ...]], max_s: float, backend: str | None,
+               ready_s: float = 300.0) -> tuple[dict[int, dict], list[tuple[str, ...]]]:
+    """Run ``tasks`` (``(tree, clipper)``, or ``(tree, clipper, "chain")`` for the chain's
+    train step: ``bench.worker``) in one worker until done or one runs past ``max_s``.
 
     Returns (results by task index, the tasks not attempted).
     """
@@ -466,7 +467,7 @@ def run_worker(tasks: list[tuple[str, str]], max_s: float, backend: str | None,
     proc.stdin.close()
     results: dict[int, dict] = {}
     current, started = None, time.perf_counter()
-    rest: list[tuple[str, str]] = []
+    rest: list[tuple[str, ...]] = []
     while True:
         limit = max_s if current is not None else ready_s
         try:

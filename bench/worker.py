@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import traceback
 
 
@@ -31,22 +30,17 @@ def compile_update(tx, tree, hlo: bool = False):
     """
     import jax
 
+    from bench.run import lower_and_compile, temp_bytes
+
     def f(u, s, p):
         return tx.update(u, s, p)
 
     state = jax.eval_shape(tx.init, tree)
-    t0 = time.perf_counter()
-    lowered = jax.jit(f, donate_argnums=(0, 1)).lower(tree, state, tree)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    try:
-        temp = int(compiled.memory_analysis().temp_size_in_bytes)
-    except Exception:  # not every backend reports it
-        temp = None
+    compiled, lower_s, compile_s = lower_and_compile(jax.jit(f, donate_argnums=(0, 1)),
+                                                     tree, state, tree)
     if hlo:
-        return t1 - t0, t2 - t1, temp, compiled.as_text()
-    return t1 - t0, t2 - t1, temp
+        return lower_s, compile_s, temp_bytes(compiled), compiled.as_text()
+    return lower_s, compile_s, temp_bytes(compiled)
 
 
 def compile_chain(tx, tree):

@@ -217,6 +217,20 @@ def test_dump_step_writes_the_optimized_hlo_and_buffer_assignment(tmp_path):
     assert any(n.endswith("after_optimizations-buffer-assignment.txt") for n in names)
 
 
+def test_bench_worker_process_compiles_a_chain_task():
+    # The step trees' first-call rounds go through run_worker as (tree, name, "chain")
+    # tasks: a real worker process compiles the chain's train step, as bench.run does.
+    tx = REG["adam"].chain()
+    tree = abstract_tree(TREES["tiny"]())
+    here = bench_run.train_step(tx).lower(tree, jax.eval_shape(tx.init, tree), tree).compile()
+    results, rest = bench_run.run_worker([("tiny", "adam", "chain")], max_s=120.0, backend=None)
+    assert rest == [] and set(results) == {0}, results
+    r = results[0]
+    assert r["clipper"] == "adam" and r["tree"] == "tiny" and r["first_call_s"] > 0
+    assert r["first_call_s"] == pytest.approx(r["lower_s"] + r["compile_s"])
+    assert r["temp_bytes"] == bench_run.temp_bytes(here)
+
+
 def test_many_leaves_compile_is_cut_off():
     tasks = [("tiny_many", "agc"), ("tiny_many", "clip_by_global_norm")]
     results, rest = bench_run.run_worker(tasks, max_s=0.01, backend=None)
